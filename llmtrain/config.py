@@ -1,0 +1,281 @@
+"""The config contract (DESIGN §3): one pydantic model per YAML section.
+
+Every field carries its one-line description where it is declared; `docs/config.md` is
+generated from these descriptions by `scripts/gen_config_docs.py`. Every section forbids
+unknown keys, so a typo is an error that names the key and suggests the closest one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------- run
+class RunConfig(Section):
+    """Where the run writes, and what it runs on."""
+
+    name: str = Field("llmtrain", description="Name of the run, shown in logs and banners.")
+    output_dir: str = Field(
+        "runs/default",
+        description="Directory for everything the run writes (relative paths are relative to "
+        "the current directory).",
+    )
+    seed: int = Field(0, description="Seed for weight init, data order and dropout.")
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|cuda|cuda:\d+)$",
+        description="auto | cpu | cuda | cuda:N — auto takes CUDA when present.",
+    )
+
+
+# ------------------------------------------------------------------------------------- model
+class ModelConfig(Section):
+    """Which transformer to train, from scratch (`arch`) or from a local checkpoint (`pretrained`)."""
+
+    task: Literal["causal-lm", "sequence-classification"] = Field(
+        "causal-lm", description="causal-lm | sequence-classification."
+    )
+    arch: str | None = Field(
+        None, description="From scratch: a transformers model_type such as gpt2, llama, bert."
+    )
+    config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Fields of that architecture's HF config class (with `arch`), e.g. n_layer.",
+    )
+    pretrained: str | None = Field(
+        None, description="Instead of `arch`: a local Hugging Face model directory."
+    )
+    config_overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Applied to the HF config after loading, e.g. {dropout: 0.0}.",
+    )
+    num_labels: int | None = Field(
+        None, ge=2, description="sequence-classification: number of classes; from the data if unset."
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward: less memory, about 30% more compute."
+    )
+    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = Field(
+        "auto", description="Attention kernel; auto lets transformers pick (SDPA when available)."
+    )
+    compile: bool = Field(False, description="Wrap the model in torch.compile (CUDA speed-up).")
+
+
+# --------------------------------------------------------------------------------- tokenizer
+class TokenizerTrainConfig(Section):
+    """A tokenizer trained on `data.train` with the `tokenizers` library."""
+
+    kind: Literal["bpe", "wordpiece"] = Field(
+        "bpe", description="bpe (byte-level, lossless) | wordpiece (BERT-style)."
+    )
+    vocab_size: int = Field(8192, ge=64, le=1_000_000, description="Target vocabulary size.")
+    min_frequency: int = Field(2, ge=1, description="Minimum pair frequency for a merge.")
+
+
+class TokenizerConfig(Section):
+    """Where tokens come from: a local tokenizer, or one trained on the corpus (exactly one)."""
+
+    path: str | None = Field(
+        None, description="A local HF tokenizer directory or a tokenizer.json file."
+    )
+    train: TokenizerTrainConfig | None = Field(
+        None, description="Instead of `path`: train a tokenizer on data.train (cached in the run)."
+    )
+
+
+# -------------------------------------------------------------------------------------- data
+class DataSourceConfig(Section):
+    """One corpus: files, folders or globs of .txt / .jsonl / .csv / .tsv (optionally .gz)."""
+
+    path: str | list[str] = Field(
+        ..., description="File, folder (recursive, sorted) or glob; or a list of them."
+    )
+    format: Literal["auto", "txt", "jsonl", "csv", "tsv"] = Field(
+        "auto", description="File format; auto decides from the extension."
+    )
+    text_field: str = Field("text", description="jsonl/csv: the column holding the text.")
+    label_field: str | None = Field(
+        "label", description="jsonl/csv: the column holding the label (classification)."
+    )
+    id_field: str | None = Field(
+        None, description="jsonl/csv: a column holding a document id; default file:line."
+    )
+    split: Literal["file", "lines", "paragraphs"] = Field(
+        "file", description="txt: one document per file, per line, or per blank-line paragraph."
+    )
+    errors: Literal["strict", "replace"] = Field(
+        "strict", description="Invalid UTF-8: strict is an error naming file and line; replace."
+    )
+    on_error: Literal["raise", "skip"] = Field(
+        "raise", description="A bad record (not JSON, missing field): raise, or skip and count it."
+    )
+
+
+class ChunkConfig(Section):
+    """How documents become fixed-length sequences."""
+
+    seq_len: int = Field(512, ge=2, description="Tokens per chunk (special tokens included).")
+    mode: Literal["pack", "window", "truncate"] = Field(
+        "pack",
+        description="pack: concatenate with EOS, no padding | window: overlapping windows per "
+        "document | truncate: first seq_len tokens.",
+    )
+    overlap: int = Field(0, ge=0, description="window: tokens shared by consecutive windows.")
+    min_tail: int | None = Field(
+        None,
+        ge=1,
+        description="window: a last window shorter than this slides back to end at the "
+        "document's end; default seq_len // 4.",
+    )
+    remainder: Literal["drop", "keep"] = Field(
+        "drop", description="pack: the final partial chunk is dropped or kept (always counted)."
+    )
+    cross_doc_attention: bool = Field(
+        True,
+        description="pack: false restarts positions at each document and keeps attention "
+        "inside documents.",
+    )
+    aggregate: Literal["mean_logits", "max_logits", "mean_probs", "first", "vote"] = Field(
+        "mean_logits", description="classification: how window predictions combine per document."
+    )
+
+
+class DataConfig(Section):
+    """Corpora, the token store, and chunking."""
+
+    train: DataSourceConfig = Field(..., description="The training corpus.")
+    eval: DataSourceConfig | None = Field(None, description="An evaluation corpus (same shape).")
+    eval_fraction: float | None = Field(
+        None,
+        gt=0.0,
+        lt=1.0,
+        description="Instead of `eval`: hold out this fraction of training documents (by id hash).",
+    )
+    store: str | None = Field(None, description="TokenStore directory; default <output_dir>/store.")
+    workers: int | None = Field(
+        None, ge=1, description="Tokenizer threads for chunking; default all cores."
+    )
+    chunk: ChunkConfig = Field(default_factory=ChunkConfig, description="Chunking settings.")
+
+
+# ------------------------------------------------------------------------------------- batch
+class ProbeConfig(Section):
+    """How `probe-batch` (and `micro_batch: auto`) measures the largest micro-batch."""
+
+    margin: float = Field(
+        0.1, ge=0.0, lt=1.0, description="Memory headroom kept free, as a fraction of capacity."
+    )
+    max_micro: int = Field(4096, ge=1, description="Never try a micro-batch above this.")
+    memory_limit: str | int | None = Field(
+        None,
+        description='Capacity to fit in, e.g. "2GiB" or bytes; default free device memory '
+        "(CUDA) or a fraction of available RAM (CPU).",
+    )
+    cache: bool = Field(True, description="Reuse a cached probe result for the same setup.")
+
+
+class BatchConfig(Section):
+    """Global batch and micro-batch; accumulation k follows from them."""
+
+    global_batch: int = Field(
+        64, ge=1, description="Sequences per optimizer step, all devices together."
+    )
+    micro_batch: int | Literal["auto"] = Field(
+        "auto", description='Sequences per forward/backward, or "auto" to measure it.'
+    )
+    probe: ProbeConfig = Field(default_factory=ProbeConfig, description="Probe settings.")
+
+
+# ------------------------------------------------------------------------------------- optim
+class OptimConfig(Section):
+    """Optimizer and learning-rate schedule (counted in optimizer steps)."""
+
+    name: Literal["adamw", "adam", "sgd"] = Field("adamw", description="adamw | adam | sgd.")
+    lr: float = Field(3.0e-4, gt=0.0, description="Peak learning rate (before lr_scaling).")
+    weight_decay: float = Field(0.1, ge=0.0, description="Decoupled weight decay (not on biases/norms).")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="Adam betas.")
+    eps: float = Field(1.0e-8, gt=0.0, description="Adam epsilon.")
+    momentum: float = Field(0.0, ge=0.0, lt=1.0, description="sgd: momentum.")
+    grad_clip: float | None = Field(
+        1.0, gt=0.0, description="Clip the global gradient norm to this; null disables."
+    )
+    schedule: Literal["constant", "linear", "cosine"] = Field(
+        "cosine", description="After warmup: constant | linear | cosine decay to min_lr_ratio."
+    )
+    warmup_steps: int = Field(100, ge=0, description="Linear warmup length, in optimizer steps.")
+    min_lr_ratio: float = Field(
+        0.1, ge=0.0, le=1.0, description="Final LR as a fraction of the peak (linear, cosine)."
+    )
+    lr_scaling: Literal["none", "linear", "sqrt"] = Field(
+        "none", description="Scale lr by f(global_batch / base_batch): none | linear | sqrt."
+    )
+    base_batch: int | None = Field(
+        None, ge=1, description="The global batch that `lr` was tuned for (with lr_scaling)."
+    )
+
+
+# ------------------------------------------------------------------------------------- train
+class TrainConfig(Section):
+    """Length, precision, loss normalisation, evaluation and checkpoints."""
+
+    max_steps: int | None = Field(
+        None, ge=1, description="Optimizer steps to run (exactly one of max_steps / epochs)."
+    )
+    epochs: float | None = Field(None, gt=0.0, description="Passes over the training chunks.")
+    precision: Literal["fp32", "bf16", "fp16", "fp64"] = Field(
+        "bf16", description="fp32 | bf16 (autocast) | fp16 (autocast + GradScaler) | fp64."
+    )
+    loss_normalization: Literal["tokens", "sequences"] = Field(
+        "tokens",
+        description="Divide the window's summed loss by its supervised tokens or its sequences.",
+    )
+    eval_every: int | None = Field(
+        200, ge=1, description="Evaluate every N optimizer steps (and at the end); null: end only."
+    )
+    eval_max_batches: int | None = Field(
+        None, ge=1, description="Cap evaluation at this many micro-batches; null: whole eval set."
+    )
+    save_every: int | None = Field(
+        500, ge=1, description="Checkpoint every N optimizer steps (and at the end)."
+    )
+    keep_checkpoints: int = Field(3, ge=1, description="How many latest checkpoints to keep.")
+    log_every: int = Field(10, ge=1, description="Write a train record every N optimizer steps.")
+    nan_policy: Literal["stop", "skip"] = Field(
+        "stop", description="A NaN/inf loss: stop with a message, or skip that update."
+    )
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="Under torchrun: ddp (replicated) | fsdp (sharded, FSDP2)."
+    )
+
+
+# --------------------------------------------------------------------------------------- log
+class LogConfig(Section):
+    """What the run reports and where."""
+
+    jsonl: bool = Field(True, description="Write <output_dir>/metrics.jsonl.")
+    tensorboard: bool = Field(False, description="Also write TensorBoard events (needs tensorboard).")
+    progress: bool = Field(True, description="Show rich progress bars on a terminal.")
+
+
+# ------------------------------------------------------------------------------------ config
+class Config(Section):
+    """A whole llmtrain config file."""
+
+    run: RunConfig = Field(default_factory=RunConfig, description="Run identity and device.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The model.")
+    tokenizer: TokenizerConfig = Field(
+        default_factory=TokenizerConfig, description="The tokenizer."
+    )
+    data: DataConfig = Field(..., description="Corpora and chunking.")
+    batch: BatchConfig = Field(default_factory=BatchConfig, description="Batch sizes.")
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer and schedule.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="The training run.")
+    log: LogConfig = Field(default_factory=LogConfig, description="Logging.")
