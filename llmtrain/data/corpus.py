@@ -1,0 +1,436 @@
+"""Stream documents out of a corpus: .txt / .jsonl / .csv / .tsv files, folders, globs, and .gz.
+
+Files are read in binary, one line at a time, and decoded per line: that keeps memory flat on
+any corpus size and lets every error name the exact `file:line`. Nothing here tokenizes; the
+tokenizer trainer and the chunk stage both consume `iter_documents`.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import gzip
+import hashlib
+import json
+import os
+import sys
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from llmtrain.config import DataSourceConfig
+from llmtrain.errors import LLMTrainError
+
+# Extension (after stripping .gz) → reader format. `.json` is read as JSON Lines, the only
+# streamable JSON; `.text` and `.md` are plain text.
+_FORMATS = {
+    ".txt": "txt",
+    ".text": "txt",
+    ".md": "txt",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "jsonl",
+    ".csv": "csv",
+    ".tsv": "tsv",
+}
+_GLOB_CHARS = frozenset("*?[")
+# How often (in lines) a .gz reader asks the compressed file for its position: tell() is a
+# syscall, and the ETA needs nothing finer.
+_GZ_TELL_EVERY = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Document:
+    """One document: a stable id, its text, its label (None when the source has none)."""
+
+    doc_id: str
+    text: str
+    label: str | None
+    where: str  # "file:line" of the record, for messages
+
+
+@dataclass(slots=True)
+class ReadStats:
+    """Progress of a read, updated while iterating (bytes are on-disk, i.e. compressed for .gz)."""
+
+    total_bytes: int = 0
+    bytes_read: int = 0
+    documents: int = 0
+    skipped: int = 0
+
+
+# ------------------------------------------------------------------------------------ files
+def _display(path: Path) -> str:
+    """The name used in doc ids and messages: relative to the working directory when inside it."""
+    try:
+        return path.relative_to(Path.cwd()).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+def file_format(path: Path, source: DataSourceConfig) -> str | None:
+    """The reader for `path`: `source.format` when set, else by extension (None: unknown)."""
+    if source.format != "auto":
+        return source.format
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        name = name[:-3]
+    return _FORMATS.get(os.path.splitext(name)[1])
+
+
+def _known_files(folder: Path) -> list[Path]:
+    """Files under `folder` (recursive) with a corpus extension, skipping hidden entries."""
+    found = []
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for f in files:
+            if f.startswith("."):
+                continue
+            name = f.lower()[:-3] if f.lower().endswith(".gz") else f.lower()
+            if os.path.splitext(name)[1] in _FORMATS:
+                found.append(Path(root, f))
+    return found
+
+
+def corpus_files(source: DataSourceConfig, *, key: str = "data.train") -> list[Path]:
+    """The corpus files of `source`: every file, folder and glob expanded, resolved, sorted.
+
+    `key` names the config section in messages (`data.train` or `data.eval`).
+    """
+    entries = [source.path] if isinstance(source.path, str) else list(source.path)
+    if not entries:
+        raise LLMTrainError(f"{key}.path: empty list; give a file, folder or glob")
+    files: set[Path] = set()
+    for entry in entries:
+        expanded = os.path.expanduser(entry)
+        if _GLOB_CHARS & set(expanded):
+            matches = [Path(m) for m in glob.glob(expanded, recursive=True)]
+            hits = [m for m in matches if m.is_file()]
+            for m in matches:
+                if m.is_dir():
+                    hits.extend(_known_files(m))
+            if not hits:
+                raise LLMTrainError(f"{key}.path: '{entry}' matches no files")
+        else:
+            p = Path(expanded)
+            if p.is_file():
+                hits = [p]
+            elif p.is_dir():
+                hits = _known_files(p)
+                if not hits:
+                    raise LLMTrainError(
+                        f"{key}.path: folder '{entry}' holds no .txt/.jsonl/.csv/.tsv(.gz) files"
+                    )
+            else:
+                raise LLMTrainError(f"{key}.path: '{entry}' does not exist")
+        files.update(h.resolve() for h in hits)
+    for f in files:
+        if file_format(f, source) is None:
+            raise LLMTrainError(
+                f"{key}.path: cannot tell the format of '{_display(f)}' from its extension; "
+                f"set {key}.format to txt, jsonl, csv or tsv"
+            )
+    return sorted(files)
+
+
+def corpus_fingerprint(source: DataSourceConfig, *, key: str = "data.train") -> str:
+    """sha256 over the resolved files (path, size, mtime) and every reader setting.
+
+    Changes whenever a file is added, removed, edited, or read differently, so anything cached
+    from the corpus (a trained tokenizer, a token store) can tell it is stale.
+    """
+    h = hashlib.sha256()
+    settings = source.model_dump(exclude={"path"})
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    for f in corpus_files(source, key=key):
+        st = f.stat()
+        h.update(f"\0{f}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------- reading
+class _Reader:
+    """Per-file reading state: where we are, how to report a bad record, the stats to update."""
+
+    def __init__(self, path: Path, source: DataSourceConfig, stats: ReadStats, key: str, base: int):
+        self.path = path
+        self.name = _display(path)
+        self.source = source
+        self.stats = stats
+        self.key = key
+        self.base = base  # bytes of the files before this one, for stats.bytes_read
+        self.decode_errors = source.errors  # "strict" | "replace"
+
+    def bad(self, lineno: int, message: str) -> None:
+        """A bad record: raise, or (on_error: skip) count it so the caller drops it."""
+        if self.source.on_error == "skip":
+            self.stats.skipped += 1
+            return
+        raise LLMTrainError(
+            f"{self.name}:{lineno}: {message} (or set {self.key}.on_error: skip to drop it)"
+        )
+
+    def decode(self, raw: bytes, lineno: int) -> str | None:
+        """Decode one line; None (after counting a skip) when it is invalid UTF-8 and skipped."""
+        try:
+            return raw.decode("utf-8", self.decode_errors)
+        except UnicodeDecodeError as e:
+            # Line number of the bad byte: raw may span lines (split: file).
+            line = lineno + raw.count(b"\n", 0, e.start)
+            if self.source.on_error == "skip":
+                self.stats.skipped += 1
+                return None
+            raise LLMTrainError(
+                f"{self.name}:{line}: invalid UTF-8 (set {self.key}.errors: replace to substitute)"
+            ) from None
+
+    def open(self) -> tuple[IO[bytes], IO[bytes]]:
+        """(stream to read, underlying file whose tell() is the on-disk position)."""
+        raw = open(self.path, "rb")  # noqa: SIM115 - closed by the caller
+        if self.path.name.lower().endswith(".gz"):
+            return gzip.GzipFile(fileobj=raw, mode="rb"), raw
+        return raw, raw
+
+    def lines(self) -> Iterator[tuple[int, bytes]]:
+        """(line number, raw line) pairs, keeping stats.bytes_read current."""
+        stream, raw = self.open()
+        stats, base = self.stats, self.base
+        gz = stream is not raw
+        try:
+            with raw, stream:
+                pos = 0
+                for lineno, line in enumerate(stream, 1):
+                    if gz:
+                        if lineno % _GZ_TELL_EVERY == 0:
+                            stats.bytes_read = base + raw.tell()
+                    else:
+                        pos += len(line)
+                        stats.bytes_read = base + pos
+                    yield lineno, line
+        except (OSError, EOFError, zlib.error) as e:
+            raise LLMTrainError(f"{self.name}: cannot read ({e})") from None
+        stats.bytes_read = base + self.path.stat().st_size
+
+    def read_all(self) -> bytes:
+        stream, raw = self.open()
+        try:
+            with raw, stream:
+                data = stream.read()
+        except (OSError, EOFError, zlib.error) as e:
+            raise LLMTrainError(f"{self.name}: cannot read ({e})") from None
+        self.stats.bytes_read = self.base + self.path.stat().st_size
+        return data
+
+
+def _strip_eol(line: str) -> str:
+    if line.endswith("\n"):
+        line = line[:-2] if line.endswith("\r\n") else line[:-1]
+    return line
+
+
+def _read_txt(r: _Reader) -> Iterator[Document]:
+    split = r.source.split
+    name = r.name
+    if split == "file":
+        text = r.decode(r.read_all(), 1)
+        if text is not None and text.strip():
+            yield Document(name, text, None, f"{name}:1")
+        return
+    if split == "lines":
+        for lineno, raw in r.lines():
+            line = r.decode(raw, lineno)
+            if line is None or not line.strip():
+                continue
+            yield Document(f"{name}:{lineno}", _strip_eol(line), None, f"{name}:{lineno}")
+        return
+    # paragraphs: runs of non-blank lines; a bad line drops its whole paragraph when skipping.
+    para: list[str] = []
+    start = 0
+    broken = False
+    for lineno, raw in r.lines():
+        line = r.decode(raw, lineno)
+        if line is not None and not line.strip():
+            if para and not broken:
+                yield Document(
+                    f"{name}:{start}", _strip_eol("".join(para)), None, f"{name}:{start}"
+                )
+            para, broken = [], False
+            continue
+        if not para and not broken:
+            start = lineno
+        if line is None:
+            broken = True
+        elif not broken:
+            para.append(line)
+    if para and not broken:
+        yield Document(f"{name}:{start}", _strip_eol("".join(para)), None, f"{name}:{start}")
+
+
+def _read_jsonl(r: _Reader) -> Iterator[Document]:
+    src, name = r.source, r.name
+    text_field, label_field, id_field = src.text_field, src.label_field, src.id_field
+    loads = json.loads
+    for lineno, raw in r.lines():
+        if not raw.strip():
+            continue
+        line = r.decode(raw, lineno)
+        if line is None:
+            continue
+        try:
+            rec = loads(line)
+        except ValueError as e:
+            r.bad(lineno, f"not valid JSON ({e.args[0] if e.args else e})")
+            continue
+        if type(rec) is not dict:
+            r.bad(lineno, f"expected a JSON object, got {type(rec).__name__}")
+            continue
+        doc = _record(r, lineno, rec.get, text_field, label_field, id_field, name)
+        if doc is not None:
+            yield doc
+
+
+_MISSING = object()
+
+
+def _record(
+    r: _Reader,
+    lineno: int,
+    get,
+    text_field: str,
+    label_field: str | None,
+    id_field: str | None,
+    name: str,
+) -> Document | None:
+    """A Document from one record's fields (`get(field, default)`), or None when skipped."""
+    text = get(text_field, _MISSING)
+    if text is _MISSING:
+        r.bad(lineno, f"missing field '{text_field}' ({r.key}.text_field)")
+        return None
+    if type(text) is not str:
+        r.bad(lineno, f"field '{text_field}' is {type(text).__name__}, expected a string")
+        return None
+    if id_field is not None:
+        doc_id = get(id_field, None)
+        if doc_id is None:
+            r.bad(lineno, f"missing field '{id_field}' ({r.key}.id_field)")
+            return None
+        doc_id = str(doc_id)
+    else:
+        doc_id = f"{name}:{lineno}"
+    label = get(label_field, None) if label_field is not None else None
+    return Document(doc_id, text, None if label is None else str(label), f"{name}:{lineno}")
+
+
+def _read_csv(r: _Reader, delimiter: str) -> Iterator[Document]:
+    src, name = r.source, r.name
+    # Long documents exceed the csv module's default 128 KiB field limit.
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    lineno = 0
+
+    def text_lines(pairs: Iterable[tuple[int, bytes]]) -> Iterator[str]:
+        nonlocal lineno
+        for lineno, raw in pairs:  # lineno: read by the caller's errors
+            line = r.decode(raw, lineno)
+            # A skipped bad line still has to end the record it is in.
+            yield "\n" if line is None else line
+
+    reader = csv.reader(text_lines(r.lines()), delimiter=delimiter)
+    try:
+        header = next(reader, None)
+        if header is None:
+            return
+        columns = {c: i for i, c in enumerate(header)}
+        if src.text_field not in columns:
+            raise LLMTrainError(
+                f"{name}:1: no column '{src.text_field}' ({r.key}.text_field); "
+                f"columns are: {', '.join(header)}"
+            )
+        if src.id_field is not None and src.id_field not in columns:
+            raise LLMTrainError(
+                f"{name}:1: no column '{src.id_field}' ({r.key}.id_field); "
+                f"columns are: {', '.join(header)}"
+            )
+        ncol = len(header)
+        line_start = reader.line_num + 1
+        for row in reader:
+            start, line_start = line_start, reader.line_num + 1
+            if not row or (len(row) == 1 and not row[0].strip()):
+                continue
+            if len(row) != ncol:
+                r.bad(start, f"{len(row)} columns, the header has {ncol}")
+                continue
+
+            def get(field, default, row=row):
+                i = columns.get(field)
+                return default if i is None else row[i]
+
+            doc = _record(r, start, get, src.text_field, src.label_field, src.id_field, name)
+            if doc is not None:
+                yield doc
+    except csv.Error as e:
+        raise LLMTrainError(f"{name}:{lineno}: malformed {r.source.format} row ({e})") from None
+
+
+def iter_documents(
+    source: DataSourceConfig,
+    stats: ReadStats | None = None,
+    *,
+    require_label: bool = False,
+    key: str = "data.train",
+) -> Iterator[Document]:
+    """Stream the documents of `source`, file by file in sorted order.
+
+    `stats` (optional) is updated as reading goes: total_bytes up front, bytes_read, documents
+    and skipped on the way. `require_label` makes a document without a label an error (the
+    classification task). A corpus that yields no document at all is an error, raised after
+    the last file.
+    """
+    files = corpus_files(source, key=key)
+    stats = stats if stats is not None else ReadStats()
+    sizes = [f.stat().st_size for f in files]
+    stats.total_bytes = sum(sizes)
+    if require_label and source.label_field is None:
+        raise LLMTrainError(f"{key}.label_field: must be set, the task needs a label per document")
+    yielded = 0
+    base = 0
+    for path, size in zip(files, sizes, strict=True):
+        r = _Reader(path, source, stats, key, base)
+        fmt = file_format(path, source)
+        if fmt == "txt":
+            if require_label:
+                raise LLMTrainError(
+                    f"{r.name}: .txt documents carry no label; the task needs labelled "
+                    f".jsonl/.csv records ({key}.label_field)"
+                )
+            docs = _read_txt(r)
+        elif fmt == "jsonl":
+            docs = _read_jsonl(r)
+        else:
+            docs = _read_csv(r, "\t" if fmt == "tsv" else ",")
+        for doc in docs:
+            if require_label and doc.label is None:
+                r.bad(
+                    int(doc.where.rsplit(":", 1)[1]),
+                    f"missing label field '{source.label_field}' ({key}.label_field)",
+                )
+                continue
+            stats.documents += 1
+            yielded += 1
+            yield doc
+        base += size
+        stats.bytes_read = base
+    if yielded == 0:
+        shown = ", ".join(_display(f) for f in files[:3]) + (" ..." if len(files) > 3 else "")
+        raise LLMTrainError(f"{key}.path: no documents in {shown}")
+
+
+__all__ = [
+    "Document",
+    "ReadStats",
+    "corpus_files",
+    "corpus_fingerprint",
+    "file_format",
+    "iter_documents",
+]
