@@ -1,0 +1,78 @@
+"""metrics.jsonl (DESIGN §5) and optional TensorBoard: one place where records are written.
+
+Only rank 0 writes. On resume the file is cut back to the checkpoint's step, so records that
+a crashed run wrote after its last checkpoint do not appear twice.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from llmtrain.console import err_console
+
+TIMING_FIELDS = ("tokens_per_s", "elapsed_s")  # the only fields that differ between reruns
+
+
+def truncate_after(path: Path, step: int) -> None:
+    """Drop records (and events) with a step after `step`: they will be written again."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line torn by a crash
+        if int(record.get("step", 0)) <= step:
+            kept.append(line)
+    path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
+
+
+class MetricsWriter:
+    """Append-only metrics sink: jsonl always flushed per record, TensorBoard when asked."""
+
+    def __init__(self, path: Path, *, enabled: bool, jsonl: bool, tensorboard: bool, fresh: bool):
+        self.enabled = enabled
+        self._file = None
+        self._tb = None
+        if not enabled:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if jsonl:
+            self._file = open(path, "w" if fresh else "a", encoding="utf-8")  # noqa: SIM115
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(path.parent / "tensorboard"))
+            except ImportError:
+                err_console.print(
+                    "[yellow]warning:[/] log.tensorboard is on but the tensorboard package is not "
+                    "installed (pip install 'llmtrain[tensorboard]'); only metrics.jsonl is written"
+                )
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        if self._tb is not None and "split" in record:
+            for key, value in record.items():
+                if key not in ("split", "step") and isinstance(value, (int, float)):
+                    self._tb.add_scalar(f"{record['split']}/{key}", value, record["step"])
+
+    def event(self, name: str, step: int, **fields: Any) -> None:
+        self.write({"event": name, "step": step, **fields})
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        if self._tb is not None:
+            self._tb.close()

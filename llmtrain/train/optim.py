@@ -1,0 +1,78 @@
+"""Optimizer, parameter groups and the learning-rate schedule (counted in optimizer steps).
+
+The schedule is a closed-form function of the optimizer step, so resuming needs only the step
+number and the logged LR can be checked against the formula at every step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from llmtrain.config import Config, OptimConfig
+
+
+def effective_lr(optim: OptimConfig, global_batch: int) -> float:
+    """Peak LR after `lr_scaling`: lr × f(global_batch / base_batch), f = 1 | x | sqrt(x)."""
+    if optim.lr_scaling == "none":
+        return optim.lr
+    ratio = global_batch / (optim.base_batch or global_batch)
+    return optim.lr * (ratio if optim.lr_scaling == "linear" else math.sqrt(ratio))
+
+
+def lr_at(
+    step: int,
+    *,
+    peak: float,
+    total: int,
+    warmup: int,
+    schedule: str,
+    min_lr_ratio: float,
+) -> float:
+    """LR used by optimizer step `step` (0-based).
+
+    Warmup: peak × (step+1)/warmup for step < warmup (the first update is not wasted at 0).
+    Then constant, or linear/cosine decay from peak at step `warmup` to min_lr_ratio × peak at
+    the last step (`total - 1`).
+    """
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    if schedule == "constant":
+        return peak
+    floor = peak * min_lr_ratio
+    span = total - 1 - warmup
+    progress = min(1.0, (step - warmup) / span) if span > 0 else 1.0
+    if schedule == "linear":
+        return peak - (peak - floor) * progress
+    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only: biases, norm weights and other 1-D parameters are not decayed
+    (GPT-2/nanoGPT practice); tied weights appear once (named_parameters deduplicates)."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The configured optimizer over `param_groups`; the LR is set by the loop each step."""
+    o = cfg.optim
+    groups = param_groups(model, o.weight_decay)
+    lr = effective_lr(o, cfg.batch.global_batch)
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=o.momentum)
+    cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
+    return cls(groups, lr=lr, betas=tuple(o.betas), eps=o.eps)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

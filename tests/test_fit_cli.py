@@ -1,0 +1,135 @@
+"""`llmtrain fit` end to end through the CLI: corpus → trained tokenizer → store → model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from llmtrain.cli import app
+
+torch.set_num_threads(1)  # tiny models; threads only contend on a shared CPU
+
+SENTENCE = "the cat sat on a mat and the dog ran to the red ball while birds sang"
+WORDS = SENTENCE.split(" ")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """Paragraphs of a tiny repetitive language: learnable in a few steps."""
+    root = tmp_path_factory.mktemp("corpus")
+    lines = []
+    for i in range(300):
+        start = i % len(WORDS)
+        lines.append(" ".join(WORDS[start:] + WORDS[:start]) + ".")
+        if i % 3 == 2:
+            lines.append("")
+    (root / "corpus.txt").write_text("\n".join(lines), encoding="utf-8")
+    return root / "corpus.txt"
+
+
+def _config(tmp_path: Path, corpus: Path, **train) -> Path:
+    cfg = {
+        "run": {"name": "cli", "output_dir": str(tmp_path / "run"), "seed": 0, "device": "cpu"},
+        "model": {
+            "task": "causal-lm",
+            "arch": "gpt2",
+            "config": {"n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 32},
+        },
+        "tokenizer": {"train": {"kind": "bpe", "vocab_size": 128}},
+        "data": {
+            "train": {"path": str(corpus), "split": "paragraphs"},
+            "eval_fraction": 0.2,
+            "chunk": {"seq_len": 32, "mode": "pack"},
+        },
+        "batch": {"global_batch": 8, "micro_batch": 4},
+        "optim": {"lr": 1e-2, "warmup_steps": 1, "schedule": "cosine"},
+        "train": {
+            "max_steps": 8,
+            "precision": "fp32",
+            "eval_every": 4,
+            "save_every": 4,
+            "log_every": 1,
+            **train,
+        },
+        "log": {"progress": False},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(json.dumps(cfg), encoding="utf-8")  # JSON is YAML
+    return path
+
+
+def _fit(*args: str):
+    return CliRunner().invoke(app, ["fit", *args])
+
+
+def test_fit_end_to_end(tmp_path, corpus):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = _config(tmp_path, corpus)
+    res = _fit(str(config))
+    assert res.exit_code == 0, res.output
+    run = tmp_path / "run"
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r.get("split") == "train"]
+    evals = [r for r in records if r.get("split") == "eval"]
+    assert [r["step"] for r in train] == list(range(1, 9))
+    assert train[-1]["loss"] < train[0]["loss"] - 0.5
+    assert [r["step"] for r in evals] == [4, 8] and evals[1]["loss"] < evals[0]["loss"]
+    assert set(train[0]) == {
+        "split",
+        "step",
+        "loss",
+        "lr",
+        "grad_norm",
+        "tokens",
+        "sequences",
+        "micro_batch",
+        "grad_accum",
+        "tokens_per_s",
+        "elapsed_s",
+    }
+    assert (run / "config.resolved.yaml").is_file()
+    model = AutoModelForCausalLM.from_pretrained(run / "final")
+    tok = AutoTokenizer.from_pretrained(run / "final")
+    assert model.config.vocab_size == len(tok)
+
+    # a second fresh start into the same run directory is refused ...
+    res = _fit(str(config))
+    assert res.exit_code == 1 and "--resume auto" in res.output
+    # ... and --resume auto continues (here: to a longer max_steps)
+    res = _fit(str(config), "--resume", "auto", "--set", "train.max_steps=9")
+    assert res.exit_code == 0, res.output
+    steps = [json.loads(x).get("step") for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 9
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, corpus):
+    config = _config(tmp_path, corpus, save_every=1, max_steps=6)
+    res = _fit(str(config), "--set", "optim.lr=1e30", "--set", "optim.grad_clip=null")
+    assert res.exit_code == 1, res.output
+    assert "non-finite loss" in res.output and "is intact" in res.output
+    ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    bad_step = int(res.output.split("at step ")[1].split(";")[0])
+    assert ckpts[-1] == f"step-{bad_step - 1:08d}"
+
+
+def test_dry_run_trains_nothing(tmp_path, corpus):
+    res = _fit(str(_config(tmp_path, corpus)), "--dry-run")
+    assert res.exit_code == 0, res.output
+    assert "micro 4 × k 2" in res.output and "dry run" in res.output
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_tensorboard_without_the_package_warns_and_trains(tmp_path, corpus):
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is not None:
+        pytest.skip("tensorboard is installed here")
+    config = _config(tmp_path, corpus, max_steps=1)
+    res = _fit(str(config), "--set", "log.tensorboard=true")
+    assert res.exit_code == 0, res.output
+    assert "tensorboard package is not installed" in res.output.replace("\n", " ")
