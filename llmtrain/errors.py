@@ -14,7 +14,7 @@ class LLMTrainError(Exception):
 
 
 class ConfigError(LLMTrainError):
-    """A bad config, override or usage (exit code 2). Holds every problem found, not only the first."""
+    """A bad config, override or usage (exit code 2); holds every problem found, not just one."""
 
     exit_code = 2
 
