@@ -1,0 +1,393 @@
+"""The on-disk TokenStore (DESIGN §6): a flat memory-mapped token file plus a small index.
+
+Layout of one store directory (one split)::
+
+    tokens.bin        every chunk's tokens back to back (uint16 when vocab < 65,536, else uint32)
+    index.npy         int64 (chunks, 2): offset into tokens.bin and length, per chunk
+    doc_ids.npy       int64 per chunk: the document the chunk's first token belongs to
+    labels.npy        int32 per chunk: label id, -1 where there is none
+    starts.npy        int32, flat: offsets inside each chunk where a document begins
+    starts_index.npy  int64 (chunks + 1): chunk i's starts are starts[si[i]:si[i + 1]]
+    doc_names.txt     one JSON string per line: the corpus id of document i (doc_ids → names)
+    meta.json         format version, fingerprint, tokenizer, chunk settings, counts, labels,
+                      and size + sha256 of every file above
+
+The writer streams (tokens go straight to disk; only per-chunk index entries stay in memory,
+1/seq_len of the tokens) into `<dir>.tmp-<pid>` and renames it into place, so a crash never
+leaves a half-written store where a reader would find it. The reader checks sizes and shapes
+against meta.json on open, so a truncated or edited store is a one-line error, not a numpy crash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from array import array
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llmtrain.errors import LLMTrainError
+
+FORMAT_VERSION = 1
+META = "meta.json"
+TOKENS = "tokens.bin"
+INDEX_FILES = ("index.npy", "doc_ids.npy", "labels.npy", "starts.npy", "starts_index.npy")
+NAMES = "doc_names.txt"
+ALL_FILES = (TOKENS, *INDEX_FILES, NAMES)
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The narrowest unsigned dtype that holds every token id of this vocabulary."""
+    return np.dtype(np.uint16) if vocab_size < 65536 else np.dtype(np.uint32)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+class TokenStoreWriter:
+    """Append chunks to a new store; `close()` finalises it and renames it into place.
+
+    Label strings are interned in order of appearance while writing and remapped at close, so
+    ids can follow the sorted label set (train) or a given map (eval) without a second pass.
+    """
+
+    def __init__(self, path: str | Path, *, vocab_size: int, meta: dict[str, Any] | None = None):
+        self.path = Path(path)
+        self.dtype = token_dtype(vocab_size)
+        self.vocab_size = vocab_size
+        self.extra_meta = dict(meta or {})
+        self.tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp)
+        self.tmp.mkdir(parents=True)
+        self._tokens = open(self.tmp / TOKENS, "wb")  # noqa: SIM115 (closed in close/abort)
+        self._names = open(self.tmp / NAMES, "w", encoding="utf-8")  # noqa: SIM115
+        self._hash = hashlib.sha256()
+        self.num_tokens = 0
+        self._lengths = array("q")
+        self._doc_ids = array("q")
+        self._labels = array("q")
+        self._starts = array("q")
+        self._starts_index = array("q", [0])
+        self._label_ids: dict[str, int] = {}
+        self.num_documents = 0
+
+    # ------------------------------------------------------------------ documents and labels
+    def add_document(self, name: str) -> int:
+        """Register a document by its corpus id; returns the integer doc_id chunks refer to."""
+        self._names.write(json.dumps(name, ensure_ascii=False) + "\n")
+        self.num_documents += 1
+        return self.num_documents - 1
+
+    def label_id(self, label: str | None) -> int:
+        """Provisional id of a label string (remapped at close); -1 for no label."""
+        if label is None:
+            return -1
+        lid = self._label_ids.get(label)
+        if lid is None:
+            lid = self._label_ids[label] = len(self._label_ids)
+        return lid
+
+    @property
+    def labels_seen(self) -> list[str]:
+        return list(self._label_ids)
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self._lengths)
+
+    def chunk_lengths(self) -> np.ndarray:
+        """Lengths of the chunks appended so far (a copy)."""
+        return np.array(self._lengths, dtype=np.int64)
+
+    # ------------------------------------------------------------------------------- chunks
+    def append(
+        self,
+        tokens: np.ndarray,
+        lengths: Sequence[int] | np.ndarray,
+        doc_ids: Sequence[int] | np.ndarray,
+        labels: Sequence[int] | np.ndarray,
+        starts: Sequence[int] | np.ndarray = (),
+        starts_counts: Sequence[int] | np.ndarray | None = None,
+    ) -> None:
+        """Append a batch of chunks: `tokens` is their concatenation, `lengths` cut it.
+
+        `starts` (flat) and `starts_counts` (per chunk) give the document starts inside each
+        chunk; omitted, every chunk starts one document at offset 0 (window/truncate modes).
+        """
+        n = len(lengths)
+        tokens = np.asarray(tokens)
+        if int(np.sum(lengths)) != len(tokens):
+            raise ValueError(
+                f"chunk lengths sum to {int(np.sum(lengths))}, got {len(tokens)} tokens"
+            )
+        if len(tokens) and (int(tokens.max()) >= self.vocab_size or int(tokens.min()) < 0):
+            # Would wrap silently in the narrow dtype.
+            raise ValueError(f"token id outside the vocabulary [0, {self.vocab_size})")
+        data = np.ascontiguousarray(tokens, dtype=self.dtype)
+        buf = memoryview(data).cast("B")
+        self._tokens.write(buf)
+        self._hash.update(buf)
+        self.num_tokens += len(data)
+        self._lengths.extend(np.asarray(lengths, dtype=np.int64).tolist())
+        self._doc_ids.extend(np.asarray(doc_ids, dtype=np.int64).tolist())
+        self._labels.extend(np.asarray(labels, dtype=np.int64).tolist())
+        if starts_counts is None:
+            self._starts.extend([0] * n)
+            counts = np.ones(n, dtype=np.int64)
+        else:
+            self._starts.extend(np.asarray(starts, dtype=np.int64).tolist())
+            counts = np.asarray(starts_counts, dtype=np.int64)
+        self._starts_index.extend((self._starts_index[-1] + np.cumsum(counts)).tolist())
+
+    # -------------------------------------------------------------------------- finalising
+    def abort(self) -> None:
+        """Drop the half-written store (the old one, if any, is untouched)."""
+        self._tokens.close()
+        self._names.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def close(
+        self, *, label_names: list[str] | None = None, stats: dict | None = None
+    ) -> TokenStore:
+        """Finalise: remap labels, write index and meta.json, rename into place atomically.
+
+        `label_names` fixes the label↔id map (eval uses train's); by default it is the sorted
+        set of labels seen. A label missing from a given map is an LLMTrainError naming it.
+        """
+        self._tokens.close()
+        self._names.close()
+        try:
+            return self._finalise(label_names, stats or {})
+        except BaseException:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
+
+    def _finalise(self, label_names: list[str] | None, stats: dict) -> TokenStore:
+        lengths = np.frombuffer(self._lengths, dtype=np.int64)
+        offsets = np.zeros(len(lengths), dtype=np.int64)
+        if len(lengths):
+            np.cumsum(lengths[:-1], out=offsets[1:])
+        labels = np.frombuffer(self._labels, dtype=np.int64).astype(np.int32)
+        if self._label_ids:
+            if label_names is None:
+                label_names = sorted(self._label_ids)
+            final = {name: i for i, name in enumerate(label_names)}
+            unknown = [name for name in self._label_ids if name not in final]
+            if unknown:
+                raise LLMTrainError(
+                    f"{self.path}: label {unknown[0]!r} does not occur in the training data "
+                    f"(known labels: {', '.join(label_names)})"
+                )
+            remap = np.array([final[name] for name in self._label_ids], dtype=np.int32)
+            labels = np.where(labels >= 0, remap[np.maximum(labels, 0)], -1).astype(np.int32)
+        starts = np.frombuffer(self._starts, dtype=np.int64)
+        arrays = {
+            "index.npy": np.stack([offsets, lengths], axis=1).reshape(-1, 2),
+            "doc_ids.npy": np.frombuffer(self._doc_ids, dtype=np.int64),
+            "labels.npy": labels,
+            "starts.npy": starts.astype(np.int32),
+            "starts_index.npy": np.frombuffer(self._starts_index, dtype=np.int64),
+        }
+        files: dict[str, dict[str, Any]] = {
+            TOKENS: {
+                "size": self.num_tokens * self.dtype.itemsize,
+                "sha256": self._hash.hexdigest(),
+            }
+        }
+        for name, arr in arrays.items():
+            np.save(self.tmp / name, np.ascontiguousarray(arr), allow_pickle=False)
+        for name in (*INDEX_FILES, NAMES):
+            p = self.tmp / name
+            files[name] = {"size": p.stat().st_size, "sha256": _sha256(p)}
+        meta = {
+            "format_version": FORMAT_VERSION,
+            **self.extra_meta,
+            "vocab_size": self.vocab_size,
+            "dtype": self.dtype.name,
+            "num_chunks": len(lengths),
+            "num_tokens": self.num_tokens,
+            "num_documents": self.num_documents,
+            "num_doc_starts": len(starts),
+            "label_names": label_names if self._label_ids else None,
+            "stats": stats,
+            "files": files,
+        }
+        (self.tmp / META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+        _replace_dir(self.tmp, self.path)
+        return TokenStore.open(self.path)
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move src to dst; an existing dst is moved aside first and removed only afterwards."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f"{dst.name}.old-{os.getpid()}")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class TokenStore:
+    """Read side: memory-mapped tokens, index arrays in memory (they are small).
+
+    `s[i]` returns a fresh int64 array (torch-friendly; uint16 tensors are not), its doc_id
+    and label id (None where the store has no labels).
+    """
+
+    def __init__(self, path: Path, meta: dict[str, Any], tokens: np.ndarray, arrays: dict):
+        self.path = path
+        self.meta = meta
+        self._tokens = tokens
+        index = arrays["index.npy"]
+        self.offsets: np.ndarray = index[:, 0]
+        self.lengths: np.ndarray = index[:, 1]
+        self.doc_ids: np.ndarray = arrays["doc_ids.npy"]
+        self.labels: np.ndarray = arrays["labels.npy"]
+        self._starts: np.ndarray = arrays["starts.npy"]
+        self._starts_index: np.ndarray = arrays["starts_index.npy"]
+        self.label_names: list[str] | None = meta.get("label_names")
+        self.num_tokens: int = int(meta["num_tokens"])
+        # Plain lists make the hot-loop lookups in __getitem__ cheap Python ints.
+        self._off_list = self.offsets.tolist()
+        self._len_list = self.lengths.tolist()
+        self._doc_list = self.doc_ids.tolist()
+        self._lab_list = self.labels.tolist()
+        self._has_labels = self.label_names is not None
+
+    # ------------------------------------------------------------------------------ opening
+    @classmethod
+    def open(cls, path: str | Path, *, verify: bool = False) -> TokenStore:
+        """Open and validate a store; any inconsistency is an LLMTrainError naming the path.
+
+        Sizes and shapes are always checked against meta.json; `verify=True` also re-hashes
+        every file (reads the whole store).
+        """
+        path = Path(path)
+        meta_path = path / META
+        if not path.is_dir():
+            raise LLMTrainError(f"{path}: no token store here (run `llmtrain chunk` first)")
+        if not meta_path.is_file():
+            raise LLMTrainError(f"{meta_path}: missing; the store is incomplete, rebuild it")
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            if not isinstance(meta, dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise LLMTrainError(f"{meta_path}: not valid JSON ({e}); rebuild the store") from None
+        version = meta.get("format_version")
+        if version != FORMAT_VERSION:
+            raise LLMTrainError(
+                f"{meta_path}: format_version {version!r}, this llmtrain reads "
+                f"{FORMAT_VERSION}; rebuild the store with `llmtrain chunk --force`"
+            )
+        try:
+            files = meta["files"]
+            n_chunks = int(meta["num_chunks"])
+            n_tokens = int(meta["num_tokens"])
+            n_starts = int(meta["num_doc_starts"])
+            dtype = np.dtype(meta["dtype"])
+            for name in ALL_FILES:
+                int(files[name]["size"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise LLMTrainError(f"{meta_path}: malformed ({e!r} missing or invalid)") from None
+        if dtype not in (np.dtype(np.uint16), np.dtype(np.uint32)):
+            raise LLMTrainError(f"{meta_path}: unsupported token dtype {dtype}")
+        for name in ALL_FILES:
+            p = path / name
+            if not p.is_file():
+                raise LLMTrainError(f"{p}: missing; the store is incomplete, rebuild it")
+            size, expected = p.stat().st_size, int(files[name]["size"])
+            if size != expected:
+                raise LLMTrainError(
+                    f"{p}: {size} bytes, meta.json says {expected}; the store is truncated or "
+                    "corrupt, rebuild it with `llmtrain chunk --force`"
+                )
+            if verify and _sha256(p) != files[name].get("sha256"):
+                raise LLMTrainError(f"{p}: checksum mismatch; the store is corrupt, rebuild it")
+        if n_tokens * dtype.itemsize != int(files[TOKENS]["size"]):
+            raise LLMTrainError(f"{meta_path}: num_tokens disagrees with the size of {TOKENS}")
+        shapes = {
+            "index.npy": (n_chunks, 2),
+            "doc_ids.npy": (n_chunks,),
+            "labels.npy": (n_chunks,),
+            "starts.npy": (n_starts,),
+            "starts_index.npy": (n_chunks + 1,),
+        }
+        arrays = {}
+        for name, shape in shapes.items():
+            try:
+                arr = np.load(path / name, allow_pickle=False)
+            except (ValueError, OSError, EOFError) as e:
+                raise LLMTrainError(f"{path / name}: unreadable ({e}); rebuild the store") from None
+            if arr.shape != shape:
+                raise LLMTrainError(
+                    f"{path / name}: shape {arr.shape}, meta.json implies {shape}; rebuild it"
+                )
+            arrays[name] = arr
+        index = arrays["index.npy"]
+        if n_chunks and (
+            index[:, 1].min() < 0
+            or index[:, 0].min() < 0
+            or int((index[:, 0] + index[:, 1]).max()) > n_tokens
+        ):
+            raise LLMTrainError(f"{path / 'index.npy'}: chunks point outside {TOKENS}; rebuild")
+        if n_tokens:
+            tokens = np.memmap(path / TOKENS, dtype=dtype, mode="r", shape=(n_tokens,))
+        else:
+            tokens = np.zeros(0, dtype=dtype)
+        return cls(path, meta, tokens, arrays)
+
+    # ------------------------------------------------------------------------------ reading
+    def __len__(self) -> int:
+        return len(self._len_list)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        off = self._off_list[i]
+        ids = self._tokens[off : off + self._len_list[i]].astype(np.int64)
+        label = self._lab_list[i] if self._has_labels else None
+        return {"input_ids": ids, "doc_id": self._doc_list[i], "label": label}
+
+    def get_batch(self, indices: Sequence[int]) -> list[np.ndarray]:
+        """The int64 token arrays of several chunks (no dict per item)."""
+        tokens, offs, lens = self._tokens, self._off_list, self._len_list
+        return [tokens[offs[i] : offs[i] + lens[i]].astype(np.int64) for i in indices]
+
+    def doc_starts(self, i: int) -> np.ndarray:
+        """Offsets inside chunk i where a document begins (pack mode; [0] in window/truncate).
+
+        0 is listed only when a document really begins at the chunk's first token; a chunk that
+        opens mid-document has its first segment implicitly starting at 0.
+        """
+        if i < 0:
+            i += len(self)
+        return self._starts[self._starts_index[i] : self._starts_index[i + 1]]
+
+    def doc_names(self) -> list[str]:
+        """Corpus ids of the documents, indexed by doc_id (reads doc_names.txt)."""
+        with open(self.path / NAMES, encoding="utf-8") as f:
+            return [json.loads(line) for line in f]
+
+    @property
+    def num_labels(self) -> int | None:
+        return len(self.label_names) if self.label_names is not None else None
+
+    @property
+    def seq_len(self) -> int | None:
+        return self.meta.get("chunk", {}).get("seq_len")
+
+    def __repr__(self) -> str:
+        return f"TokenStore({str(self.path)!r}, chunks={len(self)}, tokens={self.num_tokens})"
