@@ -32,7 +32,7 @@ from tokenizers import (
     processors,
     trainers,
 )
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from llmtrain.config import Config, TokenizerTrainConfig
 from llmtrain.data.corpus import corpus_fingerprint, iter_documents
@@ -138,11 +138,22 @@ def _looks_like_hub_id(path: str) -> bool:
     return path.count("/") <= 1
 
 
+def _from_directory(path: Path) -> PreTrainedTokenizerFast:
+    """A saved tokenizer directory. With a tokenizer.json (every fast tokenizer has one) the
+    generic fast class loads it with its special-token roles and never imports torch, which
+    `llmtrain chunk` does not need; AutoTokenizer (which does import torch) is the fallback."""
+    if (path / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
 def _load_local(path: str) -> PreTrainedTokenizerFast:
     p = Path(path).expanduser()
     if p.is_dir():
         try:
-            tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+            tok = _from_directory(p)
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise LLMTrainError(
                 f"tokenizer.path '{path}': cannot load a tokenizer from this directory ({e})"
@@ -228,7 +239,7 @@ def _load_cached(target: Path, want: dict) -> PreTrainedTokenizerFast | None:
     if have != want:
         return None
     try:
-        return AutoTokenizer.from_pretrained(str(target), local_files_only=True)
+        return _from_directory(target)
     except (OSError, ValueError, KeyError, TypeError):
         return None  # a damaged cache is retrained, not reported
 
