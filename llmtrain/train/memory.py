@@ -1,0 +1,243 @@
+"""Where the probe's memory numbers come from: a capacity, and the measured peak of a trial.
+
+Two backends with one shape (`MemoryBackend`): `capacity()` is what training may use on this
+device, `measure(fn)` runs one trial and returns the peak it really reached. Neither ever
+computes a peak from a formula.
+
+- CUDA: capacity = free device memory + what this process already holds (`mem_get_info` +
+  `memory_reserved`), peak = `max_memory_reserved` after a reset (reserved, not allocated:
+  the caching allocator's segments are what the device must hold, fragmentation included).
+  A real `torch.OutOfMemoryError` is caught by the caller; memory is released between trials.
+- CPU: capacity = `batch.probe.memory_limit`, else the process's current RSS plus a fraction
+  of `MemAvailable` (the CPU analogue of "free + what we hold"). Peak = the kernel's own
+  high-water mark of this process's resident memory (`VmHWM`), reset before the trial by
+  writing 5 to `/proc/self/clear_refs` (Linux >= 4.0). Why this and not the alternatives:
+    * a forked trial subprocess reading its peak RSS deadlocks here: libgomp (torch's CPU
+      thread pool) is not fork-safe — a child's first parallel matmul hangs — unless the
+      child runs single-threaded, which makes its tokens/s meaningless; spawning a fresh
+      process instead costs seconds of imports and model rebuilding per trial;
+    * `torch.profiler(profile_memory=True)` counts tensor bytes only (not the allocator's and
+      the framework's own memory) and slows every op down;
+    * VmHWM is exact to the page, costs nothing while the trial runs, and counts everything
+      the process really touched — the same number a container's memory limit enforces.
+  The peak is the whole process's resident memory, so capacity is a whole-process budget.
+  `malloc_trim(0)` after each trial returns glibc's freed arenas to the OS, so a large trial
+  does not leave resident memory behind that a later, smaller trial would be blamed for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+import torch
+
+from llmtrain.errors import LLMTrainError
+
+T = TypeVar("T")
+
+# Share of MemAvailable a CPU probe may plan to use when no memory_limit is configured: the
+# rest stays for the OS, page cache and the data pipeline.
+DEFAULT_RAM_FRACTION = 0.8
+
+
+@dataclass
+class Measured:
+    """What one trial measured: the peak, and allocator retries (CUDA; 0 on CPU)."""
+
+    peak_bytes: int
+    alloc_retries: int = 0
+
+
+class MemoryBackend(Protocol):
+    name: str
+
+    def capacity(self) -> int: ...
+
+    def release(self, collect: bool = ...) -> None: ...
+
+    def measure(self, fn: Callable[[], T]) -> tuple[T, Measured]: ...
+
+    def current(self) -> int: ...
+
+
+def is_oom(exc: BaseException) -> bool:
+    """A real or simulated out-of-memory: torch's OOM type, or the CPU allocator's refusal."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    if isinstance(exc, (RuntimeError, MemoryError)):
+        text = str(exc).lower()
+        return isinstance(exc, MemoryError) or "out of memory" in text or "can't allocate" in text
+    return False
+
+
+# --------------------------------------------------------------------------------- CPU
+def _proc_status_bytes(key: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024  # reported in kB
+    raise LLMTrainError(f"/proc/self/status has no {key}: cannot measure CPU memory here")
+
+
+def rss_bytes() -> int:
+    """This process's resident memory now."""
+    return _proc_status_bytes("VmRSS")
+
+
+def available_ram_bytes() -> int:
+    """MemAvailable from /proc/meminfo: what can be allocated without swapping."""
+    with open("/proc/meminfo", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise LLMTrainError("/proc/meminfo has no MemAvailable: set batch.probe.memory_limit")
+
+
+def total_ram_bytes() -> int:
+    with open("/proc/meminfo", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def reset_peak_rss() -> None:
+    """Make VmHWM start again from the current RSS (Linux: `echo 5 > /proc/self/clear_refs`)."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+    except OSError as e:
+        raise LLMTrainError(
+            f"cannot reset the peak-memory counter (/proc/self/clear_refs: {e.strerror}); "
+            "CPU probing needs Linux — set batch.micro_batch to an integer"
+        ) from None
+
+
+def pin_mmap_threshold(threshold: int = 128 * 1024) -> bool:
+    """Fix glibc's mmap threshold, so every large tensor is mmapped and unmapped at free.
+
+    glibc raises the threshold each time it unmaps a block, after which same-sized tensors
+    come from the heap and fragment it: measured peaks of repeated identical trials then
+    scatter by ~2 MB and are not monotone in m. Pinned, repeats agree within ~0.5 MB. The
+    setting is process-wide and stays for the training that follows, so the probe measures
+    the allocator policy training runs with. No-op (False) outside glibc.
+    """
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, threshold))  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
+def _malloc_trim() -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+class CpuMemory:
+    """Peak resident memory of this process during a trial (see the module docstring)."""
+
+    name = "cpu"
+
+    def __init__(self, limit_bytes: int | None = None):
+        self.limit_bytes = limit_bytes
+        self.last_peak: int | None = None
+        pin_mmap_threshold()
+
+    def capacity(self) -> int:
+        if self.limit_bytes is not None:
+            return self.limit_bytes
+        return rss_bytes() + int(DEFAULT_RAM_FRACTION * available_ram_bytes())
+
+    def release(self, collect: bool = False) -> None:
+        # Trial tensors die by reference counting; a full gc pass (0.1-1 s with transformers
+        # imported) is only worth it after an OOM, whose traceback may hold them in a cycle.
+        if collect:
+            gc.collect()
+        _malloc_trim()
+
+    def current(self) -> int:
+        return rss_bytes()
+
+    def measure(self, fn: Callable[[], T]) -> tuple[T, Measured]:
+        self.release()
+        reset_peak_rss()
+        try:
+            out = fn()
+        finally:
+            peak = _proc_status_bytes("VmHWM")
+            self.last_peak = peak
+        return out, Measured(peak)
+
+
+# -------------------------------------------------------------------------------- CUDA
+class CudaMemory:
+    """Peak reserved memory of the caching allocator during a trial, on one device."""
+
+    name = "cuda"
+
+    def __init__(self, device: torch.device, limit_bytes: int | None = None):
+        self.device = device
+        self.limit_bytes = limit_bytes
+        self.last_peak: int | None = None
+
+    def capacity(self) -> int:
+        free, _total = torch.cuda.mem_get_info(self.device)
+        held = torch.cuda.memory_reserved(self.device)
+        available = free + held
+        return min(available, self.limit_bytes) if self.limit_bytes else available
+
+    def release(self, collect: bool = True) -> None:
+        gc.collect()
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+
+    def current(self) -> int:
+        return torch.cuda.memory_reserved(self.device)
+
+    def measure(self, fn: Callable[[], T]) -> tuple[T, Measured]:
+        self.release()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        retries0 = torch.cuda.memory_stats(self.device).get("num_alloc_retries", 0)
+        try:
+            out = fn()
+            torch.cuda.synchronize(self.device)
+        finally:
+            self.last_peak = torch.cuda.max_memory_reserved(self.device)
+        retries = torch.cuda.memory_stats(self.device).get("num_alloc_retries", 0) - retries0
+        return out, Measured(self.last_peak, int(retries))
+
+
+def backend_for(device: torch.device, limit_bytes: int | None = None) -> MemoryBackend:
+    """The memory backend for `device`; `limit_bytes` caps (CUDA) or sets (CPU) the capacity."""
+    if device.type == "cuda":
+        return CudaMemory(device, limit_bytes)
+    if device.type == "cpu":
+        return CpuMemory(limit_bytes)
+    raise LLMTrainError(f"run.device: cannot probe memory on {device.type} (cpu or cuda only)")
+
+
+def device_name(device: torch.device) -> str:
+    """A human and cache-key name for the device: the GPU model, or 'cpu'."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "cpu"
+
+
+def device_total_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    return total_ram_bytes()
+
+
+def fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n}B"

@@ -1,0 +1,406 @@
+"""Probe stage (DESIGN §8, issue #5): tight against a brute-force scan, harmless to the real
+state, honest about errors, cached. CPU only: peaks are the process's measured VmHWM."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+)
+
+from llmtrain.config import Config
+from llmtrain.stages import probe as P
+from llmtrain.train.memory import CpuMemory, rss_bytes
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """Trials are timed and measured; on a shared 2-core box two OpenMP threads spin against
+    other processes and run 30× slower. One thread keeps the file fast and the peaks stable."""
+    monkeypatch.delenv("LLMTRAIN_FAULT_OOM_MICRO", raising=False)
+    monkeypatch.delenv("LLMTRAIN_FAULT_OOM_RANK", raising=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def gpt2(n_layer=2, n_embd=64, vocab=1024, n_positions=128, dropout=0.0) -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    cfg = GPT2Config(
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_head=2,
+        vocab_size=vocab,
+        n_positions=n_positions,
+        bos_token_id=0,
+        eos_token_id=0,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
+    )
+    return GPT2LMHeadModel(cfg)
+
+
+def bert_cls(vocab=1024) -> BertForSequenceClassification:
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        num_hidden_layers=2,
+        hidden_size=64,
+        num_attention_heads=2,
+        intermediate_size=256,
+        vocab_size=vocab,
+        max_position_embeddings=128,
+        num_labels=3,
+        pad_token_id=0,
+    )
+    return BertForSequenceClassification(cfg)
+
+
+def checkpointing(model: torch.nn.Module) -> None:
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+
+def make_setup(model, **kw) -> P.TrialSetup:
+    return P.TrialSetup(model=model, make_optimizer=adamw, device=CPU, **kw)
+
+
+def run_probe(setup, limit, cap=256, margin=0.1):
+    return P.probe_micro_batch(
+        setup, CpuMemory(limit), global_batch=cap, margin=margin, max_micro=cap
+    )
+
+
+# ------------------------------------------------------------------------ the search alone
+@pytest.mark.parametrize(
+    ("base", "per_sample", "curve", "budget", "peaks_on_fail"),
+    [
+        (100, 7, 0.0, 100 + 7 * 37, True),
+        (1000, 3, 0.0, 1000 + 3 * 150, False),  # CUDA-like: an OOM reports no peak
+        (50, 10, 0.02, 50 + 10 * 60 + 0.02 * 60**2, True),  # activations grow faster than m
+        (500, 1, 0.0, 500 + 1 * 3000, True),  # far above the first guesses
+        (0, 40, 0.0, 40 * 21 + 39, False),
+    ],
+)
+def test_search_is_tight_and_bounded_on_synthetic_peaks(
+    base, per_sample, curve, budget, peaks_on_fail
+):
+    def peak(m: int) -> int:
+        return int(base + per_sample * m + curve * m * m)
+
+    def trial(m: int) -> P.Trial:
+        ok = peak(m) <= budget
+        return P.Trial(m, ok, peak(m) if ok or peaks_on_fail else None, 0.0)
+
+    cap = 4096
+    truth = max(m for m in range(1, cap + 1) if peak(m) <= budget)
+    answer, trials = P.search_micro_batch(trial, cap=cap, budget=budget)
+    assert 0.9 * truth <= answer <= truth
+    assert len(trials) <= 2 * math.ceil(math.log2(truth)) + 4
+    assert all(t.ok for t in trials if t.micro_batch == answer)
+
+
+def test_search_respects_the_cap_and_reports_zero_when_nothing_fits():
+    def fits_all(m):
+        return P.Trial(m, True, 10 * m, 0.0)
+
+    answer, trials = P.search_micro_batch(fits_all, cap=48, budget=10**9)
+    assert answer == 48 and max(t.micro_batch for t in trials) == 48
+
+    answer, trials = P.search_micro_batch(lambda m: P.Trial(m, False, None, 0.0), cap=64, budget=1)
+    assert answer == 0 and [t.micro_batch for t in trials] == [1]
+
+
+# --------------------------------------------------------------------- measured, on CPU
+def test_cpu_backend_measures_a_real_allocation():
+    backend = CpuMemory(None)
+    before = rss_bytes()
+    _, measured = backend.measure(lambda: float(torch.ones(16 * 2**20).sum()))  # 64 MiB
+    assert measured.peak_bytes - before >= 60 * 2**20
+    assert backend.capacity() > rss_bytes()  # default: RSS + a share of MemAvailable
+
+
+def llama_ckpt() -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=8192,
+        max_position_embeddings=128,
+    )
+    model = LlamaForCausalLM(cfg)
+    checkpointing(model)
+    return model
+
+
+def bert_wide() -> BertForSequenceClassification:
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        num_hidden_layers=2,
+        hidden_size=128,
+        num_attention_heads=8,
+        intermediate_size=512,
+        vocab_size=1024,
+        max_position_embeddings=128,
+        num_labels=3,
+        pad_token_id=0,
+        attn_implementation="eager",  # materialized attention: MBs per sequence
+    )
+    return BertForSequenceClassification(cfg)
+
+
+# Shapes whose peak grows by several MB per sequence (big vocabularies, small compute), so
+# one sequence is well above the ~1 MB run-to-run drift of a process's peak RSS.
+SHAPES = {
+    # name: (model factory, TrialSetup kwargs, target true maximum)
+    "gpt2-fp32": (lambda: gpt2(n_embd=32, vocab=8192), {"seq_len": 64}, 24),
+    "bert-cls": (bert_wide, {"seq_len": 128, "task": "sequence-classification"}, 22),
+    "llama-ckpt": (llama_ckpt, {"seq_len": 64}, 26),
+}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_probe_against_brute_force_scan(shape):
+    make, kw, target = SHAPES[shape]
+    setup = make_setup(make(), **kw)
+    meter = CpuMemory(None)
+    # Put the budget half a sequence above the measured peak at `target`, so the true
+    # maximum is about `target` and no measurement sits right on the boundary.
+    p1, p2, pt = (P.run_trial(setup, meter, m, 10**15).peak_bytes for m in (1, 2, target))
+    budget = pt + (p2 - p1) // 2
+    margin = 0.1
+    limit = math.ceil(budget / (1 - margin))
+
+    result = run_probe(setup, limit, margin=margin)
+    assert result.budget_bytes == int((1 - margin) * limit)
+    answer = result.micro_batch
+
+    # Brute force with the same measurement and pass rule, every m from the smallest that
+    # would break the 90% promise down to the first that passes: that is the true maximum
+    # (peaks grow with m, so nothing above a failing run of m passes).
+    top = math.floor(answer / 0.9) + 1
+    scan: dict[int, bool] = {}
+    for m in range(top, 0, -1):
+        scan[m] = P.run_trial(setup, meter, m, result.budget_bytes).ok
+        if scan[m]:
+            break
+    truth = max(m for m, ok in scan.items() if ok)
+    assert truth < top, f"m={top} passes: the answer {answer} is under 90% of the maximum"
+    assert 20 <= truth <= 200
+    assert 0.9 * truth <= answer <= truth, (answer, truth, scan)
+    assert len(result.trials) <= 2 * math.ceil(math.log2(truth)) + 4
+    chosen = [t for t in result.trials if t.micro_batch == answer]
+    assert chosen and all(t.ok and t.peak_bytes <= result.budget_bytes for t in chosen)
+    assert result.grad_accum == math.ceil(256 / answer)
+
+
+# ------------------------------------------------------------------------ harmlessness
+def _snapshot(model, optimizer):
+    return (
+        {k: v.detach().clone() for k, v in model.state_dict().items()},
+        {
+            (i, k): (v.clone() if torch.is_tensor(v) else v)
+            for i, st in enumerate(optimizer.state.values())
+            for k, v in st.items()
+        },
+    )
+
+
+def test_probe_leaves_weights_optimizer_rng_and_data_untouched(monkeypatch):
+    model = gpt2(dropout=0.1)  # dropout: the trials draw from the global RNG
+    optimizer = adamw(model)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(2):  # real steps, so Adam state exists and must survive the probe
+        ids = torch.randint(0, 1024, (2, 16), generator=gen)
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    torch.manual_seed(7)
+    data = iter(torch.utils.data.RandomSampler(range(1000)))
+    first = next(data)
+    random.seed(3)
+    np.random.seed(3)
+    torch.manual_seed(3)
+    weights, opt_state = _snapshot(model, optimizer)
+    rng = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+
+    monkeypatch.setenv("LLMTRAIN_FAULT_OOM_MICRO", "5")  # a short search, OOMs included
+    setup = make_setup(model, seq_len=32, optimizer=optimizer)
+    result = run_probe(setup, 10**13, cap=16)
+    assert result.micro_batch == 5
+
+    weights2, opt_state2 = _snapshot(model, optimizer)
+    assert weights.keys() == weights2.keys()
+    assert all(torch.equal(weights[k], weights2[k]) for k in weights)
+    assert opt_state.keys() == opt_state2.keys() and len(opt_state) > 0
+    for k, v in opt_state.items():
+        assert torch.equal(v, opt_state2[k]) if torch.is_tensor(v) else v == opt_state2[k]
+    assert all(p.grad is None for p in model.parameters())
+    assert random.getstate() == rng[0]
+    np_state = np.random.get_state()
+    assert np_state[0] == rng[1][0] and np.array_equal(np_state[1], rng[1][1])
+    assert torch.equal(torch.get_rng_state(), rng[2])
+    # data position: the sampler continues exactly where it was
+    torch.manual_seed(7)
+    twin = iter(torch.utils.data.RandomSampler(range(1000)))
+    assert next(twin) == first
+    assert [next(data) for _ in range(5)] == [next(twin) for _ in range(5)]
+
+
+def test_fault_hook_at_8_makes_the_probe_answer_exactly_8(monkeypatch):
+    monkeypatch.setenv("LLMTRAIN_FAULT_OOM_MICRO", "8")
+    # fp16: autocast + GradScaler in the trials too
+    result = run_probe(make_setup(gpt2(), seq_len=16, precision="fp16"), 10**13, cap=64)
+    assert result.micro_batch == 8
+    assert result.grad_accum == 8
+    failed = [t for t in result.trials if not t.ok]
+    assert failed and all(t.micro_batch > 8 and "simulated" in t.error for t in failed)
+    # the rank filter: a fault aimed at rank 1 does not touch rank 0
+    monkeypatch.setenv("LLMTRAIN_FAULT_OOM_RANK", "1")
+    assert run_probe(make_setup(gpt2(), seq_len=16), 10**13, cap=12).micro_batch == 12
+
+
+class Exploding(GPT2LMHeadModel):
+    def forward(self, *args, **kwargs):
+        if kwargs["input_ids"].shape[0] > 2:
+            raise ValueError("not an OOM: bad shapes at micro 3")
+        return super().forward(*args, **kwargs)
+
+
+def test_non_oom_error_in_a_trial_propagates_unchanged():
+    torch.manual_seed(0)
+    model = Exploding(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=256, n_positions=64))
+    rng = torch.get_rng_state()
+    with pytest.raises(ValueError, match=r"^not an OOM: bad shapes at micro 3$"):
+        run_probe(make_setup(model, seq_len=16), 10**13, cap=64)
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_oom_that_is_real_on_cpu_is_a_failed_trial_and_its_memory_is_released():
+    import weakref
+
+    alive: weakref.WeakSet = weakref.WeakSet()
+
+    class Hungry(GPT2LMHeadModel):
+        def forward(self, *args, **kwargs):
+            alive.add(self)
+            if kwargs["input_ids"].shape[0] > 3:
+                raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried ...")
+            return super().forward(*args, **kwargs)
+
+    class Meter(CpuMemory):
+        """Records how many shadow models are still alive when memory is released."""
+
+        seen: list[int] = []  # noqa: RUF012
+
+        def release(self, collect: bool = False) -> None:
+            super().release(collect)
+            if collect:
+                self.seen.append(len(alive))
+
+    torch.manual_seed(0)
+    model = Hungry(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=256, n_positions=64))
+    result = P.probe_micro_batch(make_setup(model, seq_len=16), Meter(10**13), global_batch=64)
+    assert result.micro_batch == 3
+    assert "can't allocate memory" in next(t.error for t in result.trials if not t.ok)
+    # after an OOM the shadow copy is already gone when memory is released (CUDA:
+    # empty_cache can only return what nothing references any more)
+    assert Meter.seen and all(n == 0 for n in Meter.seen)
+
+
+# ------------------------------------------------------------------ config, cache, CLI
+def _config(tmp_path, **batch) -> Config:
+    return Config.model_validate(
+        {
+            "run": {"output_dir": str(tmp_path / "run"), "device": "cpu"},
+            "model": {"arch": "gpt2", "config": {"n_layer": 1, "n_embd": 32, "n_head": 2}},
+            "tokenizer": {"train": {"kind": "bpe", "vocab_size": 300, "min_frequency": 1}},
+            "data": {"train": {"path": str(tmp_path / "corpus.txt")}, "chunk": {"seq_len": 32}},
+            "batch": {"global_batch": 64, "micro_batch": "auto", **batch},
+            "train": {"max_steps": 2, "precision": "fp32"},
+        }
+    )
+
+
+def test_resolve_micro_batch_probes_then_hits_the_cache_then_misses_on_seq_len(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setenv("LLMTRAIN_FAULT_OOM_MICRO", "8")
+    cfg = _config(tmp_path, probe={"memory_limit": "1TiB", "max_micro": 32})
+    model = gpt2(n_layer=1, n_embd=32, vocab=300)
+    plan = P.resolve_micro_batch(cfg, model, CPU)
+    assert (plan.micro_batch, plan.grad_accum, int(plan)) == (8, 8, 8)
+    assert plan.probe is not None and not plan.probe.cached and plan.probe.trials
+    assert (tmp_path / "run" / P.CACHE_FILE).is_file()
+
+    def no_trials(*a, **k):
+        raise AssertionError("a cache hit must not run trials")
+
+    monkeypatch.setattr(P, "run_trial", no_trials)
+    again = P.resolve_micro_batch(cfg, model, CPU)
+    assert again.micro_batch == 8 and again.probe.cached
+    assert [t.micro_batch for t in again.probe.trials] == [t.micro_batch for t in plan.probe.trials]
+
+    longer = cfg.model_copy(deep=True)
+    longer.data.chunk.seq_len = 48
+    with pytest.raises(AssertionError, match="cache hit must not run trials"):
+        P.resolve_micro_batch(longer, model, CPU)  # a miss: it probes
+    off = cfg.model_copy(deep=True)
+    off.batch.probe.cache = False
+    with pytest.raises(AssertionError, match="cache hit must not run trials"):
+        P.resolve_micro_batch(off, model, CPU)
+
+
+def test_resolve_micro_batch_with_an_integer_never_probes(tmp_path, monkeypatch):
+    monkeypatch.setattr(P, "run_trial", lambda *a, **k: pytest.fail("probed"))
+    cfg = _config(tmp_path, micro_batch=6)
+    plan = P.resolve_micro_batch(cfg, gpt2(n_layer=1, n_embd=32), CPU, world_size=2)
+    assert (plan.micro_batch, plan.grad_accum, plan.probe) == (6, math.ceil(64 / 12), None)
+
+
+def test_cli_probe_batch_json_prints_one_object_with_the_contract_keys(tmp_path, monkeypatch):
+    cli = pytest.importorskip("llmtrain.cli")
+    from typer.testing import CliRunner
+
+    (tmp_path / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 200)
+    cfg = _config(tmp_path, probe={"memory_limit": "1TiB", "max_micro": 8})
+    yaml_path = tmp_path / "cfg.yaml"
+    import yaml
+
+    yaml_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json", exclude_unset=True)))
+    monkeypatch.setenv("LLMTRAIN_FAULT_OOM_MICRO", "4")
+    res = CliRunner().invoke(cli.app, ["probe-batch", str(yaml_path), "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    for key in (
+        "micro_batch", "grad_accum", "global_batch", "seq_len", "device",
+        "capacity_bytes", "peak_bytes", "margin", "trials",
+    ):  # fmt: skip
+        assert key in out
+    assert (out["micro_batch"], out["grad_accum"], out["global_batch"]) == (4, 16, 64)
+    assert out["seq_len"] == 32 and out["capacity_bytes"] == 2**40
+    for t in out["trials"]:
+        assert {"micro_batch", "ok", "peak_bytes", "seconds", "tokens_per_s"} <= t.keys()
