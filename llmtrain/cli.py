@@ -51,6 +51,16 @@ SetOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+NprocOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--nproc",
+        min=1,
+        help="Run on N local processes (one per GPU; gloo on CPU) via torchrun's launcher; the "
+        "same as `torchrun --standalone --nproc_per_node=N -m llmtrain ...`.",
+        show_default=False,
+    ),
+]
 
 
 def _debug() -> bool:
@@ -58,7 +68,10 @@ def _debug() -> bool:
 
 
 def _say(line: str) -> None:
-    """One line on stderr, as is: no markup, no wrapping (messages name files and keys)."""
+    """One line on stderr, as is: no markup, no wrapping (messages name files and keys).
+    Under torchrun each rank reports its own failure, so the line says which rank."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        line = f"rank {os.environ.get('RANK', '?')}: {line}"
     typer.echo(line, err=True)
 
 
@@ -114,6 +127,22 @@ def _load(config: str, overrides: list[str] | None, *, check_model: bool = True)
     return load_config(config, overrides or (), check_model=check_model)
 
 
+def _relaunch(nproc: int | None, command: list[str], set_: list[str] | None, cfg: Any) -> bool:
+    """With `--nproc N` (N > 1): run this same command on N ranks under torchrun and exit with
+    its code. The config was validated here first, so a bad one fails once, before any rank
+    starts. Returns False when there is nothing to launch (no --nproc, or 1)."""
+    if nproc is None or nproc == 1:
+        return False
+    from llmtrain.launch import launch
+
+    argv = ["--debug"] if _state["debug"] else []
+    argv += command + [x for s in set_ or () for x in ("--set", s)]
+    code = launch(nproc, argv, device=cfg.run.device)
+    if code:
+        raise typer.Exit(code)
+    return True
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"llmtrain {__version__}")
@@ -148,11 +177,17 @@ def fit(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Resolve everything and print the plan; no training.")
     ] = False,
+    nproc: NprocOpt = None,
 ) -> None:
     """Train a model: tokenize, chunk, probe the micro-batch, train with exact accumulation."""
 
     def work() -> None:
         cfg = _load(config, set_)
+        command = ["fit", config]
+        command += ["--resume", resume] if resume is not None else []
+        command += ["--dry-run"] if dry_run else []
+        if _relaunch(nproc, command, set_, cfg):
+            return
         _stage("fit", "llmtrain.pipeline", "cli_fit")(cfg, resume=resume, dry_run=dry_run)
 
     _run("fit", work, "interrupted; the last checkpoint is intact, continue with --resume auto")
@@ -183,11 +218,15 @@ def chunk(
 
 
 @app.command("probe-batch")
-def probe_batch(config: ConfigArg, set_: SetOpt = None, as_json: JsonOpt = False) -> None:
+def probe_batch(
+    config: ConfigArg, set_: SetOpt = None, as_json: JsonOpt = False, nproc: NprocOpt = None
+) -> None:
     """Measure the largest micro-batch that fits on this device for this model and seq_len."""
 
     def work() -> None:
         cfg = _load(config, set_)
+        if _relaunch(nproc, ["probe-batch", config] + (["--json"] if as_json else []), set_, cfg):
+            return
         _stage("probe-batch", "llmtrain.stages.probe", "cli_probe")(cfg, as_json=as_json)
 
     _run("probe-batch", work)

@@ -64,6 +64,15 @@ def split_micro(share: np.ndarray, micro: int) -> list[np.ndarray]:
     return [share[i : i + micro] for i in range(0, len(share), micro)]
 
 
+def micro_steps(window_len: int, micro: int, world: int = 1) -> int:
+    """Micro-batches that every rank runs for a window: as many as the busiest rank needs.
+
+    A rank with a smaller share — or none, in an epoch's last window — runs zero-weight
+    stand-ins for the difference, because every rank must join the same collectives (DDP's
+    gradient all-reduce on the last micro-batch, FSDP's all-gathers on every one)."""
+    return max(1, math.ceil(math.ceil(window_len / world) / micro))
+
+
 def grad_accum(global_batch: int, micro: int, world: int = 1) -> int:
     """k = ceil(global / (micro × world)): micro-batches per optimizer step on the busiest rank."""
     return math.ceil(global_batch / (micro * world))

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from llmtrain.data.batching import SequenceSource, collate, split_micro
 from llmtrain.train.distributed import DistInfo, all_reduce_sum
 from llmtrain.train.loss import summed_loss
+from llmtrain.train.parallel import is_fsdp
 from llmtrain.train.precision import autocast_context
 
 AGGREGATES = ("mean_logits", "max_logits", "mean_probs", "first", "vote")
@@ -89,6 +90,13 @@ def evaluate(
     n_rows = sum(len(b) for b in batches)
     window_logits: torch.Tensor | None = None
     labels_all = torch.zeros(n_rows, dtype=torch.long, device=device)
+    if is_fsdp(model) and len(mine) < -(-len(batches) // dist.world_size):
+        # FSDP forwards are collectives (all-gathers): every rank runs as many; this one
+        # repeats a batch whose result it drops
+        with autocast_context(precision, device):
+            batch = collate(store, batches[0], pad_id=pad_id, task=task, isolate_docs=isolate_docs)
+            batch.pop("labels")
+            model(**{k: v.to(device) for k, v in batch.items()})
     for idx in mine:
         batch = collate(store, idx, pad_id=pad_id, task=task, isolate_docs=isolate_docs)
         batch = {k: v.to(device) for k, v in batch.items()}

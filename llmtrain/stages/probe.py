@@ -710,7 +710,7 @@ def cli_probe(cfg: Config, *, as_json: bool) -> None:
     object on stdout), and refresh the cache entry `fit` will reuse."""
     from llmtrain.console import human_console
     from llmtrain.stages.tokenize import load_tokenizer
-    from llmtrain.train.distributed import resolve_device, setup, teardown
+    from llmtrain.train.distributed import barrier, resolve_device, setup, teardown
     from llmtrain.train.model import build_model
 
     out = human_console(as_json)
@@ -718,7 +718,12 @@ def cli_probe(cfg: Config, *, as_json: bool) -> None:
     device = resolve_device(cfg.run.device, int(os.environ.get("LOCAL_RANK", "0")))
     dist = setup(device)
     try:
+        # Rank 0 trains (or loads) the cached tokenizer first; the others then open it.
+        if not dist.is_main:
+            barrier()
         tokenizer = load_tokenizer(cfg)
+        if dist.is_main:
+            barrier()
         num_labels = None
         if cfg.model.task == "sequence-classification":
             num_labels = cfg.model.num_labels or PROBE_NUM_LABELS

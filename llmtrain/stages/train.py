@@ -3,11 +3,13 @@
 Read it top to bottom like nanoGPT's train.py. One optimizer step ("window") is:
 
   1. the window's sequences: `global_batch` entries of the epoch's (seed, epoch) permutation;
-     this rank's contiguous share of them, cut into micro-batches of at most `micro`;
+     this rank's contiguous share of them, cut into micro-batches of at most `micro` (a rank
+     with fewer than the busiest adds zero-weight stand-ins: all ranks join the same
+     collectives);
   2. N = the supervised count of the WHOLE window (all ranks), known before any backward;
-  3. each micro-batch backpropagates sum(per-token losses) / N × world (DDP averages
-     gradients over ranks, so × world makes the result the global sum / N); `no_sync` on all
-     but the last micro-batch;
+  3. each micro-batch backpropagates sum(per-token losses) / N × world (DDP and FSDP average
+     gradients over ranks, so × world makes the result the global sum / N); no gradient sync
+     (`no_sync_context`) on all but the last micro-batch;
   4. non-finite loss check, unscale, clip the true global gradient, optimizer step.
 
 An out-of-memory error inside a window halves the micro-batch and re-runs the same window
@@ -37,6 +39,7 @@ from llmtrain.data.batching import (
     collate,
     epoch_order,
     grad_accum,
+    micro_steps,
     rank_share,
     split_micro,
     steps_per_epoch,
@@ -47,11 +50,21 @@ from llmtrain.data.batching import (
 from llmtrain.errors import LLMTrainError
 from llmtrain.stages.evaluate import evaluate
 from llmtrain.train import checkpoint as ckpt
-from llmtrain.train.distributed import DistInfo, all_reduce_sum, barrier
+from llmtrain.train.distributed import DistInfo, all_reduce_min, all_reduce_sum, barrier
 from llmtrain.train.faults import kill_point, maybe_fault_oom
 from llmtrain.train.loss import summed_loss
 from llmtrain.train.metrics import MetricsWriter, truncate_after
 from llmtrain.train.optim import build_optimizer, effective_lr, lr_at, set_lr
+from llmtrain.train.parallel import (
+    clip_grad_norm,
+    full_model_state,
+    full_optimizer_state,
+    is_fsdp,
+    no_sync_context,
+    save_pretrained_full,
+    unwrap,
+    wrap_model,
+)
 from llmtrain.train.precision import autocast_context, make_scaler
 
 FP16_MAX_RETRIES = 30  # consecutive overflow-skipped attempts of one step before giving up
@@ -77,6 +90,7 @@ class Window:
     n_total: float  # supervised count of the whole window, all ranks
     sequences: int  # whole window
     tokens: int  # non-pad tokens of the whole window
+    padding: int = 0  # the last `padding` batches are zero-weight stand-ins (see micro_steps)
 
 
 def is_isolated(cfg: Config) -> bool:
@@ -94,18 +108,31 @@ def make_window(
     pad_id: int,
     dist: DistInfo,
     device: torch.device,
+    n_total: float | None = None,
 ) -> Window:
-    """Collate this rank's share of `window` and count N over all ranks (one all-reduce)."""
+    """Collate this rank's share of `window` and count N over all ranks (one all-reduce;
+    none when `n_total` is already known — re-cutting after an OOM on this rank alone, while
+    the other ranks wait in the gradient all-reduce)."""
     share = rank_share(window, dist.rank, dist.world_size)
     task, norm = cfg.model.task, cfg.train.loss_normalization
     batches = [
         collate(store, idx, pad_id=pad_id, task=task, isolate_docs=is_isolated(cfg))
         for idx in split_micro(share, micro)
     ]
-    n_local = sum(supervised_count(b, task, norm) for b in batches)
-    n_total = all_reduce_sum(torch.tensor(float(n_local), dtype=torch.float64, device=device))
+    if n_total is None:
+        n_local = sum(supervised_count(b, task, norm) for b in batches)
+        n = torch.tensor(float(n_local), dtype=torch.float64, device=device)
+        n_total = float(all_reduce_sum(n).item())
     tokens = int(np.asarray(store.lengths)[window].sum())
-    return Window(batches, float(n_total.item()), len(window), tokens)
+    # Every rank runs the same number of micro-batches (the busiest rank's); the others
+    # repeat the window's first sequence with weight zero, joining the collectives only.
+    padding = max(0, micro_steps(len(window), micro, dist.world_size) - len(batches))
+    if padding:
+        stand_in = collate(
+            store, window[:1], pad_id=pad_id, task=task, isolate_docs=is_isolated(cfg)
+        )
+        batches += [stand_in] * padding
+    return Window(batches, n_total, len(window), tokens, padding)
 
 
 def accumulate(
@@ -124,19 +151,19 @@ def accumulate(
     optimizer.zero_grad(set_to_none=True)
     scale = dist.world_size / max(win.n_total, 1.0)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    ddp = hasattr(model, "no_sync")
+    real = len(win.batches) - win.padding
     for i, batch in enumerate(win.batches):
         maybe_fault_oom(int(batch["input_ids"].shape[0]), dist.rank)
-        last = i == len(win.batches) - 1
-        sync = contextlib.nullcontext() if (last or not ddp) else model.no_sync()
+        weight = scale if i < real else 0.0  # a stand-in joins the collectives, adds nothing
         inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         labels = inputs.pop("labels")
-        with sync:
+        with no_sync_context(model, last=i == len(win.batches) - 1):
             with autocast_context(precision, device):
                 logits = model(**inputs).logits
             summed = summed_loss(logits, labels, task, norm)
-            scaler.scale(summed * scale).backward()
-        loss_sum += summed.detach().double()
+            scaler.scale(summed * weight).backward()
+        if i < real:
+            loss_sum += summed.detach().double()
     return loss_sum
 
 
@@ -190,13 +217,8 @@ def train(
     peak = effective_lr(cfg.optim, G)
 
     # -- model, optimizer, scaler ------------------------------------------------------------
-    raw_model = model.to(device)
-    model = raw_model
-    if dist.enabled:
-        from torch.nn.parallel import DistributedDataParallel
-
-        ids = [device.index] if device.type == "cuda" else None
-        model = DistributedDataParallel(raw_model, device_ids=ids)
+    model = wrap_model(model, cfg, dist, device)  # DDP or FSDP2 under torchrun (train.parallel)
+    raw_model = unwrap(model)  # FSDP shards in place: the optimizer must see its parameters
     if cfg.model.compile:
         model = torch.compile(model)
     optimizer = build_optimizer(cfg, raw_model)
@@ -265,6 +287,11 @@ def train(
 
     def save(at: int) -> None:
         barrier()  # every rank has finished the step before rank 0 writes it
+        # FSDP: every rank takes part in gathering the full weights and optimizer state to
+        # rank 0, which writes the same checkpoint format as a single process.
+        sharded = is_fsdp(raw_model)
+        model_state = full_model_state(raw_model) if sharded else None
+        optimizer_state = full_optimizer_state(raw_model, optimizer) if sharded else None
         if dist.is_main:
             ckpt.save_checkpoint(
                 out,
@@ -272,6 +299,8 @@ def train(
                 model=raw_model,
                 optimizer=optimizer,
                 scaler=scaler,
+                model_state=model_state,
+                optimizer_state=optimizer_state,
                 train_state={
                     "epoch": (at // spe),
                     "step_in_epoch": at % spe,
@@ -332,6 +361,12 @@ def train(
                     break
                 except torch.OutOfMemoryError:
                     free_memory(optimizer, device)
+                    if is_fsdp(raw_model):  # the other ranks wait inside an all-gather
+                        raise LLMTrainError(
+                            f"out of memory at step {step + 1} on rank {dist.rank} under "
+                            "train.parallel: fsdp (no recovery there); set a smaller "
+                            "batch.micro_batch"
+                        ) from None
                     if micro == 1:
                         raise LLMTrainError(
                             f"out of memory at step {step + 1} with micro-batch 1; reduce "
@@ -349,11 +384,14 @@ def train(
                         pad_id=pad_id,
                         dist=dist,
                         device=device,
+                        n_total=n_window,
                     )
-                    assert win.n_total == n_window
 
-            # 4: the exact window loss, then the update.
+            # 4: the exact window loss, then the update. Under DDP an OOM may have halved the
+            # micro-batch on one rank only: all ranks continue with the smallest.
             loss = (all_reduce_sum(loss_sum) / max(win.n_total, 1.0)).item()
+            if dist.enabled:
+                micro = int(all_reduce_min(torch.tensor(micro, device=device)).item())
             if not math.isfinite(loss):
                 if cfg.train.nan_policy == "stop":
                     last = ckpt.list_checkpoints(ckpt.checkpoint_dir(out))
@@ -372,8 +410,7 @@ def train(
                 progress.update(bar, completed=step)
                 continue
             scaler.unscale_(optimizer)
-            clip = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else math.inf
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(raw_model.parameters(), clip))
+            grad_norm = clip_grad_norm(raw_model, cfg.optim.grad_clip)  # global, also sharded
             scale_before = scaler.get_scale() if scaler.is_enabled() else None
             scaler.step(optimizer)
             scaler.update()
@@ -429,6 +466,8 @@ def train(
             kill_point(f"step_end:{step}")
 
     result.step, result.micro_batch = step, micro
+    # FSDP: all ranks gather the full weights for rank 0's final save_pretrained
+    final_state = full_model_state(raw_model, drop_tied=False) if is_fsdp(raw_model) else None
     if dist.is_main:
         from transformers.utils import logging as hf_logging
 
@@ -436,7 +475,7 @@ def train(
         final = out / "final"
         if hasattr(raw_model.config, "use_cache"):
             raw_model.config.use_cache = True  # off while training; on for whoever generates
-        raw_model.save_pretrained(final)
+        save_pretrained_full(raw_model, final, final_state)
         if hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(final)
         result.final_dir = final

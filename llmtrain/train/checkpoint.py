@@ -21,11 +21,12 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 from llmtrain.console import err_console
 from llmtrain.errors import LLMTrainError
 from llmtrain.train.faults import kill_point
+from llmtrain.train.parallel import is_fsdp, load_full_state
 
 MARKER = "complete"
 PREFIX = "step-"
@@ -64,8 +65,13 @@ def save_checkpoint(
     scaler: torch.amp.GradScaler,
     train_state: dict[str, Any],
     keep: int,
+    model_state: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write checkpoint `step` atomically and prune to the latest `keep`; returns its path."""
+    """Write checkpoint `step` atomically and prune to the latest `keep`; returns its path.
+
+    `model_state` / `optimizer_state`: full states gathered from a sharded (FSDP) model by
+    `llmtrain.train.parallel`, written in the same format instead of the module's own."""
     root = checkpoint_dir(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
@@ -73,10 +79,16 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))
+    if model_state is not None:
+        save_file(model_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        save_model(model, str(tmp / "model.safetensors"))
     kill_point("ckpt_after_model")
     kill_point(f"ckpt_after_model:{step}")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(
+        optimizer_state if optimizer_state is not None else optimizer.state_dict(),
+        tmp / "optimizer.pt",
+    )
     state = {**train_state, "step": step, "scaler": scaler.state_dict(), "rng": rng_state()}
     torch.save(state, tmp / "state.pt")
     (tmp / MARKER).write_text(f"{step}\n")
@@ -132,6 +144,13 @@ def apply_checkpoint(
 ) -> dict[str, Any]:
     """Restore weights, optimizer, scaler and RNG; returns the train state (step, micro...)."""
     path = ckpt["path"]
+    if is_fsdp(model):  # every rank reads the full state and keeps its shard
+        try:
+            weights = load_file(str(path / "model.safetensors"))
+            load_full_state(model, optimizer, weights, ckpt["optimizer"])
+        except Exception as e:
+            raise LLMTrainError(f"{path}: cannot load into the sharded model ({e})") from None
+        return _restore_rest(ckpt, scaler)
     try:
         missing, unexpected = load_model(model, str(path / "model.safetensors"), device=str(device))
     except Exception as e:
@@ -142,6 +161,11 @@ def apply_checkpoint(
             f"{unexpected[:3]}); was it written with another model config?"
         )
     optimizer.load_state_dict(ckpt["optimizer"])
+    return _restore_rest(ckpt, scaler)
+
+
+def _restore_rest(ckpt: dict[str, Any], scaler: torch.amp.GradScaler) -> dict[str, Any]:
+    """Scaler and RNG, after the weights and optimizer; returns the train state."""
     state = ckpt["state"]
     if state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
