@@ -116,3 +116,24 @@ def test_kill_during_checkpoint_write(tmp_path, reference):
     model, _ = run_train(_cfg(tmp_path), store, ev, resume="auto")
     assert not (ckpts / ".tmp-step-00000004").exists()  # cleaned
     _assert_same_run(ref_model, ref_out, model, tmp_path)
+
+
+def test_atomic_dir_replaces_whole_or_keeps_the_old(tmp_path):
+    """final/ is written like a checkpoint: a failure mid-write leaves the previous one."""
+    from llmtrain.train.checkpoint import atomic_dir
+
+    target = tmp_path / "final"
+    with atomic_dir(target) as d:
+        (d / "a.txt").write_text("one")
+    assert (target / "a.txt").read_text() == "one"
+
+    with pytest.raises(RuntimeError), atomic_dir(target) as d:
+        (d / "a.txt").write_text("two, half written")
+        raise RuntimeError("killed mid-write")
+    assert (target / "a.txt").read_text() == "one"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+
+    with atomic_dir(target) as d:
+        (d / "b.txt").write_text("three")
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]

@@ -475,9 +475,10 @@ def train(
         final = out / "final"
         if hasattr(raw_model.config, "use_cache"):
             raw_model.config.use_cache = True  # off while training; on for whoever generates
-        save_pretrained_full(raw_model, final, final_state)
-        if hasattr(tokenizer, "save_pretrained"):
-            tokenizer.save_pretrained(final)
+        with ckpt.atomic_dir(final) as tmp:
+            save_pretrained_full(raw_model, tmp, final_state)
+            if hasattr(tokenizer, "save_pretrained"):
+                tokenizer.save_pretrained(tmp)
         result.final_dir = final
     barrier()
     return result

@@ -13,8 +13,10 @@ crash leaves either the whole checkpoint or a temp directory that is ignored and
 
 from __future__ import annotations
 
+import contextlib
 import random
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,26 @@ from llmtrain.train.parallel import is_fsdp, load_full_state
 
 MARKER = "complete"
 PREFIX = "step-"
+
+
+@contextlib.contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """Yield a temp directory beside `target`; when the block succeeds it replaces `target`
+    in one rename, so readers see the old directory or the new one, never half of either."""
+    tmp = target.with_name(f".tmp-{target.name}")
+    old = target.with_name(f".old-{target.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        target.replace(old)
+    tmp.replace(target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def checkpoint_dir(output_dir: Path) -> Path:
