@@ -65,7 +65,7 @@ class ModelConfig(Section):
     )
     config_overrides: dict[str, Any] = Field(
         default_factory=dict,
-        description="Applied to the HF config after loading, e.g. {dropout: 0.0}.",
+        description="Applied to the HF config after loading, e.g. {resid_pdrop: 0.0} for gpt2.",
     )
     num_labels: int | None = Field(
         None,
