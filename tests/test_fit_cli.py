@@ -133,3 +133,33 @@ def test_tensorboard_without_the_package_warns_and_trains(tmp_path, corpus):
     res = _fit(str(config), "--set", "log.tensorboard=true")
     assert res.exit_code == 0, res.output
     assert "tensorboard package is not installed" in res.output.replace("\n", " ")
+
+
+def test_the_readme_quickstart_config_learns_and_its_final_model_loads(tmp_path, monkeypatch):
+    """configs/quickstart.yaml itself (shipped corpus, trained BPE, pack mode), shortened with
+    --set: the loss falls from the first logged step to the last, and final/ loads."""
+    from transformers import AutoModelForCausalLM
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)  # the config's paths are relative to the repository root
+    run = tmp_path / "quickstart"
+    sets = [
+        f"run.output_dir={run}",
+        "run.device=cpu",
+        "model.config.n_layer=1",
+        "train.max_steps=30",
+        "train.eval_every=30",
+        "train.save_every=30",
+        "optim.warmup_steps=5",
+        "log.progress=false",
+    ]
+    args = ["fit", "configs/quickstart.yaml"] + [a for s in sets for a in ("--set", s)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    train = [
+        r for r in map(json.loads, (run / "metrics.jsonl").open()) if r.get("split") == "train"
+    ]
+    assert train[0]["step"] == 1 and train[-1]["step"] == 30
+    assert train[-1]["loss"] < train[0]["loss"] - 1.0
+    model = AutoModelForCausalLM.from_pretrained(run / "final")
+    assert model.config.n_layer == 1
