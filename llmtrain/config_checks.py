@@ -26,12 +26,12 @@ Problem = tuple[Path_, str]
 
 
 # --------------------------------------------------------------------------------- helpers
-def _section_class(annotation: Any) -> type[BaseModel] | None:
+def section_class(annotation: Any) -> type[BaseModel] | None:
     """The pydantic model inside an annotation such as `DataSourceConfig | None`."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     for arg in get_args(annotation):
-        found = _section_class(arg)
+        found = section_class(arg)
         if found is not None:
             return found
     return None
@@ -46,7 +46,7 @@ def field_at(path: Path_) -> tuple[type[BaseModel] | None, FieldInfo | None]:
             return (model if i == len(path) - 1 else None), None
         info = model.model_fields[str(part)]
         if i < len(path) - 1:
-            model = _section_class(info.annotation)
+            model = section_class(info.annotation)
     return model, info
 
 
@@ -247,7 +247,7 @@ def validation_problems(data: dict[str, Any]) -> tuple[Config, list[Problem]]:
         if name in bad:
             sections[name] = None
             continue
-        cls = _section_class(info.annotation)
+        cls = section_class(info.annotation)
         assert cls is not None
         sections[name] = (
             cls.model_validate(data[name])

@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from llmtrain.config import Config
+from llmtrain.config_checks import section_class
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "config.md"
@@ -96,16 +97,6 @@ def bounds_text(info: Any) -> str:
     return f" ({', '.join(parts)})" if parts else ""
 
 
-def section_of(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in get_args(annotation):
-        found = section_of(arg)
-        if found is not None:
-            return found
-    return None
-
-
 def default_text(info: Any) -> str:
     if info.default is PydanticUndefined and info.default_factory is None:
         return "*required*"
@@ -134,7 +125,7 @@ def render_section(path: str, model: type[BaseModel], out: list[str]) -> None:
             f"| `{name}` | {type_name(info.annotation)}{bounds_text(info)} | {default_text(info)} "
             f"| {description} |"
         )
-        sub = section_of(info.annotation)
+        sub = section_class(info.annotation)
         if sub is not None:
             nested.append((f"{path}.{name}", sub))
     out.append("")
@@ -145,7 +136,7 @@ def render_section(path: str, model: type[BaseModel], out: list[str]) -> None:
 def render() -> str:
     out = [HEADER]
     for name, info in Config.model_fields.items():
-        model = section_of(info.annotation)
+        model = section_class(info.annotation)
         assert model is not None, name
         render_section(name, model, out)
     return "\n".join(out).rstrip() + "\n"
