@@ -89,21 +89,25 @@ def rss_bytes() -> int:
     return _proc_status_bytes("VmRSS")
 
 
-def available_ram_bytes() -> int:
-    """MemAvailable from /proc/meminfo: what can be allocated without swapping."""
+def _meminfo_bytes(key: str) -> int | None:
+    """A field of /proc/meminfo in bytes, or None when the kernel does not report it."""
     with open("/proc/meminfo", encoding="ascii") as f:
         for line in f:
-            if line.startswith("MemAvailable:"):
+            if line.startswith(f"{key}:"):
                 return int(line.split()[1]) * 1024
-    raise LLMTrainError("/proc/meminfo has no MemAvailable: set batch.probe.memory_limit")
+    return None
+
+
+def available_ram_bytes() -> int:
+    """MemAvailable from /proc/meminfo: what can be allocated without swapping."""
+    found = _meminfo_bytes("MemAvailable")
+    if found is None:
+        raise LLMTrainError("/proc/meminfo has no MemAvailable: set batch.probe.memory_limit")
+    return found
 
 
 def total_ram_bytes() -> int:
-    with open("/proc/meminfo", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return _meminfo_bytes("MemTotal") or 0
 
 
 def reset_peak_rss() -> None:
