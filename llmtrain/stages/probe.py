@@ -50,7 +50,6 @@ import hashlib
 import json
 import math
 import os
-import random
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -59,11 +58,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from llmtrain.config import Config, parse_bytes
 from llmtrain.errors import LLMTrainError
+from llmtrain.train.checkpoint import rng_state, set_rng_state
 from llmtrain.train.distributed import DistInfo, all_reduce_min
 from llmtrain.train.faults import maybe_fault_oom
 from llmtrain.train.loss import summed_loss
@@ -165,32 +164,10 @@ class TrialSetup:
 
 
 # ------------------------------------------------------------------------- RNG and state
-RngState = dict[str, Any]
-
-
-def get_rng_state() -> RngState:
-    state: RngState = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: RngState) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 @contextmanager
 def preserved_rng() -> Iterator[None]:
     """Dropout and friends inside a trial draw random numbers; nobody outside may notice."""
-    state = get_rng_state()
+    state = rng_state()
     try:
         yield
     finally:

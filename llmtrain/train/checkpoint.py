@@ -65,7 +65,9 @@ def rng_state() -> dict[str, Any]:
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
+    # Only once CUDA is in use: reading its RNG would otherwise initialise it (a CPU run on a
+    # GPU machine, or a probe before training) and it has drawn nothing to restore anyway.
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
