@@ -1,14 +1,13 @@
-"""The `llmtrain` command: parse, validate the config, call the stage. Nothing else lives here.
+"""The `llmtrain` command: parse, validate the config, call the command. Nothing else lives here.
 
-Exit codes (DESIGN §4): 0 success; 2 a bad config or usage; 1 a runtime failure; 130 Ctrl-C.
-Messages go to stderr, one line each; tracebacks only with `--debug` or LLMTRAIN_DEBUG=1.
-Torch is never imported here: `validate` and `--help` stay fast, and each stage imports what
-it needs when it runs.
+Exit codes (docs/architecture.md, "CLI"): 0 success; 2 a bad config or usage; 1 a runtime
+failure; 130 Ctrl-C. Messages go to stderr, one line each; tracebacks only with `--debug` or
+LLMTRAIN_DEBUG=1. Torch is never imported here: `validate` and `--help` stay fast, and each
+command module (llmtrain.commands.*) is imported only when it runs.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import sys
@@ -32,10 +31,6 @@ app = typer.Typer(
 )
 
 _state = {"debug": False}
-
-
-class StageMissing(LLMTrainError):
-    """The command's stage is not written yet: the only placeholder the CLI may answer with."""
 
 
 ConfigArg = Annotated[str, typer.Argument(help="The YAML config file.", show_default=False)]
@@ -85,9 +80,6 @@ def _run(command: str, work: Callable[[], Any], interrupted: str = "interrupted"
         for line in e.messages:
             _say(line)
         raise typer.Exit(2) from None
-    except StageMissing as e:
-        _say(str(e))
-        raise typer.Exit(1) from None
     except LLMTrainError as e:
         if _debug():
             traceback.print_exc()
@@ -105,20 +97,6 @@ def _run(command: str, work: Callable[[], Any], interrupted: str = "interrupted"
         message = " ".join(str(e).split()) or "(no message)"
         _say(f"error: {type(e).__name__}: {message} (run with --debug for the traceback)")
         raise typer.Exit(1) from None
-
-
-def _stage(command: str, module: str, function: str) -> Callable[..., Any]:
-    """The stage function, imported only now; a stage not written yet is a clear exit 1."""
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name is not None and (module == e.name or module.startswith(e.name + ".")):
-            raise StageMissing(f"llmtrain {command}: not implemented yet") from None
-        raise
-    fn = getattr(mod, function, None)
-    if fn is None:
-        raise StageMissing(f"llmtrain {command}: not implemented yet")
-    return fn
 
 
 def _load(config: str, overrides: list[str] | None, *, check_model: bool = True) -> Any:
@@ -188,7 +166,9 @@ def fit(
         command += ["--dry-run"] if dry_run else []
         if _relaunch(nproc, command, set_, cfg):
             return
-        _stage("fit", "llmtrain.pipeline", "cli_fit")(cfg, resume=resume, dry_run=dry_run)
+        from llmtrain.commands import fit as command
+
+        command.run(cfg, resume=resume, dry_run=dry_run)
 
     _run("fit", work, "interrupted; the last checkpoint is intact, continue with --resume auto")
 
@@ -210,9 +190,9 @@ def chunk(
     def work() -> None:
         # chunk never builds the model: skip the checks that need transformers (and torch).
         cfg = _load(config, set_, check_model=False)
-        _stage("chunk", "llmtrain.stages.chunk", "cli_chunk")(
-            cfg, force=force, workers=workers, as_json=as_json
-        )
+        from llmtrain.commands import chunk as command
+
+        command.run(cfg, force=force, workers=workers, as_json=as_json)
 
     _run("chunk", work)
 
@@ -227,7 +207,9 @@ def probe_batch(
         cfg = _load(config, set_)
         if _relaunch(nproc, ["probe-batch", config] + (["--json"] if as_json else []), set_, cfg):
             return
-        _stage("probe-batch", "llmtrain.stages.probe", "cli_probe")(cfg, as_json=as_json)
+        from llmtrain.commands import probe as command
+
+        command.run(cfg, as_json=as_json)
 
     _run("probe-batch", work)
 

@@ -173,7 +173,7 @@ def cpu_shim(target: str, args: list[str]) -> None:
         runpy.run_path(args[0], run_name="__main__")
     else:
         from llmtrain.cli import main as llmtrain_main
-        from llmtrain.train import metrics
+        from llmtrain.engine import metrics
 
         write = metrics.MetricsWriter.write
 
@@ -567,8 +567,8 @@ def bench_useful_tokens(a: argparse.Namespace, work: Path) -> dict[str, Any]:
 
     from llmtrain.config import Config
     from llmtrain.data.batching import epoch_order, split_micro, steps_per_epoch, window_indices
-    from llmtrain.stages.chunk import ensure_stores
-    from llmtrain.stages.tokenize import load_tokenizer
+    from llmtrain.data.store_cache import ensure_stores
+    from llmtrain.data.tokenizer import load_tokenizer
 
     bbc = a.shared / "data" / "bbc" / "train.jsonl"
     tok_path = a.bbc_tokenizer or minilm_dir()

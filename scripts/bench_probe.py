@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import tempfile
 import time
@@ -31,13 +30,17 @@ from pathlib import Path
 
 import torch
 
+from llmtrain.commands.probe import render_table
 from llmtrain.config import load_config
+from llmtrain.data.batching import grad_accum
+from llmtrain.data.tokenizer import load_tokenizer
+from llmtrain.engine.distributed import resolve_device
+from llmtrain.engine.model import build_model
 from llmtrain.pipeline import fit
-from llmtrain.stages import probe as P
-from llmtrain.stages.tokenize import load_tokenizer
-from llmtrain.train.distributed import resolve_device
-from llmtrain.train.memory import backend_for, fmt_bytes
-from llmtrain.train.model import build_model
+from llmtrain.probe.memory import backend_for, fmt_bytes
+from llmtrain.probe.plan import memory_limit, probe_for_config, setup_from_config
+from llmtrain.probe.result import Trial
+from llmtrain.probe.trial import run_trial
 
 TINY = [
     "model.config.n_layer=2",
@@ -72,18 +75,18 @@ def main() -> int:
     model = build_model(cfg, tokenizer, None).to(device)
 
     t0 = time.perf_counter()
-    result = P.probe_for_config(cfg, model, device, use_cache=False)
+    result = probe_for_config(cfg, model, device, use_cache=False)
     probe_s = time.perf_counter() - t0
     answer, budget = result.micro_batch, result.budget_bytes
 
     # brute force above the answer, same measurement and rule
-    setup = P.setup_from_config(cfg, model, device)
-    backend = backend_for(device, P._memory_limit(cfg))
-    scan: list[P.Trial] = []
+    setup = setup_from_config(cfg, model, device)
+    backend = backend_for(device, memory_limit(cfg))
+    scan: list[Trial] = []
     m, fails = answer + 1, 0
     t0 = time.perf_counter()
     while fails < 2 and m <= result.max_micro:
-        trial = P.run_trial(setup, backend, m, budget)
+        trial = run_trial(setup, backend, m, budget)
         scan.append(trial)
         fails = 0 if trial.ok else fails + 1
         m += 1
@@ -94,7 +97,7 @@ def main() -> int:
     backend.release(collect=True)
 
     # train at the answer
-    k = math.ceil(cfg.batch.global_batch / answer)
+    k = grad_accum(cfg.batch.global_batch, answer)
     fit_cfg = load_config(
         args.config,
         [
@@ -142,7 +145,7 @@ def main() -> int:
         "fit_error": fit_error,
         "fit_oom_events": ooms,
     }
-    print(P.render_table(result).title, file=sys.stderr)
+    print(render_table(result).title, file=sys.stderr)
     for key, value in row.items():
         print(f"{key:>16}: {value}", file=sys.stderr)
     print(json.dumps(row))

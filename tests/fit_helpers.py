@@ -131,8 +131,8 @@ def make_cfg(
 
 def run_train(cfg: Config, store, eval_store=None, *, resume=None, num_labels=None):
     """build_model + train on CPU; returns (model, result)."""
-    from llmtrain.stages.train import train
-    from llmtrain.train.model import build_model
+    from llmtrain.engine.loop import train
+    from llmtrain.engine.model import build_model
 
     tok = FakeTokenizer()
     model = build_model(cfg, tok, num_labels)

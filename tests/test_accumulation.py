@@ -1,4 +1,5 @@
-"""DESIGN §7: (micro 2 → k 4), (micro 3, uneven) and (micro 8 → k 1) give the same model."""
+"""Exact accumulation: (micro 2 → k 4), (micro 3, uneven) and (micro 8 → k 1) give the same
+model (docs/architecture.md, "Exact accumulation")."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import torch
 from fit_helpers import FakeTokenizer, make_cfg, max_rel_diff, params, random_store, run_train
 
 from llmtrain.data.batching import collate, epoch_order, rank_share, split_micro, window_indices
-from llmtrain.train.loss import summed_loss
-from llmtrain.train.model import build_model
+from llmtrain.engine.loss import summed_loss
+from llmtrain.engine.model import build_model
 
 TOL = 1e-10
 

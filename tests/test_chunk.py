@@ -13,21 +13,54 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processor
 from transformers import PreTrainedTokenizerFast
 
 from llmtrain.config import Config
-from llmtrain.data.store import TokenStore
-from llmtrain.errors import ConfigError, LLMTrainError
-from llmtrain.stages.chunk import (
+from llmtrain.data.chunk_spec import special_template
+from llmtrain.data.chunking import (
     ChunkSpec,
+    Packer,
     chunk_truncate,
     chunk_windows,
-    ensure_stores,
     in_eval,
-    pack_documents,
-    special_template,
-    store_root,
     window_spans,
 )
+from llmtrain.data.store import TokenStore
+from llmtrain.data.store_cache import ensure_stores, store_root
+from llmtrain.errors import ConfigError, LLMTrainError
 
 WORDS = "the cat sat on a mat while dogs ran far away from home and the sun set slowly".split()  # noqa: SIM905
+
+
+# ----------------------------------------------------------------------------- helpers
+def pack_documents(
+    docs: list[list[int]], seq_len: int, eos_id: int, *, keep_remainder: bool = False
+) -> tuple[list[np.ndarray], list[np.ndarray], list[int], int]:
+    """Pack whole documents in one go through `Packer`.
+
+    Returns (chunks, doc starts per chunk, doc_id per chunk, dropped token count).
+    """
+    packer = Packer(seq_len)
+    bodies = [[*d, eos_id] for d in docs]
+    flat = np.array([t for b in bodies for t in b], dtype=np.int64)
+    batches = [packer.add(flat, np.array([len(b) for b in bodies]), np.arange(len(docs)))]
+    tail, n_tail = packer.finish()
+    dropped = n_tail
+    if keep_remainder and n_tail:
+        batches.append(tail)
+        dropped = 0
+    chunks, starts, owners = [], [], []
+    for b in batches:
+        offs = np.concatenate([[0], np.cumsum(b.lengths)])
+        soffs = np.concatenate([[0], np.cumsum(b.starts_counts)])
+        for i in range(len(b)):
+            chunks.append(b.tokens[offs[i] : offs[i + 1]])
+            starts.append(b.starts[soffs[i] : soffs[i + 1]])
+            owners.append(int(b.doc_ids[i]))
+    return chunks, starts, owners, dropped
+
+
+def doc_names(store: TokenStore) -> list[str]:
+    """Corpus ids of a store's documents, indexed by doc_id (doc_names.txt, one JSON a line)."""
+    with open(store.path / "doc_names.txt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
 
 
 # --------------------------------------------------------------------------- tokenizers
@@ -184,8 +217,6 @@ def test_pack_concatenation_and_boundaries(docs, seq_len, keep):
 
 
 def test_pack_across_batches_matches_one_shot():
-    from llmtrain.stages.chunk import Packer
-
     rng = np.random.default_rng(0)
     docs = [rng.integers(1, 100, rng.integers(0, 30)).tolist() for _ in range(50)]
     one, one_starts, one_owners, _ = pack_documents(docs, 16, 0)
@@ -287,7 +318,7 @@ def test_window_classification_store(tmp_path, wordpiece):
     s = report.stores["train"]
     assert s.label_names == ["a", "b", "c"]
     recs = [json.loads(x) for x in (tmp_path / "train.jsonl").read_text().splitlines()]
-    names = s.doc_names()
+    names = doc_names(s)
     for i in range(len(s)):
         item = s[i]
         ids = item["input_ids"].tolist()
@@ -314,7 +345,7 @@ def test_eval_fraction_never_shares_documents(tmp_path, bpe):
     write_jsonl(tmp_path / "train.jsonl", 200)
     cfg = make_cfg(tmp_path, eval_fraction=0.2, chunk={"seq_len": 16, "mode": "truncate"})
     report = ensure_stores(cfg, bpe, progress=False)
-    train, ev = report.stores["train"].doc_names(), report.stores["eval"].doc_names()
+    train, ev = doc_names(report.stores["train"]), doc_names(report.stores["eval"])
     assert not set(train) & set(ev)
     assert len(train) + len(ev) == 200 and 15 < len(ev) < 70
     assert all(in_eval(n, 0.2) for n in ev)

@@ -158,7 +158,7 @@ def test_real_process_json_and_damage(tmp_path, tok_dir):
 
 def test_chunk_module_imports_neither_torch_nor_transformers():
     code = (
-        "import sys, llmtrain.stages.chunk, llmtrain.data.store\n"
+        "import sys, llmtrain.commands.chunk, llmtrain.data.store_cache, llmtrain.data.chunking\n"
         "bad = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )

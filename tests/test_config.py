@@ -385,15 +385,12 @@ def test_work_commands_validate_first(workdir: Path) -> None:
 def test_unexpected_error_is_one_line_without_traceback(
     workdir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import llmtrain.cli as cli
+    import llmtrain.commands.chunk as command
 
-    def boom(command: str, module: str, function: str):
-        def fail(*args, **kwargs):
-            raise RuntimeError("disk on fire\nsecond line")
+    def fail(*args, **kwargs):
+        raise RuntimeError("disk on fire\nsecond line")
 
-        return fail
-
-    monkeypatch.setattr(cli, "_stage", boom)
+    monkeypatch.setattr(command, "run", fail)
     monkeypatch.delenv("LLMTRAIN_DEBUG", raising=False)
     (workdir / "cfg.yaml").write_text(BASE)
     result = invoke("chunk", "cfg.yaml")
@@ -407,37 +404,18 @@ def test_unexpected_error_is_one_line_without_traceback(
 
 
 def test_interrupt_exits_130_with_one_line(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import llmtrain.cli as cli
+    import llmtrain.commands.fit as command
 
-    def interrupted(command: str, module: str, function: str):
-        def stop(*args, **kwargs):
-            raise KeyboardInterrupt
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
 
-        return stop
-
-    monkeypatch.setattr(cli, "_stage", interrupted)
+    monkeypatch.setattr(command, "run", stop)
     (workdir / "cfg.yaml").write_text(BASE)
     result = invoke("fit", "cfg.yaml")
     assert result.exit_code == 130
     assert result.stderr.strip() == (
         "llmtrain fit: interrupted; the last checkpoint is intact, continue with --resume auto"
     )
-
-
-def test_missing_stage_answers_not_implemented(
-    workdir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import llmtrain.cli as cli
-
-    real = cli._stage
-    monkeypatch.setattr(cli, "_stage", lambda c, m, f: real(c, "llmtrain.no_such_module", f))
-    (workdir / "cfg.yaml").write_text(BASE)
-    result = invoke("probe-batch", "cfg.yaml")
-    assert result.exit_code == 1
-    assert result.stderr.strip() == "llmtrain probe-batch: not implemented yet"
-    monkeypatch.setattr(cli, "_stage", lambda c, m, f: real(c, "llmtrain.config", "no_such_fn"))
-    result = invoke("fit", "cfg.yaml")
-    assert result.stderr.strip() == "llmtrain fit: not implemented yet"
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""Scale-out (DESIGN §9, issue #6): 2 ranks on CPU with gloo under the real torchrun.
+"""Scale-out (docs/architecture.md, "Scale-out"): 2 ranks on CPU with gloo under torchrun.
 
 Exactness is checked in fp64 on variable-length, padded data: the parameters after a few
 steps on 2 ranks equal those of one process with the whole window in one micro-batch, to
@@ -23,9 +23,8 @@ from fit_helpers import FakeTokenizer, make_cfg, max_rel_diff, random_store, run
 from typer.testing import CliRunner
 
 from llmtrain.cli import app
-from llmtrain.launch import threads_per_rank, torchrun_args
-from llmtrain.train.metrics import TIMING_FIELDS, read_metrics
-from llmtrain.train.parallel import (
+from llmtrain.engine.metrics import TIMING_FIELDS, read_metrics
+from llmtrain.engine.parallel import (
     full_model_state,
     full_optimizer_state,
     is_fsdp,
@@ -34,6 +33,7 @@ from llmtrain.train.parallel import (
     unwrap,
     wrap_model,
 )
+from llmtrain.launch import threads_per_rank, torchrun_args
 
 TOL = 1e-10
 
@@ -82,8 +82,8 @@ def _eval_store():
 
 # ------------------------------------------------------------------------ the ranks' side
 def _train_on_ranks(cfg, store, dist, *, resume=None):
-    from llmtrain.stages.train import train
-    from llmtrain.train.model import build_model
+    from llmtrain.engine.loop import train
+    from llmtrain.engine.model import build_model
 
     tok = FakeTokenizer()
     model = build_model(cfg, tok, None)
@@ -103,8 +103,8 @@ def _train_on_ranks(cfg, store, dist, *, resume=None):
 
 def _scenarios(root: str) -> None:
     """Every 2-rank case; rank 0 saves the full weights of each as <root>/<name>.pt."""
-    from llmtrain.train.distributed import setup, teardown
-    from llmtrain.train.faults import SimulatedKill
+    from llmtrain.engine.distributed import setup, teardown
+    from llmtrain.engine.faults import SimulatedKill
 
     torch.set_num_threads(1)
     dist = setup(torch.device("cpu"))
@@ -143,8 +143,8 @@ def _scenarios(root: str) -> None:
 def _probe_with_one_rank_oom(root: Path, dist) -> None:
     """The fault hook on rank 1 only: rank 1's trials above 3 fail, rank 0's do not; both
     must leave the probe (no collective left waiting) with the same answer."""
-    from llmtrain.stages.probe import probe_for_config
-    from llmtrain.train.model import build_model
+    from llmtrain.engine.model import build_model
+    from llmtrain.probe import probe_for_config
 
     os.environ.update(LLMTRAIN_FAULT_OOM_MICRO="3", LLMTRAIN_FAULT_OOM_RANK="1")
     cfg = make_cfg(root / "probe", micro=2, batch={"probe": {"max_micro": 16}})
@@ -206,7 +206,7 @@ def test_two_ranks_equal_one_process(two_ranks, tmp_path, name):
     assert max_rel_diff(single, ranks) < TOL
     # the weights moved: the comparison is not between two initial models
     init = make_cfg(tmp_path / "init")
-    from llmtrain.train.model import build_model
+    from llmtrain.engine.model import build_model
 
     start = full_model_state(build_model(init, FakeTokenizer(), None))
     assert max_rel_diff(single, start) > 1e-3
@@ -234,13 +234,13 @@ def test_probe_with_an_oom_on_one_rank_only_agrees_on_both(two_ranks):
 
 def test_an_fsdp_checkpoint_has_the_single_process_format(two_ranks, tmp_path):
     """Weights and optimizer written by 2 FSDP ranks load into a plain single-process run."""
-    from llmtrain.train import checkpoint as ckpt
+    from llmtrain.engine import checkpoint as ckpt
 
     cfg = _cfg(tmp_path / "plain", "fsdp", batch={"micro_batch": 8}, train={"parallel": "ddp"})
     found = ckpt.find_resume(two_ranks / "fsdp", "auto")
     assert found is not None and found["state"]["step"] == 3
-    from llmtrain.train.model import build_model
-    from llmtrain.train.optim import build_optimizer
+    from llmtrain.engine.model import build_model
+    from llmtrain.engine.optim import build_optimizer
 
     model = build_model(cfg, FakeTokenizer(), None)
     optimizer = build_optimizer(cfg, model)
@@ -378,9 +378,9 @@ def test_nproc_inside_torchrun_is_a_usage_error(tmp_path, monkeypatch):
 
 
 def test_world_of_one_is_not_wrapped_and_full_state_round_trips(tmp_path):
-    from llmtrain.train.distributed import DistInfo
-    from llmtrain.train.model import build_model
-    from llmtrain.train.optim import build_optimizer
+    from llmtrain.engine.distributed import DistInfo
+    from llmtrain.engine.model import build_model
+    from llmtrain.engine.optim import build_optimizer
 
     cfg = make_cfg(tmp_path)
     model = build_model(cfg, FakeTokenizer(), None)

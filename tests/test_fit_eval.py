@@ -8,9 +8,9 @@ import torch
 from fit_helpers import FakeStore, FakeTokenizer, make_cfg, random_store
 
 from llmtrain.data.batching import collate
+from llmtrain.engine.evaluate import AGGREGATES, aggregate_windows, evaluate
+from llmtrain.engine.model import build_model, check_document_isolation
 from llmtrain.errors import LLMTrainError
-from llmtrain.stages.evaluate import AGGREGATES, aggregate_windows, evaluate
-from llmtrain.train.model import build_model, check_document_isolation
 
 LOGITS = torch.tensor(
     [[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 1.5, 0.0], [0.0, 0.0, 3.0], [0.1, 0.0, 0.2]],

@@ -1,4 +1,5 @@
-"""An OOM inside a window halves the micro-batch and re-runs the same window (DESIGN §8)."""
+"""An OOM inside a window halves the micro-batch and re-runs the same window
+(docs/architecture.md, "Probing")."""
 
 from __future__ import annotations
 
@@ -6,10 +7,10 @@ import pytest
 import torch
 from fit_helpers import make_cfg, max_rel_diff, params, random_store, run_train
 
+from llmtrain.engine.checkpoint import list_checkpoints
+from llmtrain.engine.faults import maybe_fault_oom
+from llmtrain.engine.metrics import read_metrics
 from llmtrain.errors import LLMTrainError
-from llmtrain.train.checkpoint import list_checkpoints
-from llmtrain.train.faults import maybe_fault_oom
-from llmtrain.train.metrics import read_metrics
 
 
 def test_fault_hook(monkeypatch):
@@ -64,3 +65,22 @@ def test_nan_policy_skip_drops_the_update_and_goes_on(tmp_path):
     assert result.step == 4 and skipped and skipped[-1] == 4
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records if r.get("event") == "nonfinite_loss_skipped"] == skipped
+
+
+def test_a_skipped_last_step_still_ends_with_the_final_eval_and_checkpoint(tmp_path):
+    """nan_policy: skip on the very last step: that step still counts, so the run's final
+    eval record and final checkpoint are written exactly as after a normal step."""
+    cfg = make_cfg(
+        tmp_path,
+        steps=3,
+        precision="fp32",
+        optim={"lr": 1e30, "grad_clip": None},
+        train={"nan_policy": "skip"},
+    )
+    _, result = run_train(cfg, random_store(32, seed=0), random_store(8, seed=1))
+    skipped = [e["step"] for e in result.events if e["event"] == "nonfinite_loss_skipped"]
+    assert skipped[-1] == 3, skipped
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step-00000003"]
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records if r.get("split") == "eval"] == [3]
+    assert result.final_dir is not None and (result.final_dir / "config.json").is_file()

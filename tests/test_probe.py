@@ -1,5 +1,6 @@
-"""Probe stage (DESIGN §8, issue #5): tight against a brute-force scan, harmless to the real
-state, honest about errors, cached. CPU only: peaks are the process's measured VmHWM."""
+"""Probe (docs/architecture.md, "Probing"; issue #5): tight against a brute-force scan,
+harmless to the real state, honest about errors, cached. CPU only: peaks are the process's
+measured VmHWM."""
 
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ from transformers import (
     GPT2LMHeadModel,
 )
 
+from llmtrain import probe as P
 from llmtrain.config import Config
-from llmtrain.stages import probe as P
-from llmtrain.train.memory import CpuMemory, rss_bytes
+from llmtrain.probe import search
+from llmtrain.probe.memory import CpuMemory, rss_bytes
 
 CPU = torch.device("cpu")
 
@@ -360,7 +362,7 @@ def test_resolve_micro_batch_probes_then_hits_the_cache_then_misses_on_seq_len(
     def no_trials(*a, **k):
         raise AssertionError("a cache hit must not run trials")
 
-    monkeypatch.setattr(P, "run_trial", no_trials)
+    monkeypatch.setattr(search, "run_trial", no_trials)
     again = P.resolve_micro_batch(cfg, model, CPU)
     assert again.micro_batch == 8 and again.probe.cached
     assert [t.micro_batch for t in again.probe.trials] == [t.micro_batch for t in plan.probe.trials]
@@ -376,7 +378,7 @@ def test_resolve_micro_batch_probes_then_hits_the_cache_then_misses_on_seq_len(
 
 
 def test_resolve_micro_batch_with_an_integer_never_probes(tmp_path, monkeypatch):
-    monkeypatch.setattr(P, "run_trial", lambda *a, **k: pytest.fail("probed"))
+    monkeypatch.setattr(search, "run_trial", lambda *a, **k: pytest.fail("probed"))
     cfg = _config(tmp_path, micro_batch=6)
     plan = P.resolve_micro_batch(cfg, gpt2(n_layer=1, n_embd=32), CPU, world_size=2)
     assert (plan.micro_batch, plan.grad_accum, plan.probe) == (6, math.ceil(64 / 12), None)

@@ -9,8 +9,8 @@ import pytest
 from fit_helpers import make_cfg, random_store, run_train
 
 from llmtrain.config import OptimConfig
-from llmtrain.train.metrics import read_metrics
-from llmtrain.train.optim import effective_lr, lr_at
+from llmtrain.engine.metrics import read_metrics
+from llmtrain.engine.optim import effective_lr, lr_at
 
 
 def test_closed_form_shapes():
@@ -67,7 +67,7 @@ def test_fp16_overflow_skips_do_not_advance_the_schedule(tmp_path, monkeypatch):
     """A step the GradScaler skips is retried on the same window: no step, no LR is lost."""
     import torch
 
-    import llmtrain.stages.train as train_stage
+    import llmtrain.engine.loop as train_stage
 
     def huge_scaler(precision, device):
         return torch.amp.GradScaler("cpu", init_scale=2.0**40, enabled=precision == "fp16")

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from test_chunk import doc_names
 
 from llmtrain.data.store import TokenStore, TokenStoreWriter
 from llmtrain.errors import LLMTrainError
@@ -37,12 +38,12 @@ def test_round_trip(tmp_path):
     assert s.lengths.tolist() == [3, 2, 4] and s.doc_ids.tolist() == [0, 1, 2]
     assert s.doc_starts(0).tolist() == [0, 2] and s.doc_starts(1).tolist() == [0]
     assert s.doc_starts(2).tolist() == [0] and s.doc_starts(-1).tolist() == [0]
-    assert s.doc_names() == ["doc-0", "doc:1", 'odd "name"\nline']
-    assert [a.tolist() for a in s.get_batch([2, 0])] == [[6, 7, 8, 999], [1, 2, 3]]
+    assert doc_names(s) == ["doc-0", "doc:1", 'odd "name"\nline']
+    assert [s[i]["input_ids"].tolist() for i in (2, 0)] == [[6, 7, 8, 999], [1, 2, 3]]
     assert s.meta["dtype"] == "uint16" and s.meta["stats"] == {"chunks": 3}
     assert (tmp_path / "st" / "tokens.bin").stat().st_size == 9 * 2
     TokenStore.open(tmp_path / "st", verify=True)
-    assert not list(tmp_path.glob("st.tmp-*"))
+    assert not list(tmp_path.glob(".tmp-st-*"))
 
 
 def test_wide_vocab_uses_uint32(tmp_path):

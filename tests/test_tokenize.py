@@ -12,15 +12,15 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from llmtrain.config import Config
-from llmtrain.errors import LLMTrainError
-from llmtrain.stages import tokenize
-from llmtrain.stages.tokenize import (
+from llmtrain.data import tokenizer as tokenize
+from llmtrain.data.tokenizer import (
     FINGERPRINT_FILE,
     ensure_special_tokens,
     load_tokenizer,
     special_token_ids,
     tokenizer_fingerprint,
 )
+from llmtrain.errors import LLMTrainError
 
 ROUND_TRIP = [
     "Hello, world!",

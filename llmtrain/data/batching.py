@@ -2,8 +2,9 @@
 
 The order depends only on (seed, epoch) — never on micro_batch, k or the world size — so any
 (micro, k, world) that reaches the same global batch sees the same sequences in every step
-(DESIGN §7). A step's *window* is `global_batch` consecutive entries of the epoch's
-permutation; each rank takes a contiguous share of it and cuts that into micro-batches.
+(docs/architecture.md, "Exact accumulation"). A step's *window* is `global_batch` consecutive
+entries of the epoch's permutation; each rank takes a contiguous share of it and cuts that into
+micro-batches.
 """
 
 from __future__ import annotations
@@ -95,7 +96,10 @@ def collate(
     document start and the first token of each document after the first is not a target, and
     no attention_mask is passed — transformers then derives a per-document causal mask from the
     restarting positions (masking_utils.find_packed_sequence_indices). Padding becomes one more
-    segment of its own, so real tokens never see it.
+    segment of its own, so real tokens never see it. (Not transformers'
+    DataCollatorWithFlattening: it flattens the micro-batch into one row, which gives the same
+    loss but a (micro × seq_len)² attention mask outside flash-attention, one "sequence" for
+    normalization: sequences, and no classification; docs/benchmarks.md, "Collation".)
     """
     items = [store[int(i)] for i in indices]
     width = max(len(it["input_ids"]) for it in items)

@@ -1,4 +1,4 @@
-"""The on-disk TokenStore (DESIGN §6): a flat memory-mapped token file plus a small index.
+"""The on-disk TokenStore: a flat memory-mapped token file plus a small index.
 
 Layout of one store directory (one split)::
 
@@ -13,16 +13,16 @@ Layout of one store directory (one split)::
                       and size + sha256 of every file above
 
 The writer streams (tokens go straight to disk; only per-chunk index entries stay in memory,
-1/seq_len of the tokens) into `<dir>.tmp-<pid>` and renames it into place, so a crash never
-leaves a half-written store where a reader would find it. The reader checks sizes and shapes
-against meta.json on open, so a truncated or edited store is a one-line error, not a numpy crash.
+1/seq_len of the tokens) into the temporary sibling `.tmp-<dir>-<pid>` and renames it into
+place with `llmtrain.util.atomic`, so a crash never leaves a half-written store where a reader
+would find it. The reader checks sizes and shapes against meta.json on open, so a truncated or
+edited store is a one-line error, not a numpy crash (docs/architecture.md, "Token store").
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from array import array
 from collections.abc import Sequence
@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from llmtrain.errors import LLMTrainError
+from llmtrain.util.atomic import replace_dir, temp_sibling
 
 FORMAT_VERSION = 1
 META = "meta.json"
@@ -66,9 +67,8 @@ class TokenStoreWriter:
         self.dtype = token_dtype(vocab_size)
         self.vocab_size = vocab_size
         self.extra_meta = dict(meta or {})
-        self.tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
-        if self.tmp.exists():
-            shutil.rmtree(self.tmp)
+        self.tmp = temp_sibling(self.path)
+        shutil.rmtree(self.tmp, ignore_errors=True)  # this pid's own leftover, if any
         self.tmp.mkdir(parents=True)
         self._tokens = open(self.tmp / TOKENS, "wb")  # noqa: SIM115 (closed in close/abort)
         self._names = open(self.tmp / NAMES, "w", encoding="utf-8")  # noqa: SIM115
@@ -97,10 +97,6 @@ class TokenStoreWriter:
         if lid is None:
             lid = self._label_ids[label] = len(self._label_ids)
         return lid
-
-    @property
-    def labels_seen(self) -> list[str]:
-        return list(self._label_ids)
 
     @property
     def num_chunks(self) -> int:
@@ -224,21 +220,8 @@ class TokenStoreWriter:
             "files": files,
         }
         (self.tmp / META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
-        _replace_dir(self.tmp, self.path)
+        replace_dir(self.tmp, self.path)
         return TokenStore.open(self.path)
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move src to dst; an existing dst is moved aside first and removed only afterwards."""
-    old = None
-    if dst.exists():
-        old = dst.with_name(f"{dst.name}.old-{os.getpid()}")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(dst, old)
-    os.replace(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 class TokenStore:
@@ -277,67 +260,12 @@ class TokenStore:
         every file (reads the whole store).
         """
         path = Path(path)
-        meta_path = path / META
-        if not path.is_dir():
-            raise LLMTrainError(f"{path}: no token store here (run `llmtrain chunk` first)")
-        if not meta_path.is_file():
-            raise LLMTrainError(f"{meta_path}: missing; the store is incomplete, rebuild it")
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            if not isinstance(meta, dict):
-                raise ValueError("not a JSON object")
-        except (ValueError, UnicodeDecodeError) as e:
-            raise LLMTrainError(f"{meta_path}: not valid JSON ({e}); rebuild the store") from None
-        version = meta.get("format_version")
-        if version != FORMAT_VERSION:
-            raise LLMTrainError(
-                f"{meta_path}: format_version {version!r}, this llmtrain reads "
-                f"{FORMAT_VERSION}; rebuild the store with `llmtrain chunk --force`"
-            )
-        try:
-            files = meta["files"]
-            n_chunks = int(meta["num_chunks"])
-            n_tokens = int(meta["num_tokens"])
-            n_starts = int(meta["num_doc_starts"])
-            dtype = np.dtype(meta["dtype"])
-            for name in ALL_FILES:
-                int(files[name]["size"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise LLMTrainError(f"{meta_path}: malformed ({e!r} missing or invalid)") from None
-        if dtype not in (np.dtype(np.uint16), np.dtype(np.uint32)):
-            raise LLMTrainError(f"{meta_path}: unsupported token dtype {dtype}")
-        for name in ALL_FILES:
-            p = path / name
-            if not p.is_file():
-                raise LLMTrainError(f"{p}: missing; the store is incomplete, rebuild it")
-            size, expected = p.stat().st_size, int(files[name]["size"])
-            if size != expected:
-                raise LLMTrainError(
-                    f"{p}: {size} bytes, meta.json says {expected}; the store is truncated or "
-                    "corrupt, rebuild it with `llmtrain chunk --force`"
-                )
-            if verify and _sha256(p) != files[name].get("sha256"):
-                raise LLMTrainError(f"{p}: checksum mismatch; the store is corrupt, rebuild it")
-        if n_tokens * dtype.itemsize != int(files[TOKENS]["size"]):
-            raise LLMTrainError(f"{meta_path}: num_tokens disagrees with the size of {TOKENS}")
-        shapes = {
-            "index.npy": (n_chunks, 2),
-            "doc_ids.npy": (n_chunks,),
-            "labels.npy": (n_chunks,),
-            "starts.npy": (n_starts,),
-            "starts_index.npy": (n_chunks + 1,),
-        }
-        arrays = {}
-        for name, shape in shapes.items():
-            try:
-                arr = np.load(path / name, allow_pickle=False)
-            except (ValueError, OSError, EOFError) as e:
-                raise LLMTrainError(f"{path / name}: unreadable ({e}); rebuild the store") from None
-            if arr.shape != shape:
-                raise LLMTrainError(
-                    f"{path / name}: shape {arr.shape}, meta.json implies {shape}; rebuild it"
-                )
-            arrays[name] = arr
+        meta = _read_meta(path)
+        n_chunks, n_tokens, n_starts, dtype = _meta_counts(path / META, meta)
+        _check_files(path, meta["files"], verify)
+        if n_tokens * dtype.itemsize != int(meta["files"][TOKENS]["size"]):
+            raise LLMTrainError(f"{path / META}: num_tokens disagrees with the size of {TOKENS}")
+        arrays = _load_arrays(path, n_chunks, n_starts)
         index = arrays["index.npy"]
         if n_chunks and (
             index[:, 1].min() < 0
@@ -361,11 +289,6 @@ class TokenStore:
         label = self._lab_list[i] if self._has_labels else None
         return {"input_ids": ids, "doc_id": self._doc_list[i], "label": label}
 
-    def get_batch(self, indices: Sequence[int]) -> list[np.ndarray]:
-        """The int64 token arrays of several chunks (no dict per item)."""
-        tokens, offs, lens = self._tokens, self._off_list, self._len_list
-        return [tokens[offs[i] : offs[i] + lens[i]].astype(np.int64) for i in indices]
-
     def doc_starts(self, i: int) -> np.ndarray:
         """Offsets inside chunk i where a document begins (pack mode; [0] in window/truncate).
 
@@ -376,18 +299,85 @@ class TokenStore:
             i += len(self)
         return self._starts[self._starts_index[i] : self._starts_index[i + 1]]
 
-    def doc_names(self) -> list[str]:
-        """Corpus ids of the documents, indexed by doc_id (reads doc_names.txt)."""
-        with open(self.path / NAMES, encoding="utf-8") as f:
-            return [json.loads(line) for line in f]
-
-    @property
-    def num_labels(self) -> int | None:
-        return len(self.label_names) if self.label_names is not None else None
-
-    @property
-    def seq_len(self) -> int | None:
-        return self.meta.get("chunk", {}).get("seq_len")
-
     def __repr__(self) -> str:
         return f"TokenStore({str(self.path)!r}, chunks={len(self)}, tokens={self.num_tokens})"
+
+
+# ---------------------------------------------------------------------- validation on open
+def _read_meta(path: Path) -> dict[str, Any]:
+    """meta.json as a dict, of this format version; anything else is an LLMTrainError."""
+    meta_path = path / META
+    if not path.is_dir():
+        raise LLMTrainError(f"{path}: no token store here (run `llmtrain chunk` first)")
+    if not meta_path.is_file():
+        raise LLMTrainError(f"{meta_path}: missing; the store is incomplete, rebuild it")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise LLMTrainError(f"{meta_path}: not valid JSON ({e}); rebuild the store") from None
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise LLMTrainError(
+            f"{meta_path}: format_version {version!r}, this llmtrain reads "
+            f"{FORMAT_VERSION}; rebuild the store with `llmtrain chunk --force`"
+        )
+    return meta
+
+
+def _meta_counts(meta_path: Path, meta: dict[str, Any]) -> tuple[int, int, int, np.dtype]:
+    """(chunks, tokens, doc starts, token dtype) from meta.json, whose `files` entry must give
+    an integer size for every file of the store."""
+    try:
+        files = meta["files"]
+        n_chunks = int(meta["num_chunks"])
+        n_tokens = int(meta["num_tokens"])
+        n_starts = int(meta["num_doc_starts"])
+        dtype = np.dtype(meta["dtype"])
+        for name in ALL_FILES:
+            int(files[name]["size"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise LLMTrainError(f"{meta_path}: malformed ({e!r} missing or invalid)") from None
+    if dtype not in (np.dtype(np.uint16), np.dtype(np.uint32)):
+        raise LLMTrainError(f"{meta_path}: unsupported token dtype {dtype}")
+    return n_chunks, n_tokens, n_starts, dtype
+
+
+def _check_files(path: Path, files: dict[str, Any], verify: bool) -> None:
+    """Every file present with the size meta.json records (and, with `verify`, its sha256)."""
+    for name in ALL_FILES:
+        p = path / name
+        if not p.is_file():
+            raise LLMTrainError(f"{p}: missing; the store is incomplete, rebuild it")
+        size, expected = p.stat().st_size, int(files[name]["size"])
+        if size != expected:
+            raise LLMTrainError(
+                f"{p}: {size} bytes, meta.json says {expected}; the store is truncated or "
+                "corrupt, rebuild it with `llmtrain chunk --force`"
+            )
+        if verify and _sha256(p) != files[name].get("sha256"):
+            raise LLMTrainError(f"{p}: checksum mismatch; the store is corrupt, rebuild it")
+
+
+def _load_arrays(path: Path, n_chunks: int, n_starts: int) -> dict[str, np.ndarray]:
+    """The index arrays, each of the shape the counts in meta.json imply."""
+    shapes = {
+        "index.npy": (n_chunks, 2),
+        "doc_ids.npy": (n_chunks,),
+        "labels.npy": (n_chunks,),
+        "starts.npy": (n_starts,),
+        "starts_index.npy": (n_chunks + 1,),
+    }
+    arrays = {}
+    for name, shape in shapes.items():
+        try:
+            arr = np.load(path / name, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise LLMTrainError(f"{path / name}: unreadable ({e}); rebuild the store") from None
+        if arr.shape != shape:
+            raise LLMTrainError(
+                f"{path / name}: shape {arr.shape}, meta.json implies {shape}; rebuild it"
+            )
+        arrays[name] = arr
+    return arrays

@@ -1,5 +1,6 @@
 """Evaluation: token-weighted loss and perplexity (causal LM); window accuracy and document
-accuracy after combining the windows of each document (classification, DESIGN §5).
+accuracy after combining the windows of each document (classification). The records are
+described in docs/architecture.md, "Run directory".
 
 Under torchrun each rank evaluates every world-th micro-batch and the sums are all-reduced,
 so every rank returns the same numbers.
@@ -13,11 +14,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from llmtrain.data.batching import SequenceSource, collate, split_micro
-from llmtrain.train.distributed import DistInfo, all_reduce_sum
-from llmtrain.train.loss import summed_loss
-from llmtrain.train.parallel import is_fsdp
-from llmtrain.train.precision import autocast_context
+from llmtrain.data.batching import IGNORE, SequenceSource, collate, split_micro
+from llmtrain.engine.distributed import DistInfo, all_reduce_sum
+from llmtrain.engine.loss import summed_loss
+from llmtrain.engine.parallel import is_fsdp
+from llmtrain.engine.precision import autocast_context
 
 AGGREGATES = ("mean_logits", "max_logits", "mean_probs", "first", "vote")
 
@@ -114,7 +115,7 @@ def evaluate(
             window_logits[rows] = logits.double()
             labels_all[rows] = labels
         else:
-            count += (labels[:, 1:] != -100).sum()
+            count += (labels[:, 1:] != IGNORE).sum()
     all_reduce_sum(loss_sum)
     all_reduce_sum(count)
     model.train(was_training)

@@ -1,5 +1,6 @@
-"""Data parallelism under torchrun (DESIGN §9): wrap the model, control gradient sync, and
-gather full state for checkpoints — DDP or FSDP2, with the same calls for both.
+"""Data parallelism under torchrun: wrap the model, control gradient sync, and gather full
+state for checkpoints — DDP or FSDP2, with the same calls for both (docs/architecture.md,
+"Scale-out").
 
 - `ddp`: `DistributedDataParallel` — every rank holds the whole model; gradients are averaged
   by an all-reduce in the backward of the last micro-batch of a window (`no_sync` before it).
@@ -25,8 +26,8 @@ from typing import Any
 import torch
 
 from llmtrain.config import Config
+from llmtrain.engine.distributed import DistInfo
 from llmtrain.errors import LLMTrainError
-from llmtrain.train.distributed import DistInfo
 
 
 def is_fsdp(model: torch.nn.Module) -> bool:

@@ -1,4 +1,5 @@
-"""Process-group plumbing for torchrun (DESIGN §9): who am I, and the few collectives we need.
+"""Process-group plumbing for torchrun: who am I, and the few collectives we need
+(docs/architecture.md, "Scale-out").
 
 llmtrain never launches or talks between processes itself: torchrun sets RANK / WORLD_SIZE /
 LOCAL_RANK, torch.distributed does the communication (nccl on CUDA, gloo on CPU). A single

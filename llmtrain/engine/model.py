@@ -7,7 +7,6 @@ token ids come from the tokenizer, so a trained tokenizer and the model always a
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,8 +18,8 @@ from transformers import (
 )
 
 from llmtrain.config import Config
+from llmtrain.engine.precision import param_dtype
 from llmtrain.errors import LLMTrainError
-from llmtrain.train.precision import param_dtype
 
 
 def _auto_class(task: str) -> Any:
@@ -51,10 +50,8 @@ def build_hf_config(cfg: Config, tokenizer: Any, num_labels: int | None, label_n
             extra["id2label"] = dict(enumerate(label_names))
             extra["label2id"] = {name: i for i, name in enumerate(label_names)}
     if m.pretrained:
-        path = Path(m.pretrained)
-        if not path.is_dir():
-            raise LLMTrainError(f"model.pretrained: {path} is not a directory")
-        hf = AutoConfig.from_pretrained(str(path), **extra)
+        # validation (config rule `_model_limits`) has checked that it is a model directory
+        hf = AutoConfig.from_pretrained(str(m.pretrained), **extra)
     else:
         try:
             hf = AutoConfig.for_model(

@@ -1,8 +1,10 @@
-"""Validation of a config mapping: pydantic's errors made human, then the cross-field rules.
+"""The cross-field rules: what a config must satisfy beyond each field's type and range.
 
-Both produce `(key path, message)` pairs; `llmtrain.config.load_config` turns each into one
-line `file:line:col: key.path: message`. Rules that need the model's HF config class import
-transformers lazily, so `llmtrain validate` on a config without a model stays light.
+A rule gets the validated config (a section is None where it failed validation, and rules on
+it are skipped) and the user's raw mapping (to tell a value written in the file from a
+default), and yields `(key path, message)` problems. Rules marked `hf=True` read the model's
+HF config class and import transformers (hence torch) lazily, so `llmtrain validate` on a
+config, and commands that never build the model, stay light.
 """
 
 from __future__ import annotations
@@ -15,249 +17,11 @@ import json
 import os
 import re
 from collections.abc import Callable, Iterator
-from typing import Annotated, Any, get_args, get_origin
+from typing import Any
 
-from pydantic import BaseModel, ValidationError
-from pydantic.fields import FieldInfo
+from llmtrain.config.messages import KeyPath, Problem, did_you_mean, dotted, kind_of, show_value
+from llmtrain.config.schema import Config, parse_bytes
 
-from llmtrain.config import Config, Path_, _kind, _show, did_you_mean, dotted, parse_bytes
-
-Problem = tuple[Path_, str]
-
-
-# --------------------------------------------------------------------------------- helpers
-def section_class(annotation: Any) -> type[BaseModel] | None:
-    """The pydantic model inside an annotation such as `DataSourceConfig | None`."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in get_args(annotation):
-        found = section_class(arg)
-        if found is not None:
-            return found
-    return None
-
-
-def field_at(path: Path_) -> tuple[type[BaseModel] | None, FieldInfo | None]:
-    """(model holding the last key of `path`, its FieldInfo); None where the path leaves models."""
-    model: type[BaseModel] | None = Config
-    info: FieldInfo | None = None
-    for i, part in enumerate(path):
-        if model is None or part not in model.model_fields:
-            return (model if i == len(path) - 1 else None), None
-        info = model.model_fields[str(part)]
-        if i < len(path) - 1:
-            model = section_class(info.annotation)
-    return model, info
-
-
-def _flat_types(annotation: Any) -> set[Any]:
-    """int | Annotated[int, ...] | None → {int, NoneType}: the plain types a field accepts."""
-    args = get_args(annotation)
-    if not args:
-        return {annotation}
-    if get_origin(annotation) is Annotated:
-        return _flat_types(args[0])
-    if get_origin(annotation) in (list, dict, tuple):
-        return {get_origin(annotation)}
-    return set().union(*(_flat_types(a) for a in args))
-
-
-def _numeric_noun(info: FieldInfo | None) -> str:
-    types = _flat_types(info.annotation) if info is not None else set()
-    return "integer" if int in types and float not in types else "number"
-
-
-def _fmt(x: Any) -> str:
-    return f"{x:g}" if isinstance(x, float) else str(x)
-
-
-def _range_phrase(noun: str, ge: Any, gt: Any, le: Any, lt: Any) -> str:
-    an = "an" if noun[0] in "aeiou" else "a"
-    lower = ge if ge is not None else gt
-    upper = le if le is not None else lt
-    if lower is not None and upper is not None:
-        lb, rb = ("[" if ge is not None else "("), ("]" if le is not None else ")")
-        return f"{an} {noun} in {lb}{_fmt(lower)}, {_fmt(upper)}{rb}"
-    if (ge == 1 and noun == "integer") or gt == 0:
-        return f"a positive {noun}"
-    if ge == 0:
-        return f"a non-negative {noun}"
-    if lower is not None:
-        return f"{an} {noun} {'>=' if ge is not None else '>'} {_fmt(lower)}"
-    return f"{an} {noun} {'<=' if le is not None else '<'} {_fmt(upper)}"
-
-
-def _bounds(info: FieldInfo | None, ctx: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
-    found = {k: ctx.get(k) for k in ("ge", "gt", "le", "lt")}
-    for meta in info.metadata if info is not None else ():
-        for k in found:
-            if getattr(meta, k, None) is not None:
-                found[k] = getattr(meta, k)
-    return found["ge"], found["gt"], found["le"], found["lt"]
-
-
-_PATTERNS = {r"^(auto|cpu|cuda|cuda:\d+)$": "one of auto, cpu, cuda, cuda:N"}
-
-_TAG_NAMES = {
-    "int": "an integer",
-    "float": "a number",
-    "str": "a string",
-    "bool": "true or false",
-    "list[str]": "a list of strings",
-    "dict[str,any]": "a mapping",
-}
-
-
-# ------------------------------------------------------------------- pydantic errors, human
-def _expectation(err: dict[str, Any], info: FieldInfo | None) -> str:
-    """What the value should have been, as a noun phrase ('a positive integer')."""
-    kind, ctx = err["type"], err.get("ctx") or {}
-    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-        return _range_phrase(_numeric_noun(info), *_bounds(info, ctx))
-    if kind.startswith(("int_", "float_")) and any(_bounds(info, {})):
-        # A word where a bounded number belongs: say the whole expectation at once.
-        noun = "integer" if kind.startswith("int_") else _numeric_noun(info)
-        return _range_phrase(noun, *_bounds(info, {}))
-    if kind == "literal_error":
-        options = re.findall(r"'([^']*)'", ctx.get("expected", ""))
-        if len(options) == 1:
-            return f'"{options[0]}"'
-        return "one of " + ", ".join(options)
-    if kind == "string_pattern_mismatch":
-        pattern = ctx.get("pattern", "")
-        return _PATTERNS.get(pattern, f"a string matching {pattern}")
-    simple = {
-        "int": "an integer",
-        "float": "a number",
-        "bool": "true or false",
-        "string_type": "a string",
-        "dict_type": "a mapping",
-        "model_type": "a mapping",
-        "model_attributes_type": "a mapping",
-        "list_type": "a list",
-        "tuple_type": "a list",
-        "none_required": "null",
-    }
-    for prefix, phrase in simple.items():
-        if kind.startswith(prefix):
-            return phrase
-    if kind == "too_long":
-        return f"a list of at most {ctx.get('max_length')} items"
-    if kind == "too_short":
-        return f"a list of at least {ctx.get('min_length')} items"
-    return re.sub(r"^(Value|Assertion) error, ", "", err["msg"]).rstrip(".")
-
-
-def _split_loc(loc: tuple[Any, ...], data: Any, missing: bool) -> tuple[Path_, str | None, Path_]:
-    """A pydantic loc → (path of the key in the data, union branch tag, path below the tag).
-
-    pydantic inserts the branch of a union ('int', "literal['auto']") into `loc`; those parts
-    are not keys of the user's mapping, so walking `loc` against the data tells them apart.
-    """
-    path: list[Any] = []
-    tag: str | None = None
-    below: list[Any] = []
-    node = data
-    for i, part in enumerate(loc):
-        last = i == len(loc) - 1
-        if isinstance(node, dict) and (part in node or (missing and last)):
-            node = node.get(part)
-        elif isinstance(node, list) and isinstance(part, int):
-            node = node[part] if part < len(node) else None
-        elif tag is None and isinstance(part, str):
-            tag = part
-            continue
-        else:
-            node = None
-        (below if tag is not None else path).append(part)
-    return tuple(path), tag, tuple(below)
-
-
-def _translate(errors: list[dict[str, Any]], data: dict[str, Any]) -> list[Problem]:
-    """pydantic's errors → one short message per key, union branches merged into one."""
-    groups: dict[Path_, list[tuple[str | None, Path_, dict[str, Any]]]] = {}
-    for err in errors:
-        path, tag, below = _split_loc(err["loc"], data, err["type"] == "missing")
-        groups.setdefault(path, []).append((tag, below, err))
-    problems: list[Problem] = []
-    for path, items in groups.items():
-        _, info = field_at(path)
-        tags = {tag for tag, _, _ in items}
-        if len(items) > 1 and None not in tags:
-            phrases: list[str] = []
-            for tag, below, err in items:
-                phrase = _expectation(err, info) if not below else None
-                if tag is not None and (below or err["type"].endswith(("_type", "_parsing"))):
-                    phrase = _TAG_NAMES.get(tag.replace(" ", "").lower(), phrase)
-                if phrase and phrase not in phrases:
-                    phrases.append(phrase)
-            value = items[0][2]["input"] if not items[0][1] else _value_at(data, path)
-            problems.append((path, f"must be {' or '.join(phrases)} (got {_show(value)})"))
-            continue
-        for _, below, err in items:
-            problems.append(_message(path + below, err, data))
-    return problems
-
-
-def _value_at(data: Any, path: Path_) -> Any:
-    for part in path:
-        data = data[part] if isinstance(data, (dict, list)) else None
-    return data
-
-
-def _message(path: Path_, err: dict[str, Any], data: dict[str, Any]) -> Problem:
-    kind = err["type"]
-    if kind == "extra_forbidden":
-        model, _ = field_at(path)
-        names = list(model.model_fields) if model is not None else []
-        if path[:-1] == ():
-            names.append("extends")
-        hint = did_you_mean(str(path[-1]), names)
-        return path, "unknown key" + (hint or f" (valid keys: {', '.join(names)})")
-    if kind == "missing":
-        parent = _value_at(data, path[:-1])
-        if isinstance(parent, list):
-            return path[:-1], f"needs more items (got {_show(parent)})"
-        return path, "is required"
-    _, info = field_at(path)
-    message = f"must be {_expectation(err, info)} (got {_show(err['input'])})"
-    if kind == "literal_error" and isinstance(err["input"], str):
-        options = re.findall(r"'([^']*)'", (err.get("ctx") or {}).get("expected", ""))
-        message += did_you_mean(err["input"], options).replace(", did", "; did")
-    if kind in ("value_error", "assertion_error"):
-        message = _expectation(err, info)
-    return path, message
-
-
-def validation_problems(data: dict[str, Any]) -> tuple[Config, list[Problem]]:
-    """Validate with pydantic; return a Config (failed sections None) and the problems.
-
-    Sections that validated are kept so the cross-field rules can still run on them: the
-    user sees every problem of the file in one go, not type errors first and rules later.
-    """
-    # An empty section (`log:` with everything commented out) means "all defaults".
-    data = {k: ({} if v is None and k in Config.model_fields else v) for k, v in data.items()}
-    try:
-        return Config.model_validate(data), []
-    except ValidationError as e:
-        problems = _translate(e.errors(include_url=False), data)
-        bad = {err["loc"][0] for err in e.errors() if err["loc"]}
-    sections: dict[str, Any] = {}
-    for name, info in Config.model_fields.items():
-        if name in bad:
-            sections[name] = None
-            continue
-        cls = section_class(info.annotation)
-        assert cls is not None
-        sections[name] = (
-            cls.model_validate(data[name])
-            if name in data
-            else info.get_default(call_default_factory=True)
-        )
-    return Config.model_construct(**sections), problems
-
-
-# -------------------------------------------------------------------------- cross-field rules
 # A rule gets the config and the user's mapping (to tell a value set in the file from a default).
 Rule = Callable[[Config, dict[str, Any]], Iterator[Problem]]
 RULES: list[tuple[tuple[str, ...], bool, Rule]] = []
@@ -419,7 +183,10 @@ def _batch(cfg: Config, raw: dict[str, Any]) -> Iterator[Problem]:
         try:
             parse_bytes(b.probe.memory_limit)
         except ValueError as e:
-            yield ("batch", "probe", "memory_limit"), f"{e} (got {_show(b.probe.memory_limit)})"
+            yield (
+                ("batch", "probe", "memory_limit"),
+                f"{e} (got {show_value(b.probe.memory_limit)})",
+            )
 
 
 @rule("optim")
@@ -501,6 +268,7 @@ def _model_limits(cfg: Config, raw: dict[str, Any]) -> Iterator[Problem]:
 def _arch_config(
     arch: str, config: dict[str, Any], overrides: dict[str, Any]
 ) -> tuple[dict[str, Any] | None, str, list[Problem]]:
+    """(position fields of the built HF config, model_type, problems); None when it fails."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     if arch not in CONFIG_MAPPING:
@@ -533,7 +301,7 @@ def _arch_config(
         text = " ".join(str(e).split())
         field = re.search(r"field '(\w+)'", text)
         section = "config_overrides" if field and field.group(1) in overrides else "config"
-        path: Path_ = ("model", section, field.group(1)) if field else ("model", "config")
+        path: KeyPath = ("model", section, field.group(1)) if field else ("model", "config")
         reason = text.split(": ", 1)[-1] if field else text
         return None, arch, [(path, f"rejected by {cls.__name__}: {reason}")]
     values = {k: getattr(hf, k, None) for k in _POSITION_KEYS}
@@ -541,6 +309,7 @@ def _arch_config(
 
 
 def _known_fields(cls: type) -> set[str]:
+    """Every name an HF config class accepts: attribute aliases, fields, __init__ params."""
     known: set[str] = set(getattr(cls, "attribute_map", {}) or {})
     if dataclasses.is_dataclass(cls):
         known |= {f.name for f in dataclasses.fields(cls)}
@@ -554,7 +323,8 @@ def _known_fields(cls: type) -> set[str]:
 def _pretrained_config(
     directory: str, overrides: dict[str, Any]
 ) -> tuple[dict[str, Any] | None, str, list[Problem]]:
-    key: Path_ = ("model", "pretrained")
+    """(config.json values with overrides, its model_type, problems); None when unreadable."""
+    key: KeyPath = ("model", "pretrained")
     if not os.path.isdir(directory):
         return (
             None,
@@ -586,5 +356,5 @@ def _pretrained_config(
     except (OSError, ValueError) as e:
         return None, "", [(key, f"cannot read {config_file}: {e}")]
     if not isinstance(values, dict):
-        return None, "", [(key, f"{config_file} is {_kind(values)}, expected a JSON object")]
+        return None, "", [(key, f"{config_file} is {kind_of(values)}, expected a JSON object")]
     return {**values, **overrides}, str(values.get("model_type", "")), []

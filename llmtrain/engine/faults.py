@@ -1,4 +1,5 @@
-"""Fault points that make rare failures testable on any machine (DESIGN §8 contract).
+"""Fault points that make rare failures testable on any machine (docs/architecture.md,
+"Fault hooks").
 
 - `LLMTRAIN_FAULT_OOM_MICRO=N`: a training forward on a micro-batch of more than N sequences
   raises `torch.OutOfMemoryError`, as a real CUDA OOM would; `LLMTRAIN_FAULT_OOM_RANK=R`

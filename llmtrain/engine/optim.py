@@ -17,7 +17,8 @@ def effective_lr(optim: OptimConfig, global_batch: int) -> float:
     """Peak LR after `lr_scaling`: lr × f(global_batch / base_batch), f = 1 | x | sqrt(x)."""
     if optim.lr_scaling == "none":
         return optim.lr
-    ratio = global_batch / (optim.base_batch or global_batch)
+    assert optim.base_batch is not None  # the lr_scaling rule requires it
+    ratio = global_batch / optim.base_batch
     return optim.lr * (ratio if optim.lr_scaling == "linear" else math.sqrt(ratio))
 
 

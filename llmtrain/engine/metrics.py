@@ -1,4 +1,5 @@
-"""metrics.jsonl (DESIGN §5) and optional TensorBoard: one place where records are written.
+"""metrics.jsonl and optional TensorBoard: the one place where records are written
+(docs/architecture.md, "Run directory").
 
 Only rank 0 writes. On resume the file is cut back to the checkpoint's step, so records that
 a crashed run wrote after its last checkpoint do not appear twice.
@@ -67,9 +68,6 @@ class MetricsWriter:
             for key, value in record.items():
                 if key not in ("split", "step") and isinstance(value, (int, float)):
                     self._tb.add_scalar(f"{record['split']}/{key}", value, record["step"])
-
-    def event(self, name: str, step: int, **fields: Any) -> None:
-        self.write({"event": name, "step": step, **fields})
 
     def close(self) -> None:
         if self._file is not None:

@@ -7,16 +7,14 @@ Layout of `<output_dir>/checkpoints/step-00000100/`:
   state.pt            step, sampler position, micro_batch, GradScaler, RNG states
   complete            written last: a directory without it is not a checkpoint
 
-Everything is written into `.tmp-step-…` beside it and renamed in one `os.replace`, so a
-crash leaves either the whole checkpoint or a temp directory that is ignored and cleaned.
+Everything is written through `llmtrain.util.atomic.atomic_dir`, so a crash leaves either the
+whole checkpoint or a temporary directory that is ignored and cleaned.
 """
 
 from __future__ import annotations
 
-import contextlib
 import random
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,32 +24,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from llmtrain.console import err_console
+from llmtrain.engine.faults import kill_point
+from llmtrain.engine.parallel import is_fsdp, load_full_state
 from llmtrain.errors import LLMTrainError
-from llmtrain.train.faults import kill_point
-from llmtrain.train.parallel import is_fsdp, load_full_state
+from llmtrain.util.atomic import atomic_dir, remove_stale_temps
 
 MARKER = "complete"
 PREFIX = "step-"
-
-
-@contextlib.contextmanager
-def atomic_dir(target: Path) -> Iterator[Path]:
-    """Yield a temp directory beside `target`; when the block succeeds it replaces `target`
-    in one rename, so readers see the old directory or the new one, never half of either."""
-    tmp = target.with_name(f".tmp-{target.name}")
-    old = target.with_name(f".old-{target.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        target.replace(old)
-    tmp.replace(target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def checkpoint_dir(output_dir: Path) -> Path:
@@ -95,30 +74,24 @@ def save_checkpoint(
     """Write checkpoint `step` atomically and prune to the latest `keep`; returns its path.
 
     `model_state` / `optimizer_state`: full states gathered from a sharded (FSDP) model by
-    `llmtrain.train.parallel`, written in the same format instead of the module's own."""
+    `llmtrain.engine.parallel`, written in the same format instead of the module's own."""
     root = checkpoint_dir(output_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
-    tmp = root / f".tmp-{PREFIX}{step:08d}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    if model_state is not None:
-        save_file(model_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    else:
-        save_model(model, str(tmp / "model.safetensors"))
-    kill_point("ckpt_after_model")
-    kill_point(f"ckpt_after_model:{step}")
-    torch.save(
-        optimizer_state if optimizer_state is not None else optimizer.state_dict(),
-        tmp / "optimizer.pt",
-    )
-    state = {**train_state, "step": step, "scaler": scaler.state_dict(), "rng": rng_state()}
-    torch.save(state, tmp / "state.pt")
-    (tmp / MARKER).write_text(f"{step}\n")
-    if final.exists():  # re-saving the same step (e.g. resumed at the very end): replace it
-        shutil.rmtree(final)
-    tmp.replace(final)
+    # Re-saving the same step (resumed at the very end) replaces it whole.
+    with atomic_dir(final) as tmp:
+        if model_state is not None:
+            save_file(model_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            save_model(model, str(tmp / "model.safetensors"))
+        kill_point("ckpt_after_model")
+        kill_point(f"ckpt_after_model:{step}")
+        torch.save(
+            optimizer_state if optimizer_state is not None else optimizer.state_dict(),
+            tmp / "optimizer.pt",
+        )
+        state = {**train_state, "step": step, "scaler": scaler.state_dict(), "rng": rng_state()}
+        torch.save(state, tmp / "state.pt")
+        (tmp / MARKER).write_text(f"{step}\n")
     prune(root, keep)
     return final
 
@@ -139,8 +112,7 @@ def prune(root: Path, keep: int) -> None:
     """Keep the latest `keep` checkpoints; remove older ones and stale temp directories."""
     for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    for tmp in root.glob(f".tmp-{PREFIX}*"):
-        shutil.rmtree(tmp, ignore_errors=True)
+    remove_stale_temps(root)
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:

@@ -54,15 +54,16 @@ class Measured:
 
 
 class MemoryBackend(Protocol):
+    """A device's capacity and the measured peak of one trial (see the module docstring)."""
+
     name: str
+    last_peak: int | None  # the peak of the last `measure`, also when `fn` raised
 
     def capacity(self) -> int: ...
 
     def release(self, collect: bool = ...) -> None: ...
 
     def measure(self, fn: Callable[[], T]) -> tuple[T, Measured]: ...
-
-    def current(self) -> int: ...
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -164,9 +165,6 @@ class CpuMemory:
             gc.collect()
         _malloc_trim()
 
-    def current(self) -> int:
-        return rss_bytes()
-
     def measure(self, fn: Callable[[], T]) -> tuple[T, Measured]:
         self.release()
         reset_peak_rss()
@@ -199,9 +197,6 @@ class CudaMemory:
         gc.collect()
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
-
-    def current(self) -> int:
-        return torch.cuda.memory_reserved(self.device)
 
     def measure(self, fn: Callable[[], T]) -> tuple[T, Measured]:
         self.release()

@@ -17,8 +17,6 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,6 +35,7 @@ from transformers import PreTrainedTokenizerFast
 from llmtrain.config import Config, TokenizerTrainConfig
 from llmtrain.data.corpus import corpus_fingerprint, iter_documents
 from llmtrain.errors import LLMTrainError
+from llmtrain.util.atomic import atomic_dir
 
 FINGERPRINT_FILE = "llmtrain_tokenizer.json"
 _FINGERPRINT_VERSION = 1
@@ -245,22 +244,11 @@ def _load_cached(target: Path, want: dict) -> PreTrainedTokenizerFast | None:
 
 
 def _save_atomic(tok: PreTrainedTokenizerFast, target: Path, fingerprint: dict) -> None:
-    """Write into a temp dir beside `target`, then swap it in: a crash never leaves half a cache."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tokenizer.tmp-", dir=target.parent))
-    try:
+    """Write the cache beside `target` and swap it in whole: a crash never leaves half a cache."""
+    with atomic_dir(target) as tmp:
         tok.save_pretrained(str(tmp))
         # Written last: a cache without its fingerprint file is never trusted.
         (tmp / FINGERPRINT_FILE).write_text(json.dumps(fingerprint, indent=2, sort_keys=True))
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=".tokenizer.old-", dir=target.parent))
-            os.replace(target, old / "tokenizer")
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _text_batches(cfg: Config, size: int = 1000) -> Iterator[list[str]]:

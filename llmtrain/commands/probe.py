@@ -1,0 +1,92 @@
+"""`llmtrain probe-batch`: build the run's model, measure, print a table (or one JSON object
+on stdout), and refresh the cache entry `fit` will reuse (docs/architecture.md, "Probing")."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+from llmtrain.config import Config
+from llmtrain.console import human_console
+from llmtrain.data.tokenizer import load_tokenizer
+from llmtrain.engine.distributed import DistInfo, barrier, resolve_device, setup, teardown
+from llmtrain.engine.model import build_model
+from llmtrain.probe.cache import cache_path
+from llmtrain.probe.memory import fmt_bytes
+from llmtrain.probe.plan import probe_for_config
+from llmtrain.probe.result import ProbeResult
+from llmtrain.probe.trial import PROBE_NUM_LABELS
+
+
+def render_table(result: ProbeResult) -> Table:
+    """One row per trial, in the order the search ran them."""
+    table = Table(title=f"probe-batch · {result.device} · seq_len {result.seq_len}")
+    for col in ("micro", "result", "peak", "% capacity", "tokens/s", "seconds"):
+        table.add_column(col, justify="right")
+    for t in result.trials:
+        verdict = "[green]ok[/]" if t.ok else "[red]OOM[/]"
+        share = f"{100 * t.peak_bytes / result.capacity_bytes:.1f}%" if t.peak_bytes else "-"
+        tps = f"{t.tokens_per_s:,.0f}" if t.tokens_per_s else "-"
+        table.add_row(
+            str(t.micro_batch), verdict, fmt_bytes(t.peak_bytes), share, tps, f"{t.seconds:.2f}"
+        )
+    return table
+
+
+def _measure(cfg: Config) -> tuple[DistInfo, ProbeResult]:
+    """Build the model on this rank's device and probe it, never from the cache."""
+    # under torchrun each rank probes its own GPU; setup() binds the process to it
+    device = resolve_device(cfg.run.device, int(os.environ.get("LOCAL_RANK", "0")))
+    dist = setup(device)
+    try:
+        # Rank 0 trains (or loads) the cached tokenizer first; the others then open it.
+        if not dist.is_main:
+            barrier()
+        tokenizer = load_tokenizer(cfg)
+        if dist.is_main:
+            barrier()
+        num_labels = None
+        if cfg.model.task == "sequence-classification":
+            num_labels = cfg.model.num_labels or PROBE_NUM_LABELS
+        model = build_model(cfg, tokenizer, num_labels).to(device)
+        return dist, probe_for_config(cfg, model, device, dist=dist, use_cache=False)
+    finally:
+        teardown()
+
+
+def _print_summary(out: Console, cfg: Config, result: ProbeResult) -> None:
+    out.print(render_table(result))
+    out.print(
+        f"budget {fmt_bytes(result.budget_bytes)} = (1 − margin {result.margin:g}) × capacity "
+        f"{fmt_bytes(result.capacity_bytes)}; weights+grads+optimizer "
+        f"{fmt_bytes(result.static_bytes)}"
+        + (
+            f", activations {fmt_bytes(result.activation_bytes_per_sample)}/sequence"
+            if result.activation_bytes_per_sample
+            else ""
+        )
+    )
+    out.print(
+        f"[bold]micro_batch {result.micro_batch}[/], grad_accum {result.grad_accum}, "
+        f"global batch {result.global_batch}"
+        + (f" over {result.world_size} ranks" if result.world_size > 1 else "")
+        + f"  ({len(result.trials)} trials, {result.seconds:.1f}s; cached in {cache_path(cfg)})"
+    )
+
+
+def run(cfg: Config, *, as_json: bool) -> None:
+    """`llmtrain probe-batch`: on rank 0, the table and summary — or, with --json, exactly
+    one JSON object (ProbeResult.to_dict) on stdout and nothing else there."""
+    out = human_console(as_json)
+    dist, result = _measure(cfg)
+    if not dist.is_main:
+        return
+    if as_json:
+        sys.stdout.write(json.dumps(result.to_dict()) + "\n")
+        sys.stdout.flush()
+        return
+    _print_summary(out, cfg, result)

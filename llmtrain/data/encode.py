@@ -1,0 +1,433 @@
+"""Corpus → TokenStoreWriter: the streaming encode pipeline behind `build_stores`.
+
+Each pass over a corpus runs three threads joined by queues of one item: a reader thread
+parses documents into batches, an encoder thread runs the Rust tokenizer on all cores (outside
+the GIL), and the calling thread routes each document to its split, chunks it
+(`llmtrain.data.chunking`) and appends to that split's store, in input order. Memory is bounded
+by a few batches plus the pack carry-over, whatever the corpus size (docs/architecture.md,
+"Token store").
+
+Counting, per split (all in tokens):
+  tokens_in       what the tokenizer produced, plus the EOS appended to each causal-lm document
+  tokens_out      what the store holds (window specials and overlaps included)
+  dropped_tokens  tokens_in that are in no chunk (pack remainder, truncate tails)
+  pad_tokens      what padding every chunk to seq_len would add: chunks × seq_len − tokens_out
+                  (nothing is padded on disk; collate pads, so this is the padding cost)
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from llmtrain.config import Config, DataSourceConfig
+from llmtrain.data.chunk_spec import raw_backend
+from llmtrain.data.chunking import (
+    ChunkBatch,
+    ChunkSpec,
+    Packer,
+    chunk_truncate,
+    chunk_windows,
+    in_eval,
+)
+from llmtrain.data.corpus import Document, ReadStats, iter_documents
+from llmtrain.data.store import TokenStore, TokenStoreWriter
+from llmtrain.errors import LLMTrainError
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+# A batch of documents handed to the tokenizer: large enough that rayon keeps every core busy
+# and the per-call overhead vanishes, small enough that memory stays flat (~tens of MB).
+BATCH_DOCS = 1000
+BATCH_CHARS = 2 << 20
+
+
+def set_workers(workers: int | None) -> None:
+    """Size the tokenizer's Rust thread pool. The pool reads this once, when it first starts,
+    so call it before anything encodes (or trains a tokenizer)."""
+    if workers is not None:
+        os.environ["RAYON_NUM_THREADS"] = str(workers)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+
+
+# ------------------------------------------------------------------------ one split
+class SplitWriter:
+    """One split being written: its store writer, packer (pack mode) and counters."""
+
+    def __init__(self, name: str, path: Path, spec: ChunkSpec, vocab_size: int, meta: dict):
+        self.name = name
+        self.spec = spec
+        self.writer = TokenStoreWriter(path, vocab_size=vocab_size, meta={**meta, "split": name})
+        self.packer = Packer(spec.seq_len) if spec.mode == "pack" else None
+        self.documents = 0
+        self.tokens_in = 0
+        self.dropped = 0
+        self.seconds = 0.0
+
+    def add(self, docs: list[Document], ids: list[list[int]], labels: list[int]) -> None:
+        """Chunk and write encoded documents; `labels` (classification) holds one per doc."""
+        spec = self.spec
+        doc_ids = [self.writer.add_document(d.doc_id) for d in docs]
+        self.documents += len(docs)
+        if self.packer is not None:
+            self._add_packed(ids, doc_ids)
+            return
+        if spec.eos_id is not None:  # causal-lm window/truncate: each document ends with EOS
+            ids = [[*x, spec.eos_id] for x in ids]
+        self.tokens_in += sum(len(x) for x in ids)
+        if spec.mode == "window":
+            batch = chunk_windows(spec, ids, doc_ids)
+        else:
+            batch = chunk_truncate(spec, ids, doc_ids)
+        # Chunk → label through its document (window mode has several chunks per document).
+        lab = None
+        if labels and len(batch):
+            lab = np.asarray(labels, dtype=np.int64)[batch.doc_ids - doc_ids[0]]
+        self._write(batch, lab)
+
+    def _add_packed(self, ids: list[list[int]], doc_ids: list[int]) -> None:
+        eos = self.spec.eos_id
+        flat: list[int] = []
+        for x in ids:
+            flat += x
+            flat.append(eos)
+        lens = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
+        self.tokens_in += len(flat)
+        batch = self.packer.add(np.array(flat, dtype=np.int64), lens, np.asarray(doc_ids))
+        self._write(batch, None)
+
+    def _write(self, batch: ChunkBatch, labels: Any) -> None:
+        self.dropped += batch.dropped
+        if not len(batch):
+            return
+        if labels is None:
+            labels = np.full(len(batch), -1, dtype=np.int64)
+        self.writer.append(
+            batch.tokens, batch.lengths, batch.doc_ids, labels, batch.starts, batch.starts_counts
+        )
+
+    def close(self, label_names: list[str] | None) -> TokenStore:
+        """Flush the pack remainder (kept or dropped), then finalise the store with its stats."""
+        if self.packer is not None:
+            tail, n_tail = self.packer.finish()
+            if self.spec.keep_remainder and n_tail:
+                self._write(tail, None)
+            else:
+                self.dropped += n_tail
+        return self.writer.close(label_names=label_names, stats=self._stats())
+
+    def _stats(self) -> dict[str, Any]:
+        w, spec = self.writer, self.spec
+        n_chunks = w.num_chunks
+        lengths = w.chunk_lengths() if n_chunks else np.zeros(1)
+        stats = {
+            "documents": self.documents,
+            "tokens_in": self.tokens_in,
+            "tokens_out": w.num_tokens,
+            "chunks": n_chunks,
+            "pad_tokens": n_chunks * spec.seq_len - w.num_tokens,
+            "dropped_tokens": self.dropped,
+            "seq_len": spec.seq_len,
+            "mode": spec.mode,
+            "overlap": spec.overlap if spec.mode == "window" else 0,
+            "seconds": round(self.seconds, 3),
+            "length_p50": int(np.percentile(lengths, 50)),
+            "length_p90": int(np.percentile(lengths, 90)),
+            "length_max": int(lengths.max()),
+        }
+        total = max(1, n_chunks * spec.seq_len)
+        stats["pad_pct"] = round(100.0 * stats["pad_tokens"] / total, 3)
+        stats["dropped_pct"] = round(100.0 * self.dropped / max(1, self.tokens_in), 3)
+        stats["tokens_per_s"] = round(self.tokens_in / self.seconds) if self.seconds else None
+        return stats
+
+
+# ------------------------------------------------------------------- pipeline threads
+_DONE = object()
+
+
+def _put(q: queue.Queue, item: Any, stop: threading.Event) -> bool:
+    """Put unless the pipeline was stopped (the consumer is gone); False when stopped."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _get(q: queue.Queue, stop: threading.Event) -> Any:
+    """The next item, or _DONE once the pipeline was stopped."""
+    while not stop.is_set():
+        try:
+            return q.get(timeout=0.1)
+        except queue.Empty:
+            continue
+    return _DONE
+
+
+def _read_batches(docs: Iterator[Document], out: queue.Queue, stop: threading.Event) -> None:
+    """Pipeline stage 1 (thread): parse documents and group them into batches."""
+    try:
+        batch: list[Document] = []
+        chars = 0
+        for d in docs:
+            batch.append(d)
+            chars += len(d.text)
+            if len(batch) >= BATCH_DOCS or chars >= BATCH_CHARS:
+                if not _put(out, batch, stop):
+                    return
+                batch, chars = [], 0
+        if batch and not _put(out, batch, stop):
+            return
+        _put(out, _DONE, stop)
+    except BaseException as e:  # handed down the pipeline; the main thread re-raises it
+        _put(out, e, stop)
+
+
+def _encode_batches(encode: Any, inq: queue.Queue, out: queue.Queue, stop: threading.Event) -> None:
+    """Pipeline stage 2 (thread): the Rust tokenizer, on all cores, outside the GIL.
+
+    Running it in its own thread lets batch k+1 encode while the main thread chunks and
+    writes batch k, so no core idles during the Python parts.
+    """
+    try:
+        while True:
+            item = _get(inq, stop)
+            if item is _DONE or isinstance(item, BaseException):
+                _put(out, item, stop)
+                return
+            encs = encode([d.text for d in item], add_special_tokens=False)
+            ids = [e.ids for e in encs]
+            del encs  # the Encoding objects (strings, offsets...) are far bigger than the ids
+            if not _put(out, (item, ids), stop):
+                return
+    except BaseException as e:
+        _put(out, e, stop)
+
+
+# ------------------------------------------------------------------------ the builder
+Route = Callable[[Document], SplitWriter]
+
+
+class _Builder:
+    """Runs the passes over the corpora and writes every split."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        tok: Any,
+        spec: ChunkSpec,
+        meta: dict,
+        root: Path,
+        *,
+        progress: bool,
+        console: Console | None,
+    ):
+        self.cfg = cfg
+        self.spec = spec
+        self.meta = meta
+        self.root = root
+        self.progress = progress
+        self.console = console
+        self.classify = cfg.model.task == "sequence-classification"
+        self.tok = tok
+        self.vocab_size = max(
+            len(tok), tok.backend_tokenizer.get_vocab_size(with_added_tokens=True)
+        )
+        self.eval_labels: list[str] | None = None  # train's labels, once train is closed
+
+    def run(self) -> tuple[dict[str, TokenStore], dict[str, dict]]:
+        with raw_backend(self.tok) as backend:
+            self.encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+            return self._run()
+
+    def _run(self) -> tuple[dict[str, TokenStore], dict[str, dict]]:
+        d = self.cfg.data
+        writers: dict[str, SplitWriter] = {}
+        try:
+            train = writers["train"] = self._writer("train")
+            if d.eval is not None:
+                self._pass(d.train, "data.train", lambda doc: train)
+                train_store = train.close(None)
+                ev = writers["eval"] = self._writer("eval")
+                self.eval_labels = train_store.label_names
+                self._pass(d.eval, "data.eval", lambda doc: ev)
+                stores = {"train": train_store, "eval": ev.close(train_store.label_names)}
+            elif d.eval_fraction:
+                ev = writers["eval"] = self._writer("eval")
+                frac = d.eval_fraction
+                self._pass(
+                    d.train, "data.train", lambda doc: ev if in_eval(doc.doc_id, frac) else train
+                )
+                train_store = train.close(None)
+                stores = {"train": train_store, "eval": ev.close(train_store.label_names)}
+            else:
+                self._pass(d.train, "data.train", lambda doc: train)
+                stores = {"train": train.close(None)}
+        except BaseException:
+            for w in writers.values():
+                w.writer.abort()
+            raise
+        return stores, {n: {**s.meta["stats"], "up_to_date": False} for n, s in stores.items()}
+
+    def _writer(self, name: str) -> SplitWriter:
+        return SplitWriter(name, self.root / name, self.spec, self.vocab_size, self.meta)
+
+    def _pass(self, source: DataSourceConfig, key: str, route: Route) -> None:
+        """One streaming pass over a corpus: read → encode → route, chunk, write.
+
+        Three threads joined by small queues (memory stays at a few batches); output order is
+        input order since each stage is a single thread.
+        """
+        stats = ReadStats()
+        docs = iter_documents(source, stats, require_label=self.classify, key=key)
+        q_docs: queue.Queue = queue.Queue(maxsize=1)
+        q_ids: queue.Queue = queue.Queue(maxsize=1)
+        stop = threading.Event()
+        threads = [
+            threading.Thread(target=_read_batches, args=(docs, q_docs, stop), daemon=True),
+            threading.Thread(
+                target=_encode_batches, args=(self.encode, q_docs, q_ids, stop), daemon=True
+            ),
+        ]
+        for t in threads:
+            t.start()
+        t0 = time.perf_counter()
+        bar = _Progress(self.progress, self.console, key, stats)
+        seen: dict[int, tuple[SplitWriter, int]] = {}
+        try:
+            with bar:
+                while True:
+                    item = _get(q_ids, stop)
+                    if item is _DONE:
+                        break
+                    if isinstance(item, BaseException):
+                        raise item
+                    bar.update(self._batch(*item, route, seen))
+                    item = None  # free this batch while waiting for the next
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(timeout=5)
+        # The pass's wall time, shared among the splits it fed by their share of tokens.
+        dt = time.perf_counter() - t0
+        total = sum(w.tokens_in - before for w, before in seen.values()) or 1
+        for w, before in seen.values():
+            w.seconds += dt * (w.tokens_in - before) / total
+
+    def _batch(self, docs: list[Document], ids: list[list[int]], route: Route, seen: dict) -> int:
+        """Route one encoded batch's documents to their splits, chunk and write them."""
+        groups: dict[int, tuple[SplitWriter, list, list, list]] = {}
+        for doc, x in zip(docs, ids, strict=True):
+            w = route(doc)
+            g = groups.get(id(w))
+            if g is None:
+                g = groups[id(w)] = (w, [], [], [])
+                if id(w) not in seen:
+                    seen[id(w)] = (w, w.tokens_in)
+            g[1].append(doc)
+            g[2].append(x)
+            if self.classify:
+                g[3].append(self._label_id(w, doc))
+        for w, gd, gx, gl in groups.values():
+            w.add(gd, gx, gl)
+        return sum(len(x) for x in ids)
+
+    def _label_id(self, w: SplitWriter, doc: Document) -> int:
+        """The document's provisional label id in its split; an eval label train never had is
+        an error naming the line, before anything of it is written."""
+        if self.eval_labels is not None and w.name == "eval" and doc.label not in self.eval_labels:
+            raise LLMTrainError(
+                f"{doc.where}: label {doc.label!r} does not occur in the training data "
+                f"(known labels: {', '.join(self.eval_labels)})"
+            )
+        return w.writer.label_id(doc.label)
+
+
+def build_stores(
+    cfg: Config,
+    tok: Any,
+    spec: ChunkSpec,
+    meta: dict,
+    root: Path,
+    *,
+    progress: bool,
+    console: Console | None,
+) -> tuple[dict[str, TokenStore], dict[str, dict]]:
+    """Write every split of `cfg` under `root` (each atomically); return the open stores and
+    their stats. On any error every half-written split is removed and the old ones stay."""
+    return _Builder(cfg, tok, spec, meta, root, progress=progress, console=console).run()
+
+
+# ----------------------------------------------------------------------- progress
+class _Progress:
+    """A rich progress bar over bytes read (for the ETA) showing documents and tokens/s.
+
+    It lives with the pipeline, not the CLI, because `fit` shows it too (through
+    `ensure_stores(progress=True)`); disabled, it only counts.
+    """
+
+    def __init__(self, enabled: bool, console: Console | None, key: str, stats: ReadStats):
+        self.enabled = enabled
+        self.stats = stats
+        self.key = key
+        self.console = console
+        self.t0 = time.perf_counter()
+        self.progress: Any = None
+        self.tokens = 0
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            from rich.progress import (
+                BarColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self.progress = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                TextColumn("{task.percentage:>3.0f}%"),
+                TextColumn("{task.fields[docs]} docs"),
+                TextColumn("{task.fields[tps]} tok/s"),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=self.console,
+                transient=False,
+            )
+            self.progress.__enter__()
+            self.task = self.progress.add_task(f"chunk {self.key}", total=None, docs=0, tps="-")
+        return self
+
+    def update(self, tokens: int = 0) -> None:
+        self.tokens += tokens
+        if self.progress is None:
+            return
+        s = self.stats
+        dt = max(1e-9, time.perf_counter() - self.t0)
+        self.progress.update(
+            self.task,
+            total=s.total_bytes or None,
+            completed=s.bytes_read,
+            docs=f"{s.documents:,}",
+            tps=f"{self.tokens / dt:,.0f}",
+        )
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress is not None:
+            if exc[0] is None:
+                self.update()
+            self.progress.__exit__(*exc)

@@ -1,0 +1,466 @@
+"""The training loop: exact k-step accumulation, precision, schedule, eval, checkpoints.
+
+`train()` reads top to bottom like nanoGPT's train.py; each piece it calls does one job:
+
+  restore_or_start   the one place that decides: a fresh run, a resume, or a refusal
+  run_window         the window's forward/backward passes (engine/step.py), re-cut with a
+                     halved micro-batch on out-of-memory: same data, same N, same update
+  take_step          the exact window loss, then stepped, skipped-non-finite or fp16-retry
+  after_step         log, eval, checkpoint and the kill point, on every path that advances
+
+State the loop changes lives in `LoopState`; what is fixed for the run lives in `Run`.
+See docs/architecture.md, "Exact accumulation".
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from llmtrain.config import Config
+from llmtrain.console import console as default_console
+from llmtrain.data.batching import (
+    SequenceSource,
+    epoch_order,
+    grad_accum,
+    steps_per_epoch,
+    total_steps,
+    window_indices,
+)
+from llmtrain.engine import checkpoint as ckpt
+from llmtrain.engine.distributed import DistInfo, all_reduce_min, all_reduce_sum, barrier
+from llmtrain.engine.evaluate import evaluate
+from llmtrain.engine.faults import kill_point
+from llmtrain.engine.metrics import MetricsWriter, truncate_after
+from llmtrain.engine.optim import build_optimizer, effective_lr, lr_at, set_lr
+from llmtrain.engine.parallel import (
+    full_model_state,
+    full_optimizer_state,
+    is_fsdp,
+    save_pretrained_full,
+    unwrap,
+    wrap_model,
+)
+from llmtrain.engine.precision import make_scaler
+from llmtrain.engine.progress import TrainLog
+from llmtrain.engine.step import StepSpec, Window, forward_backward, make_window, optimizer_step
+from llmtrain.errors import LLMTrainError
+from llmtrain.util.atomic import atomic_dir
+
+FP16_MAX_RETRIES = 30  # consecutive overflow-skipped attempts of one step before giving up
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports back to the pipeline and to tests."""
+
+    step: int
+    micro_batch: int
+    last_loss: float | None = None
+    last_eval: dict[str, float] | None = None
+    final_dir: Path | None = None
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class Run:
+    """Everything fixed for one run: config, model, optimizer, data, and where it writes."""
+
+    cfg: Config
+    model: torch.nn.Module  # what trains: possibly DDP/FSDP-wrapped and compiled
+    raw_model: torch.nn.Module  # the module itself: optimizer, checkpoints, eval
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    spec: StepSpec
+    train_store: SequenceSource
+    eval_store: SequenceSource | None
+    pad_id: int
+    device: torch.device
+    dist: DistInfo
+    out: Path
+    steps_per_epoch: int
+    total: int
+    peak_lr: float
+
+
+@dataclass
+class LoopState:
+    """What the loop changes as it goes."""
+
+    step: int
+    micro: int
+    fp16_retries: int = 0
+    last_loss: float | None = None
+    last_eval: dict[str, float] | None = None
+    order: tuple[int, np.ndarray] | None = None  # (epoch, permutation): one epoch cached
+
+
+def is_isolated(cfg: Config) -> bool:
+    """Pack mode with attention kept inside documents."""
+    chunk = cfg.data.chunk
+    return chunk.mode == "pack" and not chunk.cross_doc_attention
+
+
+def step_spec(cfg: Config) -> StepSpec:
+    return StepSpec(
+        task=cfg.model.task,
+        normalization=cfg.train.loss_normalization,
+        precision=cfg.train.precision,
+        grad_clip=cfg.optim.grad_clip,
+        isolate_docs=is_isolated(cfg),
+    )
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The torch seed of one optimizer step on one rank: dropout masks are then a function of
+    (seed, step, rank) only, so a resumed run — on any rank, any world size — draws exactly
+    what the uninterrupted one drew, and ranks never share masks."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+
+
+def setup_run(
+    cfg: Config,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    train_store: SequenceSource,
+    eval_store: SequenceSource | None,
+    *,
+    device: torch.device,
+    dist: DistInfo,
+) -> Run:
+    """Wrap the model (DDP/FSDP2 under torchrun, then torch.compile if asked) and build the
+    optimizer and loss scaler."""
+    n, global_batch = len(train_store), cfg.batch.global_batch
+    if n == 0:
+        raise LLMTrainError("data.train: the token store holds no sequences; nothing to train on")
+    wrapped = wrap_model(model, cfg, dist, device)
+    raw_model = unwrap(wrapped)  # FSDP shards in place: the optimizer must see its parameters
+    if cfg.model.compile:
+        wrapped = torch.compile(wrapped)
+    return Run(
+        cfg=cfg,
+        model=wrapped,
+        raw_model=raw_model,
+        optimizer=build_optimizer(cfg, raw_model),
+        scaler=make_scaler(cfg.train.precision, device),
+        spec=step_spec(cfg),
+        train_store=train_store,
+        eval_store=eval_store,
+        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+        device=device,
+        dist=dist,
+        out=Path(cfg.run.output_dir),
+        steps_per_epoch=steps_per_epoch(n, global_batch),
+        total=total_steps(n, global_batch, cfg.train.max_steps, cfg.train.epochs),
+        peak_lr=effective_lr(cfg.optim, global_batch),
+    )
+
+
+def find_start(out: Path, resume: str | None) -> dict[str, Any] | None:
+    """Fresh (None), a checkpoint to resume from, or a refusal: an output_dir with checkpoints
+    is never trained over silently. Without `resume` this reads nothing (cheap to ask early)."""
+    root = ckpt.checkpoint_dir(out)
+    found = ckpt.find_resume(out, resume) if resume else None
+    if found is None and ckpt.list_checkpoints(root):
+        if resume:
+            raise LLMTrainError(f"{root}: no checkpoint there could be read")
+        raise LLMTrainError(
+            f"{root}: holds checkpoints of an earlier run; continue it with --resume auto, or "
+            "choose a new run.output_dir"
+        )
+    return found
+
+
+def restore_or_start(run: Run, resume: str | None, micro: int, console: Console) -> LoopState:
+    """Restore weights, optimizer, scaler and RNG from the checkpoint `find_start` picks, or
+    start at step 0. A resume keeps the smaller of the two micro-batches (an OOM may have
+    halved it) and refuses a changed global batch (the data order depends on it)."""
+    found = find_start(run.out, resume)
+    if found is None:
+        return LoopState(step=0, micro=micro)
+    state = ckpt.apply_checkpoint(
+        found, model=run.raw_model, optimizer=run.optimizer, scaler=run.scaler, device=run.device
+    )
+    global_batch = run.cfg.batch.global_batch
+    if int(state.get("global_batch", global_batch)) != global_batch:
+        raise LLMTrainError(
+            f"{found['path']}: written with batch.global_batch {state['global_batch']}, the "
+            f"config says {global_batch}; the data order and schedule of the run depend on it"
+        )
+    loop = LoopState(step=int(state["step"]), micro=min(micro, int(state["micro_batch"])))
+    if run.dist.is_main:
+        where = f"{found['path']} at step {loop.step}"
+        console.print(f"resumed from {where} (micro-batch {loop.micro})")
+        truncate_after(run.out / "metrics.jsonl", loop.step)
+    return loop
+
+
+def window_at(run: Run, state: LoopState) -> np.ndarray:
+    """The sequence indices of the optimizer step `state.step`: a function of (seed, epoch)."""
+    epoch, in_epoch = divmod(state.step, run.steps_per_epoch)
+    if state.order is None or state.order[0] != epoch:
+        state.order = (epoch, epoch_order(len(run.train_store), run.cfg.run.seed, epoch))
+    return window_indices(state.order[1], in_epoch, run.cfg.batch.global_batch)
+
+
+def schedule_lr(run: Run, step: int) -> float:
+    o = run.cfg.optim
+    lr = lr_at(
+        step,
+        peak=run.peak_lr,
+        total=run.total,
+        warmup=o.warmup_steps,
+        schedule=o.schedule,
+        min_lr_ratio=o.min_lr_ratio,
+    )
+    set_lr(run.optimizer, lr)
+    return lr
+
+
+def run_window(
+    run: Run, state: LoopState, indices: np.ndarray, log: TrainLog
+) -> tuple[Window, torch.Tensor]:
+    """Forward/backward the window; on out-of-memory halve `state.micro` and redo the same
+    window from zero gradients with the same N. Returns the window and its summed loss."""
+
+    def cut(n_total: float | None = None) -> Window:
+        return make_window(
+            run.train_store,
+            indices,
+            run.spec,
+            micro=state.micro,
+            pad_id=run.pad_id,
+            dist=run.dist,
+            device=run.device,
+            n_total=n_total,
+        )
+
+    win = cut()
+    while True:
+        try:
+            args = (run.model, run.optimizer, run.scaler, win, run.spec)
+            return win, forward_backward(*args, device=run.device, dist=run.dist)
+        except torch.OutOfMemoryError:
+            pass
+        # Outside the except block: its traceback would keep the failed window's tensors alive.
+        run.optimizer.zero_grad(set_to_none=True)
+        gc.collect()
+        if run.device.type == "cuda":
+            torch.cuda.empty_cache()
+        at = state.step + 1
+        if is_fsdp(run.raw_model):  # the other ranks wait inside an all-gather
+            raise LLMTrainError(
+                f"out of memory at step {at} on rank {run.dist.rank} under train.parallel: fsdp "
+                "(no recovery there); set a smaller batch.micro_batch"
+            )
+        if state.micro == 1:
+            raise LLMTrainError(
+                f"out of memory at step {at} with micro-batch 1; reduce data.chunk.seq_len or "
+                "the model, or enable model.gradient_checkpointing"
+            )
+        log.event("oom", at, micro_batch_from=state.micro, micro_batch_to=state.micro // 2)
+        state.micro //= 2
+        win = cut(n_total=win.n_total)
+
+
+def take_step(
+    run: Run, state: LoopState, win: Window, loss_sum: torch.Tensor, log: TrainLog
+) -> tuple[str, float, float]:
+    """The exact window loss, then the update. Returns (outcome, loss, grad_norm), outcome
+    one of `stepped`, `skipped` (non-finite loss under nan_policy: skip) or `retry` (fp16
+    overflow: the same window again at a lower loss scale; the step does not advance)."""
+    loss = (all_reduce_sum(loss_sum) / max(win.n_total, 1.0)).item()
+    if run.dist.enabled:  # an OOM may have halved one rank's micro: all continue with the least
+        state.micro = int(all_reduce_min(torch.tensor(state.micro, device=run.device)).item())
+    at = state.step + 1
+    if not math.isfinite(loss):
+        if run.cfg.train.nan_policy == "stop":
+            last = ckpt.list_checkpoints(ckpt.checkpoint_dir(run.out))
+            where = (
+                f"the last checkpoint ({last[-1]}) is intact"
+                if last
+                else "no checkpoint was written yet"
+            )
+            raise LLMTrainError(
+                f"non-finite loss ({loss}) at step {at}; {where}. Lower optim.lr, check the "
+                "data, or set train.nan_policy: skip"
+            )
+        run.optimizer.zero_grad(set_to_none=True)
+        log.event("nonfinite_loss_skipped", at, loss=str(loss))
+        return "skipped", loss, float("nan")
+    outcome = optimizer_step(run.raw_model, run.optimizer, run.scaler, run.spec)
+    if outcome.stepped:
+        state.fp16_retries = 0
+        return "stepped", loss, outcome.grad_norm
+    log.event("fp16_overflow_skip", at, scale=run.scaler.get_scale())
+    state.fp16_retries += 1
+    if state.fp16_retries > FP16_MAX_RETRIES:
+        raise LLMTrainError(
+            f"fp16 gradients overflow at step {at} even at loss scale "
+            f"{run.scaler.get_scale():g}; use train.precision: bf16 or fp32"
+        )
+    return "retry", loss, outcome.grad_norm
+
+
+def save(run: Run, state: LoopState) -> None:
+    """Checkpoint the step just finished. Under FSDP every rank takes part in gathering the
+    full weights and optimizer state to rank 0, which writes the single-process format."""
+    barrier()  # every rank has finished the step before rank 0 writes it
+    sharded = is_fsdp(run.raw_model)
+    model_state = full_model_state(run.raw_model) if sharded else None
+    optimizer_state = full_optimizer_state(run.raw_model, run.optimizer) if sharded else None
+    if run.dist.is_main:
+        step, spe = state.step, run.steps_per_epoch
+        ckpt.save_checkpoint(
+            run.out,
+            step,
+            model=run.raw_model,
+            optimizer=run.optimizer,
+            scaler=run.scaler,
+            model_state=model_state,
+            optimizer_state=optimizer_state,
+            train_state={
+                "epoch": step // spe,
+                "step_in_epoch": step % spe,
+                "micro_batch": state.micro,
+                "total_steps": run.total,
+                "global_batch": run.cfg.batch.global_batch,
+                "world_size": run.dist.world_size,
+            },
+            keep=run.cfg.train.keep_checkpoints,
+        )
+    barrier()  # no rank reads a checkpoint that is still being written
+
+
+def run_eval(run: Run, state: LoopState, log: TrainLog) -> None:
+    if run.eval_store is None or len(run.eval_store) == 0:
+        return
+    cfg = run.cfg
+    state.last_eval = evaluate(
+        run.raw_model,  # eval needs no DDP: each rank runs its shard, sums are all-reduced
+        run.eval_store,
+        task=cfg.model.task,
+        micro=state.micro,
+        pad_id=run.pad_id,
+        device=run.device,
+        precision=cfg.train.precision,
+        aggregate=cfg.data.chunk.aggregate,
+        max_batches=cfg.train.eval_max_batches,
+        isolate_docs=run.spec.isolate_docs,
+        dist=run.dist,
+    )
+    log.evaluated(state.step, state.last_eval)
+
+
+def after_step(run: Run, state: LoopState, log: TrainLog) -> None:
+    """Eval, checkpoint and the kill point of the step just counted — whether it stepped or
+    was skipped, so the last step always ends with a final eval and checkpoint."""
+    step, t = state.step, run.cfg.train
+    if (t.eval_every and step % t.eval_every == 0) or step == run.total:
+        run_eval(run, state, log)
+    if (t.save_every and step % t.save_every == 0) or step == run.total:
+        save(run, state)
+    kill_point(f"step_end:{step}")
+
+
+def save_final(run: Run, tokenizer: Any) -> Path | None:
+    """`final/`: the model (save_pretrained, loadable with AutoModel*.from_pretrained) and
+    the tokenizer beside it, written atomically by rank 0; None on the other ranks."""
+    raw = run.raw_model
+    # FSDP: all ranks gather the full weights for rank 0's save_pretrained
+    state = full_model_state(raw, drop_tied=False) if is_fsdp(raw) else None
+    final = None
+    if run.dist.is_main:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # our own output only
+        final = run.out / "final"
+        if hasattr(raw.config, "use_cache"):
+            raw.config.use_cache = True  # off while training; on for whoever generates
+        with atomic_dir(final) as tmp:
+            save_pretrained_full(raw, tmp, state)
+            if hasattr(tokenizer, "save_pretrained"):
+                tokenizer.save_pretrained(tmp)
+    barrier()
+    return final
+
+
+def open_log(run: Run, state: LoopState, console: Console) -> TrainLog:
+    """metrics.jsonl (appended to on resume, after `restore_or_start` cut it back) and the
+    progress display; rank 0 alone writes."""
+    cfg, is_main = run.cfg, run.dist.is_main
+    metrics = MetricsWriter(
+        run.out / "metrics.jsonl",
+        enabled=is_main,
+        jsonl=cfg.log.jsonl,
+        tensorboard=cfg.log.tensorboard,
+        fresh=state.step == 0,
+    )
+    return TrainLog(
+        metrics,
+        console,
+        total=run.total,
+        start=state.step,
+        log_every=cfg.train.log_every,
+        is_main=is_main,
+        show_progress=cfg.log.progress,
+        device=run.device,
+    )
+
+
+def train(
+    cfg: Config,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    train_store: SequenceSource,
+    eval_store: SequenceSource | None,
+    *,
+    micro_batch: int,
+    device: torch.device,
+    dist: DistInfo | None = None,
+    resume: str | None = None,
+    console: Console | None = None,
+) -> TrainResult:
+    """Train `model` on `train_store` as `cfg` says; writes the run directory
+    (docs/architecture.md, "Run directory")."""
+    dist, console = dist or DistInfo(), console or default_console
+    run = setup_run(cfg, model, tokenizer, train_store, eval_store, device=device, dist=dist)
+    state = restore_or_start(run, resume, micro_batch, console)
+    with open_log(run, state, console) as log:
+        while state.step < run.total:
+            log.step_started()
+            indices = window_at(run, state)
+            lr = schedule_lr(run, state.step)
+            torch.manual_seed(step_seed(cfg.run.seed, state.step, dist.rank))
+            win, loss_sum = run_window(run, state, indices, log)
+            outcome, loss, grad_norm = take_step(run, state, win, loss_sum, log)
+            if outcome == "retry":
+                continue
+            state.step += 1
+            if outcome == "stepped":
+                state.last_loss = loss
+                k = grad_accum(cfg.batch.global_batch, state.micro, dist.world_size)
+                log.trained(
+                    state.step,
+                    loss=loss,
+                    lr=lr,
+                    grad_norm=grad_norm,
+                    tokens=win.tokens,
+                    sequences=win.sequences,
+                    micro_batch=state.micro,
+                    grad_accum=k,
+                )
+            else:
+                log.skipped(state.step)
+            after_step(run, state, log)
+    final_dir = save_final(run, tokenizer)
+    return TrainResult(
+        state.step, state.micro, state.last_loss, state.last_eval, final_dir, log.events
+    )

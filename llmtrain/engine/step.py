@@ -1,0 +1,150 @@
+"""One optimizer step, in two parts that both `fit` and the probe's trials call:
+
+1. `forward_backward`: every micro-batch of a window backpropagates
+   sum(per-token losses) / N × world into zeroed gradients, where N is the supervised count of
+   the WHOLE window on all ranks, known before any backward (DDP and FSDP average gradients over
+   ranks, so × world makes the result the global sum / N). Gradients are synchronised only on
+   the last micro-batch (`no_sync_context`).
+2. `optimizer_step`: unscale, clip the true global gradient, step, and report whether the fp16
+   loss scaler skipped the update.
+
+`make_window` prepares part 1's input: this rank's contiguous share of the window's sequences,
+collated into micro-batches of at most `micro`, with N counted over all ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from llmtrain.data.batching import (
+    SequenceSource,
+    collate,
+    micro_steps,
+    rank_share,
+    split_micro,
+    supervised_count,
+)
+from llmtrain.engine.distributed import DistInfo, all_reduce_sum
+from llmtrain.engine.faults import maybe_fault_oom
+from llmtrain.engine.loss import summed_loss
+from llmtrain.engine.parallel import clip_grad_norm, no_sync_context
+from llmtrain.engine.precision import autocast_context
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """How every step of a run trains: fixed for the run, shared by `fit` and the probe."""
+
+    task: str  # causal-lm | sequence-classification
+    normalization: str  # tokens | sequences: what N counts
+    precision: str  # fp32 | bf16 | fp16 | fp64
+    grad_clip: float | None  # max global gradient norm; None = no clipping
+    isolate_docs: bool = False  # pack mode with attention kept inside documents
+
+
+@dataclass
+class Window:
+    """One optimizer step's data on this rank, already collated into micro-batches."""
+
+    batches: list[dict[str, torch.Tensor]]
+    n_total: float  # supervised count of the whole window, all ranks
+    sequences: int  # whole window
+    tokens: int  # non-pad tokens of the whole window
+    padding: int = 0  # the last `padding` batches are zero-weight stand-ins (see micro_steps)
+
+
+def make_window(
+    store: SequenceSource,
+    indices: np.ndarray,
+    spec: StepSpec,
+    *,
+    micro: int,
+    pad_id: int,
+    dist: DistInfo,
+    device: torch.device,
+    n_total: float | None = None,
+) -> Window:
+    """Collate this rank's share of `indices` and count N over all ranks (one all-reduce;
+    none when `n_total` is already known — re-cutting after an OOM on this rank alone, while
+    the other ranks wait in the gradient all-reduce)."""
+
+    def batch_of(idx: np.ndarray) -> dict[str, torch.Tensor]:
+        return collate(store, idx, pad_id=pad_id, task=spec.task, isolate_docs=spec.isolate_docs)
+
+    share = rank_share(indices, dist.rank, dist.world_size)
+    batches = [batch_of(idx) for idx in split_micro(share, micro)]
+    if n_total is None:
+        n_local = sum(supervised_count(b, spec.task, spec.normalization) for b in batches)
+        n = torch.tensor(float(n_local), dtype=torch.float64, device=device)
+        n_total = float(all_reduce_sum(n).item())
+    tokens = int(np.asarray(store.lengths)[indices].sum())
+    # Every rank runs the same number of micro-batches (the busiest rank's); the others
+    # repeat the window's first sequence with weight zero, joining the collectives only.
+    padding = max(0, micro_steps(len(indices), micro, dist.world_size) - len(batches))
+    if padding:
+        batches += [batch_of(indices[:1])] * padding
+    return Window(batches, n_total, len(indices), tokens, padding)
+
+
+def forward_backward(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    win: Window,
+    spec: StepSpec,
+    *,
+    device: torch.device,
+    dist: DistInfo,
+) -> torch.Tensor:
+    """Forward/backward every micro-batch of the window into zeroed grads; returns the
+    window's summed loss (this rank, float64, detached). Raises torch.OutOfMemoryError (also
+    the simulated one of LLMTRAIN_FAULT_OOM_MICRO) with the gradients in an undefined state."""
+    optimizer.zero_grad(set_to_none=True)
+    scale = dist.world_size / max(win.n_total, 1.0)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    real = len(win.batches) - win.padding
+    for i, batch in enumerate(win.batches):
+        maybe_fault_oom(int(batch["input_ids"].shape[0]), dist.rank)
+        weight = scale if i < real else 0.0  # a stand-in joins the collectives, adds nothing
+        inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        labels = inputs.pop("labels")
+        with no_sync_context(model, last=i == len(win.batches) - 1):
+            with autocast_context(spec.precision, device):
+                logits = model(**inputs).logits
+            summed = summed_loss(logits, labels, spec.task, spec.normalization)
+            del logits  # the loss holds what backward needs
+            scaler.scale(summed * weight).backward()
+        if i < real:
+            loss_sum += summed.detach().double()
+        del summed
+    return loss_sum
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """What `optimizer_step` did: `stepped` is False when the fp16 scaler found an overflow
+    and skipped the update (the caller retries the same window at the lower scale)."""
+
+    stepped: bool
+    grad_norm: float
+
+
+def optimizer_step(
+    raw_model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    spec: StepSpec,
+) -> StepOutcome:
+    """Unscale, clip the global gradient norm (over FSDP shards too), step, update the scaler,
+    and zero the gradients."""
+    scaler.unscale_(optimizer)
+    grad_norm = clip_grad_norm(raw_model, spec.grad_clip)
+    scale_before = scaler.get_scale() if scaler.is_enabled() else None
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    stepped = scale_before is None or scaler.get_scale() >= scale_before
+    return StepOutcome(stepped, grad_norm)

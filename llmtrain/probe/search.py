@@ -1,0 +1,202 @@
+"""The search for the largest micro-batch whose trial passes, and the probe that runs it on
+a device (docs/architecture.md, "Probing").
+
+The true maximum M* is the largest m whose trial is ok (trial.py's pass rule; what a
+brute-force scan finds with the same measurement). Guarantee, for peaks that grow with m:
+0.9·M* ≤ answer ≤ M* — the answer is always an m whose own trial passed, and the search stops
+only when the first failing m is within 1/16 of it. The margin is headroom *on top*: it
+shrinks the budget, not the search tolerance.
+
+Search (`search_micro_batch`): m=1 and m=2 are measured; their difference is the activation
+memory of one sample, which with the measured intercept predicts the largest m under the
+budget (the analytic weights + grads + optimizer-state bytes are computed too, to refuse at
+once a model that cannot fit at all). That guess is verified by a trial; from there the search
+gallops outwards (steps doubling, from 1/16 of the guess) until it brackets the answer, then
+narrows the bracket by interpolating measured peaks, falling back to bisection (geometric while
+the bracket spans more than ×2). Capped by `max_micro` and by ceil(global_batch / world). At
+most 2·ceil(log2(cap)) + 4 trials; typically 4–6.
+
+Distributed: each rank searches locally (an OOM is caught inside its own trial, so a rank
+never leaves the search early), then *every* rank reaches one `all_reduce_min`, so all ranks
+agree on the smallest answer and none waits forever on a rank that hit an OOM.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import torch
+
+from llmtrain.data.batching import grad_accum
+from llmtrain.engine.distributed import all_reduce_min
+from llmtrain.engine.parallel import unwrap
+from llmtrain.errors import LLMTrainError
+from llmtrain.probe.memory import MemoryBackend, device_name, fmt_bytes
+from llmtrain.probe.result import ProbeResult, Trial
+from llmtrain.probe.trial import TrialSetup, run_trial, static_bytes
+
+SEARCH_TOLERANCE = 1 / 16  # stop when the first failing m is within this fraction of the answer
+
+
+def trial_bound(cap: int) -> int:
+    """The most trials a search may run: 2·ceil(log2(cap)) + 4."""
+    return 2 * math.ceil(math.log2(max(cap, 2))) + 4
+
+
+def _fit_line(ok: list[Trial]) -> tuple[float, float] | None:
+    """(intercept, slope) of peak against m through the smallest and largest ok trials."""
+    pts = sorted((t.micro_batch, t.peak_bytes) for t in ok if t.peak_bytes is not None)
+    if len(pts) < 2 or pts[-1][0] == pts[0][0]:
+        return None
+    (a, pa), (b, pb) = pts[0], pts[-1]
+    slope = (pb - pa) / (b - a)
+    if slope <= 0:
+        return None
+    return pa - slope * a, slope
+
+
+def search_micro_batch(
+    trial: Callable[[int], Trial], *, cap: int, budget: int, max_trials: int | None = None
+) -> tuple[int, list[Trial]]:
+    """The largest m in [1, cap] whose trial passes, within SEARCH_TOLERANCE; 0 if m=1 fails.
+
+    `trial(m)` runs and judges one trial (ok ⇔ no OOM and peak ≤ budget); `budget` is used
+    here only to predict where the answer lies from measured peaks.
+    """
+    max_trials = max_trials or trial_bound(cap)
+    trials: list[Trial] = []
+    by_m: dict[int, Trial] = {}
+    lo, hi = 0, cap + 1  # lo: largest m that passed; hi: smallest m that failed (cap+1: none)
+
+    def run(m: int) -> bool:
+        nonlocal lo, hi
+        t = trial(m)
+        trials.append(t)
+        by_m[m] = t
+        if t.ok:
+            lo = max(lo, m)
+        else:
+            hi = min(hi, m)
+        return t.ok
+
+    def done() -> bool:
+        return (
+            lo >= cap or hi - lo <= max(1, int(lo * SEARCH_TOLERANCE)) or len(trials) >= max_trials
+        )
+
+    def predicted() -> int | None:
+        line = _fit_line([t for t in by_m.values() if t.ok])
+        if line is None:
+            return None
+        intercept, slope = line
+        return int((budget - intercept) // slope)
+
+    if not run(1) or done():
+        return lo, trials
+    run(2)
+    if done():
+        return lo, trials
+    # the analytic guess, verified
+    guess = predicted() or 2 * lo
+    run(min(max(guess, lo + 1), hi - 1))
+    step = max(1, math.ceil(lo * SEARCH_TOLERANCE))
+    interpolate = True
+    while not done():
+        if hi > cap:  # nothing failed yet: gallop upwards
+            m = min(cap, lo + step)
+            step *= 2
+            run(m)
+        else:  # bracketed: interpolate measured peaks, else bisect
+            width = hi - lo
+            m = None
+            if interpolate:
+                p_hi = by_m[hi].peak_bytes if hi in by_m else None
+                p_lo = by_m[lo].peak_bytes
+                if p_hi is not None and p_lo is not None and p_hi > p_lo:
+                    m = lo + int((budget - p_lo) * (hi - lo) // (p_hi - p_lo))
+                else:
+                    m = predicted()
+            if m is not None:  # a prediction outside the bracket still tests its near edge
+                m = min(max(m, lo + 1), hi - 1)
+            else:
+                m = math.isqrt(lo * hi) if hi > 2 * lo else (lo + hi) // 2
+                m = min(max(m, lo + 1), hi - 1)
+            run(m)
+            # interpolation that failed to halve the bracket gives way to bisection once
+            interpolate = (hi - lo) <= width // 2 or not interpolate
+    return lo, trials
+
+
+# --------------------------------------------------------------------------- the probe
+def _refusal(static: int, budget: int, capacity: int, margin: float) -> LLMTrainError:
+    """Why nothing fits, and what to change."""
+    why = (
+        f"the weights, gradients and optimizer state alone need {fmt_bytes(static)}"
+        if static > budget
+        else "a trial at micro-batch 1 does not fit (on this or another rank)"
+    )
+    return LLMTrainError(
+        f"batch.micro_batch: auto: {why}, more than the budget {fmt_bytes(budget)} "
+        f"({1 - margin:.0%} of {fmt_bytes(capacity)}); shorten data.chunk.seq_len, enable "
+        "model.gradient_checkpointing, use a smaller model or raise batch.probe.memory_limit"
+    )
+
+
+def _activation_bytes(by_m: dict[int, Trial]) -> int | None:
+    """peak(2) − peak(1) when both passed: the measured memory of one more sequence."""
+    if 1 in by_m and 2 in by_m and by_m[1].ok and by_m[2].ok:
+        return (by_m[2].peak_bytes or 0) - (by_m[1].peak_bytes or 0)
+    return None
+
+
+def probe_micro_batch(
+    setup: TrialSetup,
+    backend: MemoryBackend,
+    *,
+    global_batch: int,
+    world_size: int = 1,
+    margin: float = 0.1,
+    max_micro: int = 4096,
+    optimizer_name: str = "adamw",
+) -> ProbeResult:
+    """Measure the largest micro-batch for `setup` on `backend`'s device; all ranks agree."""
+    t0 = time.perf_counter()
+    cap = max(1, min(max_micro, math.ceil(global_batch / world_size)))
+    capacity = backend.capacity()
+    budget = int((1 - margin) * capacity)
+    static = static_bytes(unwrap(setup.model), optimizer_name)
+    if static > budget:
+        # Still join the collective below, so the other ranks are not left waiting.
+        micro, trials = 0, []
+    else:
+        micro, trials = search_micro_batch(
+            lambda m: run_trial(setup, backend, m, budget), cap=cap, budget=budget
+        )
+    agreed = all_reduce_min(torch.tensor([micro], dtype=torch.long, device=setup.device))
+    micro = int(agreed.item())
+    if micro < 1:
+        raise _refusal(static, budget, capacity, margin)
+    by_m = {t.micro_batch: t for t in trials}
+    ok = sorted(
+        (t for t in trials if t.ok and t.peak_bytes is not None), key=lambda t: t.micro_batch
+    )
+    chosen = by_m.get(micro)
+    return ProbeResult(
+        micro_batch=micro,
+        grad_accum=grad_accum(global_batch, micro, world_size),
+        global_batch=global_batch,
+        seq_len=setup.seq_len,
+        device=f"{setup.device.type}: {device_name(setup.device)}",
+        capacity_bytes=capacity,
+        peak_bytes=chosen.peak_bytes if chosen else (ok[-1].peak_bytes if ok else None),
+        margin=margin,
+        trials=trials,
+        budget_bytes=budget,
+        world_size=world_size,
+        max_micro=max_micro,
+        static_bytes=static,
+        activation_bytes_per_sample=_activation_bytes(by_m),
+        seconds=time.perf_counter() - t0,
+    )
