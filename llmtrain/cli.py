@@ -16,11 +16,36 @@ from collections.abc import Callable
 from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
 from llmtrain import __version__
 from llmtrain.errors import ConfigError, LLMTrainError
 
+
+def _plain_flags(params: list[Any]) -> list[Any]:
+    """Typer shows an on/off flag with a `<bool>` type column, which reads as if it took a
+    value (`--dry-run true`, which is then rejected); a flag gets an empty one instead."""
+    for p in params:
+        if getattr(p, "is_flag", False) and p.metavar is None:
+            p.metavar = ""
+    return params
+
+
+class _Group(TyperGroup):
+    """The app's click group: its own flags and those of every command render as flags."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _plain_flags(super().get_params(ctx))
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            _plain_flags(command.get_params(ctx))
+        return command
+
+
 app = typer.Typer(
+    cls=_Group,
     name="llmtrain",
     help="Train transformer language models from YAML configs: exact gradient accumulation, "
     "a measured micro-batch, long sequences chunked.",
@@ -33,7 +58,9 @@ app = typer.Typer(
 _state = {"debug": False}
 
 
-ConfigArg = Annotated[str, typer.Argument(help="The YAML config file.", show_default=False)]
+ConfigArg = Annotated[
+    str, typer.Argument(help="The YAML config file.", metavar="CONFIG", show_default=False)
+]
 SetOpt = Annotated[
     list[str] | None,
     typer.Option(
@@ -156,21 +183,76 @@ def fit(
         bool, typer.Option("--dry-run", help="Resolve everything and print the plan; no training.")
     ] = False,
     nproc: NprocOpt = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Start the run over: delete the earlier run's checkpoints, final/, metrics.jsonl "
+            "etc. in output_dir (listed first, then asked; the token stores are kept).",
+        ),
+    ] = False,
+    yes: Annotated[
+        bool, typer.Option("--yes", "-y", help="With --overwrite: delete without asking.")
+    ] = False,
 ) -> None:
     """Train a model: tokenize, chunk, probe the micro-batch, train with exact accumulation."""
 
     def work() -> None:
         cfg = _load(config, set_)
+        if overwrite and resume is not None:
+            raise ConfigError("--overwrite starts the run over and --resume continues it: use one")
+        if overwrite and not dry_run:
+            _confirm_overwrite(cfg.run.output_dir, yes)
         command = ["fit", config]
         command += ["--resume", resume] if resume is not None else []
         command += ["--dry-run"] if dry_run else []
+        command += ["--overwrite", "--yes"] if overwrite else []
         if _relaunch(nproc, command, set_, cfg):
             return
         from llmtrain.commands import fit as command
+        from llmtrain.engine.signals import Preempted
 
-        command.run(cfg, resume=resume, dry_run=dry_run)
+        try:
+            command.run(cfg, resume=resume, dry_run=dry_run, overwrite=overwrite)
+        except Preempted as e:  # SIGTERM: not an error; say how to continue
+            _say(f"llmtrain fit: {e}")
+            if e.checkpoint is not None:
+                _say(f"resume with: {_resume_command(config, set_, nproc)}")
+            raise typer.Exit(e.exit_code) from None
 
     _run("fit", work, "interrupted; the last checkpoint is intact, continue with --resume auto")
+
+
+def _resume_command(config: str, set_: list[str] | None, nproc: int | None) -> str:
+    import shlex
+
+    argv = ["llmtrain", "fit", config, *(x for s in set_ or () for x in ("--set", s))]
+    argv += ["--nproc", str(nproc)] if nproc else []
+    return shlex.join([*argv, "--resume", "auto"])
+
+
+def _interactive() -> bool:
+    return sys.stdin.isatty()
+
+
+def _confirm_overwrite(output_dir: str, yes: bool) -> None:
+    """List what `fit --overwrite` deletes, then ask (or refuse without a terminal, unless
+    --yes). Nothing to delete: nothing to ask."""
+    from pathlib import Path
+
+    from llmtrain.engine.provenance import describe, run_outputs
+
+    doomed = run_outputs(Path(output_dir))
+    if not doomed:
+        return
+    _say(f"--overwrite deletes from {output_dir}: " + ", ".join(describe(p) for p in doomed))
+    if yes:
+        return
+    if not _interactive():
+        raise ConfigError(f"{output_dir}: --overwrite needs a confirmation; add --yes to delete")
+    if not typer.confirm("Delete them and start the run over?", default=False, err=True):
+        _say("nothing deleted")
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -188,8 +270,9 @@ def chunk(
     """Tokenize the corpus and cut it into fixed-length chunks (the on-disk token store)."""
 
     def work() -> None:
-        # chunk never builds the model: skip the checks that need transformers (and torch).
-        cfg = _load(config, set_, check_model=False)
+        # The model's checks too (transformers is loaded for the tokenizer anyway): a seq_len
+        # above its positions fails here as in `validate`, not after building a useless store.
+        cfg = _load(config, set_)
         from llmtrain.commands import chunk as command
 
         command.run(cfg, force=force, workers=workers, as_json=as_json)
@@ -199,17 +282,27 @@ def chunk(
 
 @app.command("probe-batch")
 def probe_batch(
-    config: ConfigArg, set_: SetOpt = None, as_json: JsonOpt = False, nproc: NprocOpt = None
+    config: ConfigArg,
+    set_: SetOpt = None,
+    as_json: JsonOpt = False,
+    nproc: NprocOpt = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="Measure again even when probe-cache.json holds this setup's result."
+        ),
+    ] = False,
 ) -> None:
     """Measure the largest micro-batch that fits on this device for this model and seq_len."""
 
     def work() -> None:
         cfg = _load(config, set_)
-        if _relaunch(nproc, ["probe-batch", config] + (["--json"] if as_json else []), set_, cfg):
+        flags = (["--json"] if as_json else []) + (["--force"] if force else [])
+        if _relaunch(nproc, ["probe-batch", config, *flags], set_, cfg):
             return
         from llmtrain.commands import probe as command
 
-        command.run(cfg, as_json=as_json)
+        command.run(cfg, as_json=as_json, force=force)
 
     _run("probe-batch", work)
 
@@ -232,6 +325,214 @@ def validate(config: ConfigArg, set_: SetOpt = None, as_json: JsonOpt = False) -
         console.print(Syntax(dump_config(cfg), "yaml", background_color="default"))
 
     _run("validate", work)
+
+
+# ------------------------------------------------------------------ using a trained run
+RunDirArg = Annotated[
+    str,
+    typer.Argument(
+        help="A run directory (a config's run.output_dir).", metavar="RUN_DIR", show_default=False
+    ),
+]
+CheckpointOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--checkpoint",
+        help="Use this checkpoint (RUN_DIR/checkpoints/step-N) instead of final/.",
+        metavar="PATH",
+        show_default=False,
+    ),
+]
+BatchOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--batch",
+        help="Rows per forward pass, or 'auto' to probe; default the run's micro-batch.",
+        metavar="N|auto",
+        show_default=False,
+    ),
+]
+TextFieldOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--text-field",
+        help="jsonl/csv: the field holding the text (default: the run's data.train.text_field).",
+        show_default=False,
+    ),
+]
+
+
+@app.command()
+def predict(
+    run_dir: RunDirArg,
+    input_path: Annotated[
+        str,
+        typer.Option(
+            "--input",
+            help="The documents: any corpus data.* accepts (file, folder, glob).",
+            show_default=False,
+        ),
+    ],
+    output: Annotated[
+        str | None,
+        typer.Option(
+            "--output",
+            help="Write one JSON object per document to this file.",
+            metavar="FILE.jsonl",
+        ),
+    ] = None,
+    batch: BatchOpt = None,
+    text_field: TextFieldOpt = None,
+    id_field: Annotated[
+        str | None,
+        typer.Option(
+            "--id-field",
+            help="jsonl/csv: the field holding a document id (default: the run's; '' for "
+            "file:line).",
+            show_default=False,
+        ),
+    ] = None,
+    checkpoint: CheckpointOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Predict every document of a corpus with a trained run: same tokenizer, windows and
+    aggregation as in training."""
+
+    def work() -> None:
+        from llmtrain.commands import predict as command
+
+        command.run(
+            run_dir,
+            input_path=input_path,
+            output=output,
+            batch=batch,
+            text_field=text_field,
+            id_field=id_field,
+            checkpoint=checkpoint,
+            as_json=as_json,
+        )
+
+    _run("predict", work)
+
+
+@app.command()
+def evaluate(
+    run_dir: RunDirArg,
+    input_path: Annotated[
+        str | None,
+        typer.Option(
+            "--input",
+            help="Evaluate on this labelled corpus instead of the run's eval data.",
+            show_default=False,
+        ),
+    ] = None,
+    checkpoint: CheckpointOpt = None,
+    batch: BatchOpt = None,
+    text_field: TextFieldOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The metrics of fit's eval records (loss, ppl, accuracy, doc_accuracy) for the final
+    model or a checkpoint; per-class precision/recall and a confusion matrix for classifiers."""
+
+    def work() -> None:
+        from llmtrain.commands import evaluate as command
+
+        command.run(
+            run_dir,
+            input_path=input_path,
+            checkpoint=checkpoint,
+            batch=batch,
+            text_field=text_field,
+            as_json=as_json,
+        )
+
+    _run("evaluate", work)
+
+
+@app.command()
+def generate(
+    run_dir: RunDirArg,
+    prompt: Annotated[
+        str | None,
+        typer.Option("--prompt", help="The text to continue.", show_default=False),
+    ] = None,
+    input_path: Annotated[
+        str | None,
+        typer.Option(
+            "--input",
+            help="Prompts from a file: .txt one per line, .jsonl one per record (--text-field).",
+            show_default=False,
+        ),
+    ] = None,
+    max_new_tokens: Annotated[
+        int, typer.Option("--max-new-tokens", min=1, help="Tokens to generate at most.")
+    ] = 100,
+    temperature: Annotated[
+        float, typer.Option("--temperature", min=0.0, help="Sampling temperature; 0 is greedy.")
+    ] = 0.8,
+    top_p: Annotated[
+        float,
+        typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling: keep this much mass."),
+    ] = 0.95,
+    seed: Annotated[
+        int | None,
+        typer.Option("--seed", help="Seed the sampling: the same seed gives the same text."),
+    ] = None,
+    text_field: TextFieldOpt = None,
+    checkpoint: CheckpointOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Continue a prompt with a trained causal LM (transformers' generate)."""
+
+    def work() -> None:
+        if (prompt is None) == (input_path is None):
+            raise ConfigError("generate: give exactly one of --prompt TEXT or --input FILE")
+        from llmtrain.commands import generate as command
+
+        command.run(
+            run_dir,
+            prompt=prompt,
+            input_path=input_path,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            text_field=text_field,
+            checkpoint=checkpoint,
+            as_json=as_json,
+        )
+
+    _run("generate", work)
+
+
+@app.command()
+def report(
+    run_dirs: Annotated[
+        list[str],
+        typer.Argument(
+            help="One or more run directories.", metavar="RUN_DIR...", show_default=False
+        ),
+    ],
+    output: Annotated[
+        str | None,
+        typer.Option(
+            "--output",
+            help="The PNG to write (default: RUN_DIR/report.png for one run, report.png for "
+            "several).",
+            metavar="FILE.png",
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Plot runs' metrics.jsonl (loss, learning rate, tokens/s, grad norm, accuracy) into one
+    PNG, several runs overlaid, and print a summary table."""
+
+    def work() -> None:
+        from llmtrain.commands import report as command
+
+        command.run(run_dirs, output=output, as_json=as_json)
+
+    _run("report", work)
 
 
 def main() -> None:

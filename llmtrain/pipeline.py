@@ -10,6 +10,7 @@ sees of the plan is the caller's business (`on_plan`: llmtrain.commands.fit prin
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,14 +21,20 @@ from rich.console import Console
 
 from llmtrain.config import Config, dump_config
 from llmtrain.console import console as default_console
+from llmtrain.console import err_console
+from llmtrain.data.batching import total_steps
 from llmtrain.data.store_cache import ensure_stores
 from llmtrain.data.tokenizer import load_tokenizer
+from llmtrain.engine import allocator, threads
 from llmtrain.engine.distributed import DistInfo, barrier, resolve_device, setup, teardown
 from llmtrain.engine.loop import TrainResult, find_start, is_isolated, train
 from llmtrain.engine.model import build_model, check_document_isolation
+from llmtrain.engine.provenance import Resume, check_resume, check_total, clear_run
+from llmtrain.engine.signals import sigterm_guard
 from llmtrain.errors import LLMTrainError
 from llmtrain.probe.plan import resolve_micro_batch
 from llmtrain.util.atomic import atomic_write
+from llmtrain.util.locks import hold_run_dir
 
 
 @dataclass
@@ -40,6 +47,8 @@ class Plan:
     micro: int
     n_train: int
     dist: DistInfo
+    threads: threads.Threads | None = None  # intra-op threads set for the run (and why)
+    allocator: allocator.Policy | None = None  # the CPU allocator policy applied
 
 
 def resolve_micro(cfg: Config, model: Any, device: Any, dist: DistInfo) -> int:
@@ -57,7 +66,10 @@ def write_resolved_config(cfg: Config, out: Path) -> None:
 
 def prepare(cfg: Config, dist: DistInfo, device: torch.device) -> tuple[Any, Any, Any, Plan]:
     """Tokenizer, token stores, model and micro-batch. Rank 0 trains the tokenizer and builds
-    the stores while the other ranks wait, then they open what it wrote."""
+    the stores while the other ranks wait, then they open what it wrote. Threads and the CPU
+    allocator policy are set first: the probe measures what training will run with."""
+    host_threads = threads.apply(cfg.run.threads)
+    policy = allocator.apply(cfg.run.cpu_allocator)
     if not dist.is_main:
         barrier()
     tokenizer = load_tokenizer(cfg)
@@ -76,8 +88,12 @@ def prepare(cfg: Config, dist: DistInfo, device: torch.device) -> tuple[Any, Any
     if is_isolated(cfg):
         check_document_isolation(model, torch.device("cpu"))
     micro = resolve_micro(cfg, model, device, dist)
-    plan = Plan(cfg, model, device, micro, len(train_store), dist)
+    plan = Plan(cfg, model, device, micro, len(train_store), dist, host_threads, policy)
     return tokenizer, train_store, eval_store, plan
+
+
+def _say(line: str) -> None:
+    err_console.print(line, markup=False, highlight=False)
 
 
 def fit(
@@ -85,14 +101,56 @@ def fit(
     *,
     resume: str | None = None,
     dry_run: bool = False,
+    overwrite: bool = False,
     console: Console | None = None,
     on_plan: Callable[[Plan], None] | None = None,
 ) -> TrainResult | None:
-    """Run every stage of `fit`; returns the TrainResult (None for a dry run)."""
+    """Run every stage of `fit` as the run directory's one writer (util/locks.py: rank 0
+    holds it for the job), SIGTERM handled (engine/signals.py); `overwrite` first removes
+    the outputs of an earlier run (engine/provenance.py). Returns the TrainResult (None for
+    a dry run)."""
+    out = Path(cfg.run.output_dir)
+    main = int(os.environ.get("RANK", "0")) == 0  # the process group does not exist yet
+    caller_threads = torch.get_num_threads()  # the run sets its own (engine/threads.py)
+    try:
+        with hold_run_dir(out, enabled=main, notice=_say), sigterm_guard():
+            if overwrite and main and not dry_run:
+                for path in clear_run(out):
+                    _say(f"--overwrite: removed {path}")
+            return run_stages(cfg, resume=resume, dry_run=dry_run, console=console, on_plan=on_plan)
+    finally:
+        torch.set_num_threads(caller_threads)  # an in-process caller keeps its own setting
+
+
+def check_provenance(
+    cfg: Config, resume: str | None, main: bool, console: Console
+) -> Resume | None:
+    """Before any work: may this config continue the run (engine/provenance.py)? The safe
+    changes are shown here and recorded in metrics.jsonl by the loop."""
+    if resume is None:
+        return None
+    found = check_resume(cfg, Path(cfg.run.output_dir), resume, _say if main else lambda _: None)
+    if found is not None and found.changes and main:
+        shown = "; ".join(f"{k} {old!r} → {new!r}" for k, (old, new) in found.changes.items())
+        console.print(f"resuming with changed settings (allowed: {shown})", markup=False)
+    return found
+
+
+def run_stages(
+    cfg: Config,
+    *,
+    resume: str | None = None,
+    dry_run: bool = False,
+    console: Console | None = None,
+    on_plan: Callable[[Plan], None] | None = None,
+) -> TrainResult | None:
+    """tokenizer → stores → model → micro-batch → train; returns the TrainResult."""
     console = console or default_console
     out = Path(cfg.run.output_dir)
-    if resume is None and not dry_run:
+    main = int(os.environ.get("RANK", "0")) == 0
+    if resume is None and not dry_run and main:
         find_start(out, None)  # refuse an earlier run's directory before any work is done
+    resumed = check_provenance(cfg, resume, main, console)  # before a store is rebuilt
     device = resolve_device(cfg.run.device)
     dist = setup(device)
     if dist.enabled:
@@ -101,6 +159,10 @@ def fit(
         tokenizer, train_store, eval_store, plan = prepare(cfg, dist, device)
         if dist.is_main and on_plan is not None:
             on_plan(plan)
+        if resumed is not None:
+            b, t = cfg.batch, cfg.train
+            total = total_steps(plan.n_train, b.global_batch, t.max_steps, t.epochs)
+            check_total(total, resumed.step, resumed.checkpoint)
         if dry_run:
             return None
         if dist.is_main:
@@ -116,6 +178,7 @@ def fit(
             dist=dist,
             resume=resume,
             console=console,
+            changes=resumed.changes if resumed is not None else None,
         )
     finally:
         teardown()

@@ -102,18 +102,28 @@ def child_env(threads: int, warmup: int, steps: int) -> dict[str, str]:
     return env
 
 
+PEAK_RSS_MIB: dict[str, float] = {}  # log stem (the tool) → the child's peak RSS (wait4)
+
+
 def run_child(cmd: list[str], env: dict[str, str], log: Path) -> str:
-    """Run one tool; its output goes to `log`; a failure shows the log's tail and stops."""
+    """Run one tool; its output goes to `log`; a failure shows the log's tail and stops.
+    The tool's own peak resident memory (its rusage from wait4) is kept in PEAK_RSS_MIB."""
     t = time.perf_counter()
     with open(log, "w") as f:
-        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=f, text=True)
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=f, text=True)
+        assert proc.stdout is not None
+        stdout = proc.stdout.read()
+        proc.stdout.close()
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    PEAK_RSS_MIB[log.stem] = round(usage.ru_maxrss / 1024, 1)  # Linux: kB
     with open(log, "a") as f:
-        f.write(proc.stdout)
+        f.write(stdout)
     if proc.returncode != 0:
         tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
         raise SystemExit(f"{cmd[:4]} failed (exit {proc.returncode}); log {log}:\n{tail}")
     say(f"    ({time.perf_counter() - t:.0f}s wall in all, log {log})")
-    return proc.stdout
+    return stdout
 
 
 def last_json(stdout: str, key: str) -> dict[str, Any]:
@@ -459,6 +469,7 @@ def bench_training(a: argparse.Namespace, work: Path) -> dict[str, Any]:
         else:
             rec = run_bare(a, tok_dir, env, logs)
         rec["load_before"] = round(load, 2)
+        rec["peak_rss_mib"] = PEAK_RSS_MIB.get(tool)
         say(
             f"    {tool}: {rec['tokens_per_s']:,} tokens/s wall, "
             f"{rec['tokens_per_cpu_s']:,} per CPU-s"
@@ -539,7 +550,10 @@ def print_training(res: dict[str, Any]) -> None:
         mr = res["median_" + rkey]
         row = "".join(f"{m[t]:>12,}" for t in tools)
         say(f"  {'median':<8}{row}{fmt(mr['llmtrain_over_hf'])}{fmt(mr['llmtrain_over_bare'])}")
-    say("targets: llmtrain/hf ≥ 1.00, llmtrain/bare ≥ 0.97")
+    for t in tools:
+        peaks = [rr[t].get("peak_rss_mib") for rr in res["rounds"]]
+        say(f"peak RSS {t}: {', '.join(f'{x:,.0f} MiB' for x in peaks if x)}")
+    say("targets: llmtrain/hf ≥ 1.20 (tokens/s), llmtrain peak RSS ≤ hf-trainer's")
 
 
 # ------------------------------------------------------------------------- useful tokens

@@ -305,33 +305,40 @@ def test_non_oom_error_in_a_trial_propagates_unchanged():
 def test_oom_that_is_real_on_cpu_is_a_failed_trial_and_its_memory_is_released():
     import weakref
 
-    alive: weakref.WeakSet = weakref.WeakSet()
+    optimizers: weakref.WeakSet = weakref.WeakSet()  # the trials' own: they die with the trial
 
     class Hungry(GPT2LMHeadModel):
         def forward(self, *args, **kwargs):
-            alive.add(self)
             if kwargs["input_ids"].shape[0] > 3:
                 raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried ...")
             return super().forward(*args, **kwargs)
 
+    def tracked_adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
+        optimizer = adamw(model)
+        optimizers.add(optimizer)
+        return optimizer
+
     class Meter(CpuMemory):
-        """Records how many shadow models are still alive when memory is released."""
+        """Records how many trial optimizers are still alive when memory is released."""
 
         seen: list[int] = []  # noqa: RUF012
 
         def release(self, collect: bool = False) -> None:
             super().release(collect)
             if collect:
-                self.seen.append(len(alive))
+                self.seen.append(len(optimizers))
 
     torch.manual_seed(0)
     model = Hungry(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=256, n_positions=64))
-    result = P.probe_micro_batch(make_setup(model, seq_len=16), Meter(10**13), global_batch=64)
+    setup = P.TrialSetup(model=model, make_optimizer=tracked_adamw, device=CPU, seq_len=16)
+    result = P.probe_micro_batch(setup, Meter(10**13), global_batch=64)
     assert result.micro_batch == 3
     assert "can't allocate memory" in next(t.error for t in result.trials if not t.ok)
-    # after an OOM the shadow copy is already gone when memory is released (CUDA:
-    # empty_cache can only return what nothing references any more)
+    # after an OOM the failed trial's optimizer — its state, and the frames holding the
+    # activations — is already gone when memory is released (CUDA: empty_cache can only
+    # return what nothing references any more)
     assert Meter.seen and all(n == 0 for n in Meter.seen)
+    assert all(p.grad is None for p in model.parameters())
 
 
 # ------------------------------------------------------------------ config, cache, CLI

@@ -48,10 +48,16 @@ def run(cfg: Config, *, force: bool, workers: int | None, as_json: bool) -> None
             "splits": report.splits,
             "store": str(report.root),
             "up_to_date": report.up_to_date,
+            "verified": report.verified,  # null when built; else full | sampled
+            "notes": report.notes,  # also printed on stderr
         }
         print(json.dumps(payload), flush=True)
         return
-    state = "up to date, reused (--force rebuilds)" if report.up_to_date else "built"
+    state = "built"
+    if report.up_to_date:
+        state = (
+            f"up to date, reused; checksums verified: {_verified_text(report)} (--force rebuilds)"
+        )
     out.print(f"token store {report.root}: {state}", highlight=False, soft_wrap=True)
     # Piped output is not squeezed to 80 columns: the table is meant to be read in logs too.
     if not out.is_terminal:
@@ -59,6 +65,15 @@ def run(cfg: Config, *, force: bool, workers: int | None, as_json: bool) -> None
 
         out = Console(file=out.file, width=120, no_color=True)
     out.print(summary_table(report))
+
+
+def _verified_text(report: ChunkReport) -> str:
+    """'full (sha256 of every file)' or 'sampled (...)': which check a reuse passed."""
+    how = {
+        "full": "full (sha256 of every file)",
+        "sampled": "sampled (sizes + 64 blocks per file; data.store_verify: full checks all)",
+    }
+    return ", ".join(how.get(mode, mode) for mode in str(report.verified).split(","))
 
 
 def summary_table(report: ChunkReport) -> Any:

@@ -7,9 +7,17 @@ from rich.table import Table
 from llmtrain.config import Config
 from llmtrain.console import console
 from llmtrain.data.batching import grad_accum, steps_per_epoch, total_steps
-from llmtrain.engine.model import count_parameters
-from llmtrain.engine.optim import effective_lr
+from llmtrain.engine.model import count_parameters, total_parameters
+from llmtrain.engine.optim import effective_lr, resolve_warmup
 from llmtrain.pipeline import Plan, fit
+
+
+def trainable_text(plan: Plan) -> str:
+    """Trainable against total parameters, and the PEFT method when one is set."""
+    trainable, total = count_parameters(plan.model), total_parameters(plan.model)
+    text = f"{trainable / 1e6:.2f}M of {total / 1e6:.2f}M ({100 * trainable / max(total, 1):.2f}%)"
+    p = plan.cfg.model.peft
+    return text + (f", {p.method} r={p.r} on {p.target_modules}" if p is not None else "")
 
 
 def banner(plan: Plan) -> Table:
@@ -30,9 +38,11 @@ def banner(plan: Plan) -> Table:
         (
             "model",
             f"{cfg.model.arch or cfg.model.pretrained} ({cfg.model.task}), "
-            f"{count_parameters(plan.model) / 1e6:.2f}M parameters",
+            f"{total_parameters(plan.model) / 1e6:.2f}M parameters",
         ),
+        ("trainable", trainable_text(plan)),
         ("device", device),
+        *host_rows(plan),
         ("precision", cfg.train.precision),
         (
             "batch",
@@ -40,7 +50,7 @@ def banner(plan: Plan) -> Table:
         ),
         ("tokens / step", f"≤ {global_batch * seq:,} (seq_len {seq}, {cfg.data.chunk.mode})"),
         ("data", f"{plan.n_train:,} train sequences, {per_epoch} steps/epoch"),
-        ("steps", f"{steps:,} ({cfg.optim.schedule}, warmup {cfg.optim.warmup_steps})"),
+        ("steps", f"{steps:,} ({cfg.optim.schedule}, {_warmup_text(cfg, steps)})"),
         ("effective LR", lr_text),
     ]
     table = Table(title="llmtrain fit", show_header=False, title_justify="left")
@@ -51,7 +61,23 @@ def banner(plan: Plan) -> Table:
     return table
 
 
-def run(cfg: Config, *, resume: str | None, dry_run: bool) -> None:
+def host_rows(plan: Plan) -> list[tuple[str, str]]:
+    """CPU threads and allocator policy (engine/threads.py, engine/allocator.py)."""
+    rows = []
+    if plan.threads is not None:
+        rows.append(("threads", plan.threads.describe()))
+    if plan.allocator is not None and plan.device.type == "cpu":
+        rows.append(("cpu allocator", plan.allocator.describe()))
+    return rows
+
+
+def _warmup_text(cfg: Config, steps: int) -> str:
+    """'warmup 20', or for the default 'warmup 1 (default: 5% of 20 steps)'."""
+    text = f"warmup {resolve_warmup(cfg.optim, steps)}"
+    return text if cfg.optim.warmup_steps is not None else f"{text} (default: 5% of {steps} steps)"
+
+
+def run(cfg: Config, *, resume: str | None, dry_run: bool, overwrite: bool = False) -> None:
     """Entry point of `llmtrain fit` (called by llmtrain.cli after validation); the plan and
     the closing line are printed by rank 0 alone."""
 
@@ -62,6 +88,6 @@ def run(cfg: Config, *, resume: str | None, dry_run: bool) -> None:
                 "dry run: tokenizer, stores, model and micro-batch resolved; not training"
             )
 
-    result = fit(cfg, resume=resume, dry_run=dry_run, on_plan=show)
+    result = fit(cfg, resume=resume, dry_run=dry_run, overwrite=overwrite, on_plan=show)
     if result is not None and result.final_dir is not None:
         console.print(f"done: step {result.step}, final model in {result.final_dir}")

@@ -1,9 +1,12 @@
-"""`llmtrain probe-batch`: build the run's model, measure, print a table (or one JSON object
-on stdout), and refresh the cache entry `fit` will reuse (docs/architecture.md, "Probing")."""
+"""`llmtrain probe-batch`: build the run's model, measure (or reuse this setup's entry of
+probe-cache.json, as `fit` does, unless --force or batch.probe.cache: false), print a table (or
+one JSON object on stdout), and refresh the cache entry `fit` will reuse
+(docs/architecture.md, "Probing")."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 
@@ -37,8 +40,35 @@ def render_table(result: ProbeResult) -> Table:
     return table
 
 
-def _measure(cfg: Config) -> tuple[DistInfo, ProbeResult]:
-    """Build the model on this rank's device and probe it, never from the cache."""
+def capped_by(cfg: Config, result: ProbeResult) -> str | None:
+    """Which limit, not memory, set the answer: "global_batch" when the micro-batch is this
+    rank's whole share of the global batch, "max_micro" when it is batch.probe.max_micro; the
+    device may then hold more. None when memory decided."""
+    share = math.ceil(result.global_batch / result.world_size)
+    if result.micro_batch >= share:
+        return "global_batch"
+    if result.micro_batch >= (result.max_micro or cfg.batch.probe.max_micro):
+        return "max_micro"
+    return None
+
+
+def _cap_line(cfg: Config, result: ProbeResult, cap: str) -> str:
+    if cap == "global_batch":
+        per_rank = f" / {result.world_size} ranks" if result.world_size > 1 else ""
+        return (
+            f"capped by batch.global_batch={result.global_batch}{per_rank}, not by memory: "
+            "the device may fit more (raise batch.global_batch to probe higher)"
+        )
+    return (
+        f"capped by batch.probe.max_micro={result.max_micro or cfg.batch.probe.max_micro}, "
+        "not by memory: "
+        "the device may fit more"
+    )
+
+
+def _measure(cfg: Config, use_cache: bool) -> tuple[DistInfo, ProbeResult]:
+    """Build the model on this rank's device and probe it (or take this setup's cached
+    result when `use_cache`)."""
     # under torchrun each rank probes its own GPU; setup() binds the process to it
     device = resolve_device(cfg.run.device, int(os.environ.get("LOCAL_RANK", "0")))
     dist = setup(device)
@@ -53,7 +83,7 @@ def _measure(cfg: Config) -> tuple[DistInfo, ProbeResult]:
         if cfg.model.task == "sequence-classification":
             num_labels = cfg.model.num_labels or PROBE_NUM_LABELS
         model = build_model(cfg, tokenizer, num_labels).to(device)
-        return dist, probe_for_config(cfg, model, device, dist=dist, use_cache=False)
+        return dist, probe_for_config(cfg, model, device, dist=dist, use_cache=use_cache)
     finally:
         teardown()
 
@@ -70,23 +100,34 @@ def _print_summary(out: Console, cfg: Config, result: ProbeResult) -> None:
             else ""
         )
     )
+    source = (
+        f"cached result from {cache_path(cfg)}, measured earlier; --force measures again"
+        if result.cached
+        else f"{len(result.trials)} trials, {result.seconds:.1f}s; cached in {cache_path(cfg)}"
+    )
     out.print(
         f"[bold]micro_batch {result.micro_batch}[/], grad_accum {result.grad_accum}, "
         f"global batch {result.global_batch}"
         + (f" over {result.world_size} ranks" if result.world_size > 1 else "")
-        + f"  ({len(result.trials)} trials, {result.seconds:.1f}s; cached in {cache_path(cfg)})"
+        + f"  ({source})",
+        highlight=False,
     )
+    cap = capped_by(cfg, result)
+    if cap is not None:
+        out.print(_cap_line(cfg, result, cap), highlight=False)
 
 
-def run(cfg: Config, *, as_json: bool) -> None:
+def run(cfg: Config, *, as_json: bool, force: bool = False) -> None:
     """`llmtrain probe-batch`: on rank 0, the table and summary — or, with --json, exactly
-    one JSON object (ProbeResult.to_dict) on stdout and nothing else there."""
+    one JSON object (ProbeResult.to_dict, plus `capped_by`) on stdout and nothing else there.
+    A matching cache entry is shown instead of measuring unless `force`."""
     out = human_console(as_json)
-    dist, result = _measure(cfg)
+    dist, result = _measure(cfg, use_cache=cfg.batch.probe.cache and not force)
     if not dist.is_main:
         return
     if as_json:
-        sys.stdout.write(json.dumps(result.to_dict()) + "\n")
+        payload = {**result.to_dict(), "capped_by": capped_by(cfg, result)}
+        sys.stdout.write(json.dumps(payload) + "\n")
         sys.stdout.flush()
         return
     _print_summary(out, cfg, result)

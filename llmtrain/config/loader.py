@@ -64,6 +64,68 @@ class _PositionLoader(yaml.SafeLoader):
     """The safe loader; composed nodes keep their marks, which `_walk_positions` records."""
 
 
+# A real config holds hundreds of values. Aliases repeat a subtree, and aliases of aliases
+# repeat it exponentially (the "billion laughs": 9 levels of 9 aliases is 387 million values
+# from 300 bytes), which every later step (positions, validation, the dump) would expand.
+MAX_VALUES = 100_000
+
+
+class _Refused(Exception):
+    """Internal: carries (node, path, reason) out of the recursive count."""
+
+
+def _expansion_problem(node: yaml.Node) -> tuple[yaml.Node, KeyPath, str] | None:
+    """(node, key path, reason) when `node` expands past MAX_VALUES values or contains itself.
+
+    Counted on the composed graph, where an anchored node is one object however often an
+    alias names it, so the count costs one visit per distinct node: O(file), not O(expansion).
+    """
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()  # on the current path: reaching one again is a cycle
+
+    def children(n: yaml.Node) -> list[tuple[Any, yaml.Node]]:
+        if isinstance(n, yaml.MappingNode):
+            return [(k.value if isinstance(k, yaml.ScalarNode) else "?", v) for k, v in n.value]
+        if isinstance(n, yaml.SequenceNode):
+            return list(enumerate(n.value))
+        return []
+
+    def size(n: yaml.Node, path: KeyPath) -> int:
+        if id(n) in sizes:
+            return sizes[id(n)]
+        if id(n) in open_nodes:
+            raise _Refused(n, path, "an alias refers to the mapping or list that contains it")
+        open_nodes.add(id(n))
+        total = 1 + sum(size(child, (*path, key)) for key, child in children(n))
+        open_nodes.discard(id(n))
+        if total > MAX_VALUES:
+            raise _Refused(
+                n,
+                path,
+                f"expands to more than {MAX_VALUES:,} values through YAML aliases (*name); "
+                "a config that large is refused: write the values out, or alias less",
+            )
+        sizes[id(n)] = total
+        return total
+
+    try:
+        size(node, ())
+    except _Refused as e:
+        return e.args
+    return None
+
+
+def _compose(loader: yaml.SafeLoader, file: str) -> yaml.Node | None:
+    """The document's node graph, refused when its aliases expand it past MAX_VALUES."""
+    node = loader.get_single_node()
+    problem = _expansion_problem(node) if node is not None else None
+    if problem is not None:
+        bad, path, reason = problem
+        where = Where(file, bad.start_mark.line + 1, bad.start_mark.column + 1)
+        raise ConfigError(_error(where, path, reason))
+    return node
+
+
 def _walk_positions(
     node: yaml.Node, path: KeyPath, file: str, out: Positions, problems: list[str]
 ) -> None:
@@ -100,7 +162,7 @@ def _read_yaml(file: str) -> tuple[dict[str, Any], Positions]:
     positions: Positions = {(): Where(file)}
     problems: list[str] = []
     try:
-        node = loader.get_single_node()
+        node = _compose(loader, file)
         # Positions are read from the composed nodes before construction, which rewrites
         # merge keys (`<<: *base`) in place.
         if node is not None:
@@ -191,12 +253,25 @@ def _parse_override(text: str) -> tuple[KeyPath, Any]:
     if not key or any(not p.strip() for p in parts):
         raise ConfigError(f"--set {text}: the key must be a dotted path like batch.micro_batch")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _load_value(raw, text) if raw.strip() else None
     except yaml.YAMLError as e:
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"--set {text}: the value is not valid YAML ({problem})") from None
     path: KeyPath = tuple(int(p) if p.isdigit() else p.strip() for p in parts)
     return path, value
+
+
+def _load_value(raw: str, text: str) -> Any:
+    """A `--set` value: YAML, with the same bound on aliases as a file."""
+    loader = yaml.SafeLoader(raw)
+    try:
+        node = loader.get_single_node()
+        problem = _expansion_problem(node) if node is not None else None
+        if problem is not None:
+            raise ConfigError(f"--set {text}: the value {problem[2]}")
+        return loader.construct_document(node) if node is not None else None
+    finally:
+        loader.dispose()
 
 
 def _apply_override(data: dict[str, Any], positions: Positions, text: str) -> None:

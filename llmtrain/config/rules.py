@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from llmtrain.config.messages import KeyPath, Problem, did_you_mean, dotted, kind_of, show_value
-from llmtrain.config.schema import Config, parse_bytes
+from llmtrain.config.schema import Config, SftConfig, parse_bytes
 
 # A rule gets the config and the user's mapping (to tell a value set in the file from a default).
 Rule = Callable[[Config, dict[str, Any]], Iterator[Problem]]
@@ -147,6 +147,15 @@ def _data_sources(cfg: Config, raw: dict[str, Any]) -> Iterator[Problem]:
 @rule("data")
 def _chunking(cfg: Config, raw: dict[str, Any]) -> Iterator[Problem]:
     c = cfg.data.chunk
+    if c.mode != "window" and c.overlap > 0:
+        # Refused, not ignored: the user asked for repeated context that this mode never makes.
+        yield (
+            ("data", "chunk", "overlap"),
+            (
+                f"only applies to mode: window ({c.mode} never repeats tokens, got overlap "
+                f"{c.overlap}); remove it or set data.chunk.mode: window"
+            ),
+        )
     if c.mode == "window" and c.overlap >= c.seq_len:
         yield (
             ("data", "chunk", "overlap"),
@@ -204,10 +213,10 @@ def _lr_scaling(cfg: Config, raw: dict[str, Any]) -> Iterator[Problem]:
 
 @rule("optim", "train")
 def _warmup(cfg: Config, raw: dict[str, Any]) -> Iterator[Problem]:
-    # Only a warmup the user wrote is an error; the default is capped by the schedule.
-    steps = cfg.train.max_steps
-    given = "warmup_steps" in (raw.get("optim") or {})
-    if given and steps is not None and cfg.optim.warmup_steps > steps:
+    # The default (null) follows the run's length; a number the user wrote must fit in it
+    # (with train.epochs the length is known only once the data is: engine.optim checks then).
+    steps, warmup = cfg.train.max_steps, cfg.optim.warmup_steps
+    if warmup is not None and steps is not None and warmup > steps:
         yield (
             ("optim", "warmup_steps"),
             (f"must be at most train.max_steps={steps} (got {cfg.optim.warmup_steps})"),
@@ -223,6 +232,148 @@ def _attention_on_cpu(cfg: Config, raw: dict[str, Any]) -> Iterator[Problem]:
         )
 
 
+@rule("model", "train")
+def _peft(cfg: Config, raw: dict[str, Any]) -> Iterator[Problem]:
+    p = cfg.model.peft
+    if p is None:
+        return
+    if cfg.model.arch:
+        yield (
+            ("model", "peft"),
+            "adapts a pretrained model: set model.pretrained (a local model directory) "
+            "instead of model.arch, or remove model.peft to train from scratch",
+        )
+    if p.r < 1:
+        yield ("model", "peft", "r"), f"must be at least 1 (got {p.r}); 8 to 64 is usual"
+    if cfg.train.parallel == "fsdp":
+        yield (
+            ("train", "parallel"),
+            "fsdp is not supported with model.peft (the frozen base is small to replicate next "
+            "to its optimizer state); use train.parallel: ddp",
+        )
+
+
+@rule("model", hf=True)
+def _peft_targets(cfg: Config, raw: dict[str, Any]) -> Iterator[Problem]:
+    """Every listed target names a module of the model, matched as peft does (whole name or a
+    dotted suffix); the skeleton is built on the meta device, so nothing is allocated."""
+    m = cfg.model
+    p = m.peft
+    if p is None or not m.pretrained or not isinstance(p.target_modules, list):
+        return
+    names = _module_names(m.pretrained, m.task)
+    if names is None:  # not a model directory: _model_limits says so
+        return
+    modules, linear = names
+    for i, target in enumerate(p.target_modules):
+        if not any(n == target or n.endswith("." + target) for n in modules):
+            yield (
+                ("model", "peft", "target_modules", i),
+                f"no module of the model is named {target!r}"
+                + did_you_mean(target, linear)
+                + f"; its linear layers are: {', '.join(linear)} (or use all-linear)",
+            )
+
+
+def _module_names(directory: str, task: str) -> tuple[list[str], list[str]] | None:
+    """(every module's dotted name, the distinct last names of its linear layers), from the
+    model's config alone; None when the directory does not hold a loadable config."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers.pytorch_utils import Conv1D
+
+    try:
+        hf = AutoConfig.from_pretrained(directory)
+        auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
+        with torch.device("meta"):
+            skeleton = auto.from_config(hf)
+    except (OSError, ValueError, KeyError):
+        return None
+    modules = [n for n, _ in skeleton.named_modules() if n]
+    kinds = (torch.nn.Linear, Conv1D)  # GPT-2 writes its linear layers as Conv1D
+    linear = {n.rsplit(".", 1)[-1] for n, mod in skeleton.named_modules() if isinstance(mod, kinds)}
+    return modules, sorted(linear)
+
+
+@rule("data", "model")
+def _sft_data(cfg: Config, raw: dict[str, Any]) -> Iterator[Problem]:
+    """Instruction data: a causal LM, pack or truncate, both pair fields, a template file."""
+    d = cfg.data
+    for split in ("train", "eval"):
+        source = getattr(d, split)
+        if source is None:
+            continue
+        if (source.prompt_field is None) != (source.response_field is None):
+            missing = "prompt_field" if source.prompt_field is None else "response_field"
+            yield (
+                ("data", split, missing),
+                "instruction pairs need both prompt_field and response_field",
+            )
+        if source.format == "chat" and source.prompt_field is not None:
+            yield (
+                ("data", split, "prompt_field"),
+                "format: chat reads messages_field; use prompt_field/response_field without it",
+            )
+    data_raw = raw.get("data")
+    # a resolved config (config.resolved.yaml, `validate` output) spells out the defaults
+    sft_given = isinstance(data_raw, dict) and "sft" in data_raw and d.sft != SftConfig()
+    if not d.is_sft:
+        if sft_given:
+            yield (
+                ("data", "sft"),
+                "applies to instruction data: set data.train.format: chat (with messages_field) "
+                "or data.train.prompt_field and response_field",
+            )
+        return
+    if cfg.model.task != "causal-lm":
+        yield ("model", "task"), "instruction data (chats or pairs) trains a causal-lm"
+    if d.chunk.mode == "window":
+        yield (
+            ("data", "chunk", "mode"),
+            "window cuts documents for classification; use pack or truncate with instruction data",
+        )
+    template = d.sft.chat_template
+    if template is not None and not os.path.isfile(template):
+        yield (
+            ("data", "sft", "chat_template"),
+            f"no such file {template!r} (a Jinja chat template; relative paths are from the "
+            f"current directory, {os.getcwd()})",
+        )
+
+
+@rule("data", "tokenizer")
+def _sft_template(cfg: Config, raw: dict[str, Any]) -> Iterator[Problem]:
+    """Instruction data needs a chat template: data.sft.chat_template or the tokenizer's own."""
+    if not cfg.data.is_sft or cfg.data.sft.chat_template is not None:
+        return
+    path = cfg.tokenizer.path
+    if path is not None and not os.path.exists(path):
+        return  # _tokenizer_source reports it
+    if path is not None and _has_chat_template(path):
+        return
+    whose = f"the tokenizer at {path!r}" if path else "a tokenizer trained by tokenizer.train"
+    yield (
+        ("data", "sft", "chat_template"),
+        f"is required: {whose} has no chat template; set data.sft.chat_template to a Jinja "
+        "file (e.g. configs/chat-template.jinja)",
+    )
+
+
+def _has_chat_template(path: str) -> bool:
+    """A saved tokenizer directory carries a template (chat_template.jinja, chat_template.json
+    or tokenizer_config.json's chat_template); a bare tokenizer.json never does."""
+    if not os.path.isdir(path):
+        return False
+    files = ("chat_template.jinja", "chat_template.json")
+    if any(os.path.isfile(os.path.join(path, f)) for f in files):
+        return True
+    try:
+        with open(os.path.join(path, "tokenizer_config.json"), encoding="utf-8") as f:
+            return bool(json.load(f).get("chat_template"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 # Models whose position ids start after the padding index (fairseq heritage): the usable
 # length is max_position_embeddings - 2.
 _POSITION_OFFSET = {
@@ -230,6 +381,9 @@ _POSITION_OFFSET = {
     "data2vec-text", "longformer",
 }  # fmt: skip
 _POSITION_KEYS = ("n_positions", "max_position_embeddings", "n_ctx")
+# The names HF configs give the depth (attribute_map aliases included); zero builds a model
+# that trains nothing but the embeddings, and says nothing.
+_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 
 
 @rule("model", hf=True)
@@ -246,7 +400,10 @@ def _model_limits(cfg: Config, raw: dict[str, Any]) -> Iterator[Problem]:
         values, model_type, problems = _pretrained_config(m.pretrained, m.config_overrides)
         where_limit = ("model", "config_overrides")
     yield from problems
-    if values is None or cfg.data is None:
+    if values is None:
+        return
+    yield from _layer_count(values, m.config, m.config_overrides, where_limit)
+    if cfg.data is None:
         return
     for key in _POSITION_KEYS:
         limit = values.get(key)
@@ -263,6 +420,26 @@ def _model_limits(cfg: Config, raw: dict[str, Any]) -> Iterator[Problem]:
                     ),
                 )
             break
+
+
+def _layer_count(
+    values: dict[str, Any],
+    config: dict[str, Any],
+    overrides: dict[str, Any],
+    where: KeyPath,
+) -> Iterator[Problem]:
+    """A depth below 1, named at the key the user wrote (else at model.config / overrides)."""
+    for key in _LAYER_KEYS:
+        n = values.get(key)
+        if isinstance(n, int) and not isinstance(n, bool) and n < 1:
+            written = [k for k in _LAYER_KEYS if k in overrides or k in config]
+            if not written:
+                yield where, f"{key} must be at least 1: a model needs a layer (got {n})"
+                return
+            section = "config_overrides" if written[0] in overrides else "config"
+            path: KeyPath = ("model", section, written[0])
+            yield path, f"must be at least 1: a model needs a layer (got {n})"
+            return
 
 
 def _arch_config(
@@ -304,7 +481,7 @@ def _arch_config(
         path: KeyPath = ("model", section, field.group(1)) if field else ("model", "config")
         reason = text.split(": ", 1)[-1] if field else text
         return None, arch, [(path, f"rejected by {cls.__name__}: {reason}")]
-    values = {k: getattr(hf, k, None) for k in _POSITION_KEYS}
+    values = {k: getattr(hf, k, None) for k in (*_POSITION_KEYS, *_LAYER_KEYS)}
     return values, arch, []
 
 

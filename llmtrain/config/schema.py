@@ -33,15 +33,63 @@ class RunConfig(Section):
         description="Directory for everything the run writes (relative paths are relative to "
         "the current directory).",
     )
-    seed: int = Field(0, description="Seed for weight init, data order and dropout.")
+    seed: int = Field(
+        0,
+        ge=0,
+        le=2**32 - 1,
+        description="Seed for weight init, data order and dropout (0 to 2^32 - 1).",
+    )
     device: str = Field(
         "auto",
         pattern=r"^(auto|cpu|cuda|cuda:\d+)$",
         description="auto | cpu | cuda | cuda:N — auto takes CUDA when present.",
     )
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="Intra-op CPU threads of this process; null = $OMP_NUM_THREADS if set, "
+        "else the physical cores. An explicit value wins over OMP_NUM_THREADS.",
+    )
+    peak_flops: float | None = Field(
+        None,
+        gt=0,
+        description="Peak FLOP/s of one device for MFU (e.g. 989e12); null = the table of "
+        "common GPUs (engine/flops.py); CPU reports no MFU without it.",
+    )
+    cpu_allocator: Literal["retain", "system"] = Field(
+        "retain",
+        description="retain: glibc keeps freed memory for reuse (no page faults per step); "
+        "system: glibc's default. $LLMTRAIN_CPU_ALLOCATOR overrides.",
+    )
 
 
 # ------------------------------------------------------------------------------------- model
+class PeftConfig(Section):
+    """LoRA / DoRA adapters on a pretrained model, built by the `peft` library."""
+
+    method: Literal["lora", "dora"] = Field(
+        "lora", description="lora | dora (weight-decomposed LoRA, peft's use_dora)."
+    )
+    r: int = Field(16, description="Rank of the low-rank update (must be at least 1).")
+    alpha: float = Field(
+        32.0, gt=0.0, description="Scale of the update: alpha / r (alpha / sqrt(r) with rslora)."
+    )
+    dropout: float = Field(
+        0.05, ge=0.0, lt=1.0, description="Dropout on the adapter's input while training."
+    )
+    target_modules: Literal["all-linear"] | list[str] = Field(
+        "all-linear",
+        description="all-linear (every linear layer but the output head) or a list of module "
+        "names, matched as name suffixes (e.g. [query, value]).",
+    )
+    rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")
+    modules_to_save: list[str] = Field(
+        default_factory=list,
+        description="Modules trained in full besides the adapters (the classification head is "
+        "always one).",
+    )
+
+
 class ModelConfig(Section):
     """Which transformer to train: from scratch (`arch`) or a local checkpoint (`pretrained`)."""
 
@@ -74,6 +122,11 @@ class ModelConfig(Section):
         "auto", description="Attention kernel; auto lets transformers pick (SDPA when available)."
     )
     compile: bool = Field(False, description="Wrap the model in torch.compile (CUDA speed-up).")
+    peft: PeftConfig | None = Field(
+        None,
+        description="Parameter-efficient fine-tuning of model.pretrained with peft (LoRA/DoRA); "
+        "null trains every weight.",
+    )
 
 
 # --------------------------------------------------------------------------------- tokenizer
@@ -105,12 +158,28 @@ class DataSourceConfig(Section):
     path: str | list[str] = Field(
         ..., description="File, folder (recursive, sorted) or glob; or a list of them."
     )
-    format: Literal["auto", "txt", "jsonl", "csv", "tsv"] = Field(
-        "auto", description="File format; auto decides from the extension."
+    format: Literal["auto", "txt", "jsonl", "csv", "tsv", "chat"] = Field(
+        "auto",
+        description="File format; auto decides from the extension. chat: JSON Lines whose "
+        "messages_field holds a conversation.",
+    )
+    messages_field: str = Field(
+        "messages",
+        description="format: chat: the field holding the conversation, a list of "
+        "{role, content} (roles system, user, assistant).",
+    )
+    prompt_field: str | None = Field(
+        None, description="Instruction pairs: the field holding the prompt (with response_field)."
+    )
+    response_field: str | None = Field(
+        None, description="Instruction pairs: the field holding the response (with prompt_field)."
     )
     text_field: str = Field("text", description="jsonl/csv: the column holding the text.")
     label_field: str | None = Field(
-        "label", description="jsonl/csv: the column holding the label (classification)."
+        "label",
+        description="jsonl/csv: the column holding the label (classification): a string or an "
+        'integer, one type per corpus (1 and "1" are not one class; lists, booleans and '
+        "floats are refused).",
     )
     id_field: str | None = Field(
         None, description="jsonl/csv: a column holding a document id; default file:line."
@@ -125,6 +194,14 @@ class DataSourceConfig(Section):
         "raise", description="A bad record (not JSON, missing field): raise, or skip and count it."
     )
 
+    @property
+    def records(self) -> Literal["text", "chat", "pairs"]:
+        """What one record is: a text, a conversation (format: chat), or a prompt/response pair."""
+        if self.format == "chat":
+            return "chat"
+        paired = self.prompt_field is not None or self.response_field is not None
+        return "pairs" if paired else "text"
+
 
 class ChunkConfig(Section):
     """How documents become fixed-length sequences."""
@@ -135,7 +212,12 @@ class ChunkConfig(Section):
         description="pack: concatenate with EOS, no padding | window: overlapping windows per "
         "document | truncate: first seq_len tokens.",
     )
-    overlap: int = Field(0, ge=0, description="window: tokens shared by consecutive windows.")
+    overlap: int = Field(
+        0,
+        ge=0,
+        description="window: tokens shared by consecutive windows (an error with pack or "
+        "truncate, which never repeat tokens).",
+    )
     min_tail: int | None = Field(
         None,
         ge=1,
@@ -155,6 +237,21 @@ class ChunkConfig(Section):
     )
 
 
+class SftConfig(Section):
+    """Instruction data (chats or prompt/response pairs): which tokens carry the loss."""
+
+    train_on: Literal["assistant", "all"] = Field(
+        "assistant",
+        description="assistant: loss on assistant turns (end-of-turn token included) only | "
+        "all: on every token.",
+    )
+    chat_template: str | None = Field(
+        None,
+        description="null: the tokenizer's own chat template; else a path to a Jinja file "
+        "rendered with tokenizer.apply_chat_template.",
+    )
+
+
 class DataConfig(Section):
     """Corpora, the token store, and chunking."""
 
@@ -167,10 +264,26 @@ class DataConfig(Section):
         description="Instead of `eval`: hold out this fraction of training documents (by id hash).",
     )
     store: str | None = Field(None, description="TokenStore directory; default <output_dir>/store.")
+    store_verify: Literal["auto", "full", "sampled"] = Field(
+        "auto",
+        description="Checksums checked when a store is reused: full (sha256 of every file) | "
+        "sampled (sizes and a hash of 64 spread blocks per file: catches truncation and most "
+        "edits, not every bit flip) | auto (full up to 1 GiB, else sampled).",
+    )
     workers: int | None = Field(
         None, ge=1, description="Tokenizer threads for chunking; default all cores."
     )
     chunk: ChunkConfig = Field(default_factory=ChunkConfig, description="Chunking settings.")
+    sft: SftConfig = Field(
+        default_factory=SftConfig,
+        description="Instruction data (data.train with format: chat, or prompt_field and "
+        "response_field): loss masking and the chat template.",
+    )
+
+    @property
+    def is_sft(self) -> bool:
+        """Training data are conversations or prompt/response pairs (rendered, masked)."""
+        return self.train.records != "text"
 
 
 # ------------------------------------------------------------------------------------- batch
@@ -219,7 +332,12 @@ class OptimConfig(Section):
     schedule: Literal["constant", "linear", "cosine"] = Field(
         "cosine", description="After warmup: constant | linear | cosine decay to min_lr_ratio."
     )
-    warmup_steps: int = Field(100, ge=0, description="Linear warmup length, in optimizer steps.")
+    warmup_steps: int | None = Field(
+        None,
+        ge=0,
+        description="Linear warmup length, in optimizer steps; null: 5% of the run's steps "
+        "(rounded up; shown in fit's banner).",
+    )
     min_lr_ratio: float = Field(
         0.1, ge=0.0, le=1.0, description="Final LR as a fraction of the peak (linear, cosine)."
     )
@@ -246,6 +364,12 @@ class TrainConfig(Section):
         "tokens",
         description="Divide the window's summed loss by its supervised tokens or its sequences.",
     )
+    loss_chunk: Annotated[int, Field(ge=1)] | Literal["auto", "off"] = Field(
+        "auto",
+        description="Causal LM: output projection + cross-entropy over chunks of this many "
+        "supervised tokens, never the whole [batch, seq, vocab] logits; auto = as many as fit "
+        "256 MiB of fp32 logits (256-4096); off = full logits. Exact either way.",
+    )
     eval_every: int | None = Field(
         200, ge=1, description="Evaluate every N optimizer steps (and at the end); null: end only."
     )
@@ -256,9 +380,17 @@ class TrainConfig(Section):
         500, ge=1, description="Checkpoint every N optimizer steps (and at the end)."
     )
     keep_checkpoints: int = Field(3, ge=1, description="How many latest checkpoints to keep.")
-    log_every: int = Field(10, ge=1, description="Write a train record every N optimizer steps.")
+    log_every: int = Field(
+        10,
+        ge=1,
+        description="Write a train record every N optimizer steps (and at the first and last): "
+        "its loss and grad_norm are the means, its tokens and sequences the sums, over the "
+        "steps since the previous record.",
+    )
     nan_policy: Literal["stop", "skip"] = Field(
-        "stop", description="A NaN/inf loss: stop with a message, or skip that update."
+        "stop",
+        description="A NaN/inf loss: stop with a message, or skip that update (the run ends "
+        "with a warning counting the skipped steps, loud when over half were skipped).",
     )
     parallel: Literal["ddp", "fsdp"] = Field(
         "ddp", description="Under torchrun: ddp (replicated) | fsdp (sharded, FSDP2)."

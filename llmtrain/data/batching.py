@@ -91,7 +91,8 @@ def collate(
     """Tensors for one micro-batch, padded to its longest sequence (right padding).
 
     causal-lm: `labels` are the input ids with IGNORE on padding (the model input is not shifted;
-    the loss shifts). classification: `labels` holds one class id per sequence.
+    the loss shifts), and on every token a store's `loss_mask` marks as no target (instruction
+    data: prompts, system text). classification: `labels` holds one class id per sequence.
     `isolate_docs` (pack mode, cross_doc_attention false): position ids restart at every
     document start and the first token of each document after the first is not a target, and
     no attention_mask is passed — transformers then derives a per-document causal mask from the
@@ -116,6 +117,11 @@ def collate(
         batch["labels"] = torch.tensor([int(it["label"]) for it in items], dtype=torch.long)
         return batch
     labels = input_ids.masked_fill(mask == 0, IGNORE)
+    for row, it in enumerate(items):  # instruction data: only the store's targets are labels
+        target = it.get("loss_mask")
+        if target is not None:
+            keep = torch.from_numpy(np.asarray(target, dtype=bool))
+            labels[row, : len(keep)].masked_fill_(~keep, IGNORE)
     if not isolate_docs:
         batch["attention_mask"] = mask
         batch["labels"] = labels

@@ -62,6 +62,8 @@ class ChunkBatch:
     starts: np.ndarray | None = None  # pack: doc starts inside chunks (flat)
     starts_counts: np.ndarray | None = None  # pack: how many of `starts` per chunk
     dropped: int = 0
+    loss_mask: np.ndarray | None = None  # instruction data: True per target token, as tokens
+    cut: int = 0  # conversations longer than seq_len, split across chunks
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -201,6 +203,94 @@ class Packer:
         self.carry_starts = starts[inside:] - cut
         self.carry_docs = docs[inside:].copy()
         return batch
+
+
+# ------------------------------------------------------------------ pack: conversations
+class ConversationPacker:
+    """Pack mode for conversations: each one whole in a chunk, never split across two unless it
+    is longer than `seq_len`.
+
+    Conversations go in order into the open chunk while they fit; one that does not fit closes
+    it (a chunk shorter than seq_len: collate pads it, the padding is counted) and opens the
+    next. One longer than seq_len is cut into seq_len pieces, counted in `cut`; its last piece
+    stays open for the following conversations. `starts` marks each conversation's first token
+    (a piece that continues one has none at 0), so collate restarts positions there.
+    Invariant: the concatenation of all chunks is the concatenation of all conversations.
+    """
+
+    def __init__(self, seq_len: int):
+        self.seq_len = seq_len
+        self.parts: list[tuple[np.ndarray, np.ndarray, int, bool]] = []  # ids, mask, doc, starts
+        self.fill = 0
+        self.chunks: list[list[tuple[np.ndarray, np.ndarray, int, bool]]] = []
+
+    def add(
+        self, convs: Sequence[Sequence[int]], masks: Sequence[np.ndarray], doc_ids: Sequence[int]
+    ) -> ChunkBatch:
+        """Add encoded conversations; returns the chunks they closed."""
+        cut = 0
+        for ids, mask, doc in zip(convs, masks, doc_ids, strict=True):
+            ids, mask = np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=bool)
+            if self.fill + len(ids) > self.seq_len:
+                self._close()
+            cut += len(ids) > self.seq_len
+            first = True
+            while len(ids) > self.seq_len:  # a long conversation alone, seq_len at a time
+                self.parts.append((ids[: self.seq_len], mask[: self.seq_len], int(doc), first))
+                self.fill, first = self.seq_len, False
+                ids, mask = ids[self.seq_len :], mask[self.seq_len :]
+                self._close()
+            self.parts.append((ids, mask, int(doc), first))
+            self.fill += len(ids)
+        batch = self._emit()
+        batch.cut = cut
+        return batch
+
+    def finish(self) -> ChunkBatch:
+        """The open chunk, if it holds anything (kept: every chunk is a partial one here)."""
+        self._close()
+        return self._emit()
+
+    def _close(self) -> None:
+        if self.parts:
+            self.chunks.append(self.parts)
+        self.parts, self.fill = [], 0
+
+    def _emit(self) -> ChunkBatch:
+        chunks, self.chunks = self.chunks, []
+        pieces = [p for chunk in chunks for p in chunk]
+        starts: list[int] = []
+        counts: list[int] = []
+        for chunk in chunks:
+            offsets = np.cumsum([0] + [len(p[0]) for p in chunk[:-1]])
+            begun = [int(o) for o, p in zip(offsets, chunk, strict=True) if p[3]]
+            starts += begun
+            counts.append(len(begun))
+        flat = np.concatenate([p[0] for p in pieces]) if pieces else np.zeros(0, np.int64)
+        mask = np.concatenate([p[1] for p in pieces]) if pieces else np.zeros(0, bool)
+        return ChunkBatch(
+            tokens=flat,
+            lengths=np.array([sum(len(p[0]) for p in c) for c in chunks], dtype=np.int64),
+            doc_ids=np.array([c[0][2] for c in chunks], dtype=np.int64),
+            starts=np.array(starts, dtype=np.int64),
+            starts_counts=np.array(counts, dtype=np.int64),
+            loss_mask=mask,
+        )
+
+
+def chunk_conversations(
+    convs: Sequence[Sequence[int]], masks: Sequence[np.ndarray], doc_ids: Sequence[int]
+) -> ChunkBatch:
+    """Truncate mode for conversations: one chunk each, whole (a longer one was refused as a
+    bad record before it got here)."""
+    lengths = np.array([len(c) for c in convs], dtype=np.int64)
+    flat = np.concatenate([np.asarray(c, np.int64) for c in convs]) if len(convs) else None
+    return ChunkBatch(
+        tokens=flat if flat is not None else np.zeros(0, np.int64),
+        lengths=lengths,
+        doc_ids=np.asarray(doc_ids, dtype=np.int64),
+        loss_mask=np.concatenate(masks) if len(masks) else np.zeros(0, bool),
+    )
 
 
 # ------------------------------------------------------------------------ train / eval split

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import IO
 
 from llmtrain.config import DataSourceConfig
+from llmtrain.config.messages import kind_of, show_value
+from llmtrain.data.sft import conversation_problem, parse_conversation
 from llmtrain.errors import LLMTrainError
 
 # Extension (after stripping .gz) → reader format. `.json` is read as JSON Lines, the only
@@ -47,8 +49,12 @@ class Document:
 
     doc_id: str
     text: str
-    label: str | None
+    # A string, or an int under strict labels (a task that needs them): 1 and "1" differ.
+    label: str | int | None
     where: str  # "file:line" of the record, for messages
+    # Instruction data: the conversation as (role, content) turns (a pair is user, assistant);
+    # `text` then joins the contents, for a tokenizer trained on the corpus.
+    messages: tuple[tuple[str, str], ...] | None = None
 
 
 @dataclass(slots=True)
@@ -162,6 +168,9 @@ class _Reader:
         self.key = key
         self.base = base  # bytes of the files before this one, for stats.bytes_read
         self.decode_errors = source.errors  # "strict" | "replace"
+        # Set by iter_documents when the task needs labels: they keep their type and are
+        # checked (label_type) instead of turned into strings.
+        self.strict_labels = False
 
     def bad(self, lineno: int, message: str) -> None:
         """A bad record: raise, or (on_error: skip) count it so the caller drops it."""
@@ -286,12 +295,50 @@ def _read_jsonl(r: _Reader) -> Iterator[Document]:
         if type(rec) is not dict:
             r.bad(lineno, f"expected a JSON object, got {type(rec).__name__}")
             continue
-        doc = _record(r, lineno, rec.get, text_field, label_field, id_field, name)
+        if src.records == "text":
+            doc = _record(r, lineno, rec.get, text_field, label_field, id_field, name)
+        else:
+            doc = _sft_record(r, lineno, rec.get)
         if doc is not None:
             yield doc
 
 
 _MISSING = object()
+
+
+def _sft_record(r: _Reader, lineno: int, get) -> Document | None:
+    """A conversation (format: chat) or a prompt/response pair as a Document with `messages`;
+    None when the record is bad and skipped (llmtrain.data.sft says what a good one is)."""
+    src = r.source
+    if src.records == "chat":
+        value = get(src.messages_field, _MISSING)
+        if value is _MISSING:
+            r.bad(lineno, f"missing field '{src.messages_field}' ({r.key}.messages_field)")
+            return None
+        turns, problem = parse_conversation(value, src.messages_field)
+    else:
+        fields = {"user": ("prompt_field", src.prompt_field)}
+        fields["assistant"] = ("response_field", src.response_field)
+        turns, problem = [], None
+        for role, (key, field) in fields.items():
+            value = get(field, _MISSING)
+            if value is _MISSING or type(value) is not str:
+                what = "missing" if value is _MISSING else f"not a string ({kind_of(value)}):"
+                problem = f"{what} field '{field}' ({r.key}.{key})"
+                break
+            turns.append((role, value))
+        problem = problem or conversation_problem(turns)
+    if problem is not None:
+        r.bad(lineno, problem)
+        return None
+    doc_id = f"{r.name}:{lineno}"
+    if src.id_field is not None:
+        if get(src.id_field, None) is None:
+            r.bad(lineno, f"missing field '{src.id_field}' ({r.key}.id_field)")
+            return None
+        doc_id = str(get(src.id_field, None))
+    text = "\n".join(content for _, content in turns)
+    return Document(doc_id, text, None, f"{r.name}:{lineno}", messages=tuple(turns))
 
 
 def _record(
@@ -320,7 +367,38 @@ def _record(
     else:
         doc_id = f"{name}:{lineno}"
     label = get(label_field, None) if label_field is not None else None
-    return Document(doc_id, text, None if label is None else str(label), f"{name}:{lineno}")
+    if label is not None and r.strict_labels:
+        problem = label_problem(label)
+        if problem is not None:
+            r.bad(lineno, f"field '{label_field}': {problem}")
+            return None
+    elif label is not None:
+        label = str(label)
+    return Document(doc_id, text, label, f"{name}:{lineno}")
+
+
+def label_problem(label: object) -> str | None:
+    """Why `label` cannot be a class label, or None. The rule: a label is a string or an
+    integer; booleans, floats, lists, mappings are refused rather than turned into strings
+    (`[1, 2]`, `true` and `1.0` would each become a class nobody meant)."""
+    if isinstance(label, str) or (isinstance(label, int) and not isinstance(label, bool)):
+        return None
+    return (
+        f"the label {show_value(label)} is {kind_of(label)}; a label must be a string or an "
+        "integer (quote it to make it a string class)"
+    )
+
+
+def label_kind(label: str | int) -> str:
+    """'string' or 'integer': the two label types (one corpus uses one)."""
+    return "integer" if isinstance(label, int) else "string"
+
+
+def _required_columns(src: DataSourceConfig) -> list[tuple[str, str | None]]:
+    """(config key, column) pairs a csv/tsv header must have."""
+    if src.records == "text":
+        return [("text_field", src.text_field)]
+    return [("prompt_field", src.prompt_field), ("response_field", src.response_field)]
 
 
 def _read_csv(r: _Reader, delimiter: str) -> Iterator[Document]:
@@ -342,11 +420,12 @@ def _read_csv(r: _Reader, delimiter: str) -> Iterator[Document]:
         if header is None:
             return
         columns = {c: i for i, c in enumerate(header)}
-        if src.text_field not in columns:
-            raise LLMTrainError(
-                f"{name}:1: no column '{src.text_field}' ({r.key}.text_field); "
-                f"columns are: {', '.join(header)}"
-            )
+        for key, field in _required_columns(src):
+            if field not in columns:
+                raise LLMTrainError(
+                    f"{name}:1: no column '{field}' ({r.key}.{key}); "
+                    f"columns are: {', '.join(header)}"
+                )
         if src.id_field is not None and src.id_field not in columns:
             raise LLMTrainError(
                 f"{name}:1: no column '{src.id_field}' ({r.key}.id_field); "
@@ -366,11 +445,30 @@ def _read_csv(r: _Reader, delimiter: str) -> Iterator[Document]:
                 i = columns.get(field)
                 return default if i is None else row[i]
 
-            doc = _record(r, start, get, src.text_field, src.label_field, src.id_field, name)
+            if src.records == "text":
+                doc = _record(r, start, get, src.text_field, src.label_field, src.id_field, name)
+            else:
+                doc = _sft_record(r, start, get)
             if doc is not None:
                 yield doc
     except csv.Error as e:
         raise LLMTrainError(f"{name}:{lineno}: malformed {r.source.format} row ({e})") from None
+
+
+def check_label_type(doc: Document, first: Document) -> None:
+    """One corpus, one label type: `doc`'s label must have the type of `first`'s, or 1 and
+    "1" would be two classes (or, turned into strings, silently one)."""
+    assert doc.label is not None and first.label is not None
+    if label_kind(doc.label) != label_kind(first.label):
+        raise LLMTrainError(
+            f"{doc.where}: the label {doc.label!r} is {_an(label_kind(doc.label))}, but "
+            f"{first.where} has the {label_kind(first.label)} label {first.label!r}; one corpus "
+            "uses one label type: write every label as a string, or every label as an integer"
+        )
+
+
+def _an(kind: str) -> str:
+    return f"an {kind}" if kind == "integer" else f"a {kind}"
 
 
 def iter_documents(
@@ -395,8 +493,10 @@ def iter_documents(
         raise LLMTrainError(f"{key}.label_field: must be set, the task needs a label per document")
     yielded = 0
     base = 0
+    first: Document | None = None  # the first labelled document: its label type is the corpus's
     for path, size in zip(files, sizes, strict=True):
         r = _Reader(path, source, stats, key, base)
+        r.strict_labels = require_label
         fmt = file_format(path, source)
         if fmt == "txt":
             if require_label:
@@ -405,7 +505,7 @@ def iter_documents(
                     f".jsonl/.csv records ({key}.label_field)"
                 )
             docs = _read_txt(r)
-        elif fmt == "jsonl":
+        elif fmt in ("jsonl", "chat"):
             docs = _read_jsonl(r)
         else:
             docs = _read_csv(r, "\t" if fmt == "tsv" else ",")
@@ -416,6 +516,9 @@ def iter_documents(
                     f"missing label field '{source.label_field}' ({key}.label_field)",
                 )
                 continue
+            if require_label:
+                first = first or doc
+                check_label_type(doc, first)
             stats.documents += 1
             yielded += 1
             yield doc

@@ -32,12 +32,15 @@ from llmtrain.data.chunk_spec import raw_backend
 from llmtrain.data.chunking import (
     ChunkBatch,
     ChunkSpec,
+    ConversationPacker,
     Packer,
+    chunk_conversations,
     chunk_truncate,
     chunk_windows,
     in_eval,
 )
-from llmtrain.data.corpus import Document, ReadStats, iter_documents
+from llmtrain.data.corpus import Document, ReadStats, iter_documents, label_kind
+from llmtrain.data.sft import ChatEncoder
 from llmtrain.data.store import TokenStore, TokenStoreWriter
 from llmtrain.errors import LLMTrainError
 
@@ -50,33 +53,93 @@ BATCH_DOCS = 1000
 BATCH_CHARS = 2 << 20
 
 
-def set_workers(workers: int | None) -> None:
-    """Size the tokenizer's Rust thread pool. The pool reads this once, when it first starts,
-    so call it before anything encodes (or trains a tokenizer)."""
+# What the tokenizers library reads as "off" in TOKENIZERS_PARALLELISM (its utils/parallelism).
+_ENV_OFF = {"", "off", "false", "f", "no", "n", "0"}
+# What set_workers itself wrote into os.environ: a later call in the same process (tests, a
+# notebook) must not report its own earlier setting as the user's environment.
+_written: dict[str, str] = {}
+
+
+def _from_user(name: str) -> str | None:
+    """os.environ[name] unless set_workers wrote that value itself."""
+    value = os.environ.get(name)
+    return None if value is None or _written.get(name) == value else value
+
+
+def set_workers(workers: int | None) -> str | None:
+    """Size the tokenizer's Rust thread pool; returns a note when the environment forces a
+    single thread. The pool reads this once, when it first starts, so call it before anything
+    encodes (or trains a tokenizer).
+
+    An explicit count (--workers, data.workers) wins over the environment, including a
+    TOKENIZERS_PARALLELISM=false left in the user's shell; without one the environment is
+    honoured, and a forced single thread is reported instead of passing unnoticed.
+    """
     if workers is not None:
-        os.environ["RAYON_NUM_THREADS"] = str(workers)
+        _written.update(RAYON_NUM_THREADS=str(workers), TOKENIZERS_PARALLELISM="true")
+        os.environ.update(_written)
+        return None
+    parallelism = _from_user("TOKENIZERS_PARALLELISM")
+    if parallelism is not None and parallelism.strip().lower() in _ENV_OFF:
+        return (
+            f"TOKENIZERS_PARALLELISM={parallelism} in the environment: tokenizing on one "
+            "thread (--workers N or data.workers sets the count)"
+        )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    if (_from_user("RAYON_NUM_THREADS") or "").strip() == "1":
+        return (
+            "RAYON_NUM_THREADS=1 in the environment: tokenizing on one thread "
+            "(--workers N or data.workers sets the count)"
+        )
+    return None
 
 
 # ------------------------------------------------------------------------ one split
 class SplitWriter:
     """One split being written: its store writer, packer (pack mode) and counters."""
 
-    def __init__(self, name: str, path: Path, spec: ChunkSpec, vocab_size: int, meta: dict):
+    def __init__(
+        self,
+        name: str,
+        path: Path,
+        spec: ChunkSpec,
+        vocab_size: int,
+        meta: dict,
+        *,
+        sft: bool = False,
+    ):
         self.name = name
         self.spec = spec
-        self.writer = TokenStoreWriter(path, vocab_size=vocab_size, meta={**meta, "split": name})
-        self.packer = Packer(spec.seq_len) if spec.mode == "pack" else None
+        self.sft = sft  # instruction data: conversations with loss masks
+        self.writer = TokenStoreWriter(
+            path, vocab_size=vocab_size, meta={**meta, "split": name}, loss_mask=sft
+        )
+        pack = spec.mode == "pack"
+        self.packer = Packer(spec.seq_len) if pack and not sft else None
+        self.conversations = ConversationPacker(spec.seq_len) if pack and sft else None
+        self.cut = 0  # conversations longer than seq_len, split across chunks
         self.documents = 0
         self.tokens_in = 0
         self.dropped = 0
         self.seconds = 0.0
+        self.skipped_records = 0  # bad records of this split's corpus dropped (on_error: skip)
+        self.label_type: str | None = None  # "string" | "integer" once a label was written
 
-    def add(self, docs: list[Document], ids: list[list[int]], labels: list[int]) -> None:
-        """Chunk and write encoded documents; `labels` (classification) holds one per doc."""
+    def add(
+        self,
+        docs: list[Document],
+        ids: list[list[int]],
+        labels: list[int],
+        masks: list[np.ndarray] | None = None,
+    ) -> None:
+        """Chunk and write encoded documents; `labels` (classification) holds one per doc,
+        `masks` (instruction data) one loss mask per conversation."""
         spec = self.spec
         doc_ids = [self.writer.add_document(d.doc_id) for d in docs]
         self.documents += len(docs)
+        if masks is not None:
+            self._add_conversations(ids, masks, doc_ids)
+            return
         if self.packer is not None:
             self._add_packed(ids, doc_ids)
             return
@@ -104,24 +167,53 @@ class SplitWriter:
         batch = self.packer.add(np.array(flat, dtype=np.int64), lens, np.asarray(doc_ids))
         self._write(batch, None)
 
+    def _add_conversations(
+        self, ids: list[list[int]], masks: list[np.ndarray], doc_ids: list[int]
+    ) -> None:
+        """Instruction data: no EOS is appended (the template ends each turn itself)."""
+        self.tokens_in += sum(len(x) for x in ids)
+        if self.conversations is not None:
+            batch = self.conversations.add(ids, masks, doc_ids)
+        else:
+            batch = chunk_conversations(ids, masks, doc_ids)
+        self.cut += batch.cut
+        self._write(batch, None)
+
     def _write(self, batch: ChunkBatch, labels: Any) -> None:
         self.dropped += batch.dropped
         if not len(batch):
             return
         if labels is None:
             labels = np.full(len(batch), -1, dtype=np.int64)
+        if self.sft and batch.loss_mask is None:  # text documents in a masked store: all targets
+            batch.loss_mask = np.ones(len(batch.tokens), dtype=bool)
         self.writer.append(
-            batch.tokens, batch.lengths, batch.doc_ids, labels, batch.starts, batch.starts_counts
+            batch.tokens,
+            batch.lengths,
+            batch.doc_ids,
+            labels,
+            batch.starts,
+            batch.starts_counts,
+            loss_mask=batch.loss_mask,
         )
 
     def close(self, label_names: list[str] | None) -> TokenStore:
-        """Flush the pack remainder (kept or dropped), then finalise the store with its stats."""
+        """Flush the pack remainder (kept or dropped), then finalise the store with its stats.
+
+        Integer labels are ordered as numbers (2 before 10), string labels as strings; either
+        way meta.json names them as strings, with `label_type` saying which they were.
+        """
         if self.packer is not None:
             tail, n_tail = self.packer.finish()
             if self.spec.keep_remainder and n_tail:
                 self._write(tail, None)
             else:
                 self.dropped += n_tail
+        if self.conversations is not None:  # every chunk is a partial one: the last is kept
+            self._write(self.conversations.finish(), None)
+        if label_names is None and self.label_type == "integer":
+            label_names = sorted(self.writer.seen_labels(), key=int)
+        self.writer.extra_meta["label_type"] = self.label_type
         return self.writer.close(label_names=label_names, stats=self._stats())
 
     def _stats(self) -> dict[str, Any]:
@@ -139,6 +231,8 @@ class SplitWriter:
             "mode": spec.mode,
             "overlap": spec.overlap if spec.mode == "window" else 0,
             "seconds": round(self.seconds, 3),
+            "skipped_records": self.skipped_records,
+            **({"conversations_cut": self.cut} if self.sft else {}),
             "length_p50": int(np.percentile(lengths, 50)),
             "length_p90": int(np.percentile(lengths, 90)),
             "length_max": int(lengths.max()),
@@ -206,6 +300,10 @@ def _encode_batches(encode: Any, inq: queue.Queue, out: queue.Queue, stop: threa
             if item is _DONE or isinstance(item, BaseException):
                 _put(out, item, stop)
                 return
+            if isinstance(encode, ChatEncoder):  # instruction data: (ids, mask) or a problem
+                if not _put(out, (item, encode.encode([d.messages for d in item])), stop):
+                    return
+                continue
             encs = encode([d.text for d in item], add_special_tokens=False)
             ids = [e.ids for e in encs]
             del encs  # the Encoding objects (strings, offsets...) are far bigger than the ids
@@ -245,11 +343,22 @@ class _Builder:
             len(tok), tok.backend_tokenizer.get_vocab_size(with_added_tokens=True)
         )
         self.eval_labels: list[str] | None = None  # train's labels, once train is closed
+        self.train_label_type: str | None = None  # and their type: string | integer
 
     def run(self) -> tuple[dict[str, TokenStore], dict[str, dict]]:
         with raw_backend(self.tok) as backend:
             self.encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+            self.chat = self._chat_encoder(backend)
             return self._run()
+
+    def _chat_encoder(self, backend: Any) -> ChatEncoder | None:
+        """The renderer of instruction data, when a corpus holds some; in truncate mode a
+        conversation that renders longer than seq_len is a bad record."""
+        d = self.cfg.data
+        if all(s is None or s.records == "text" for s in (d.train, d.eval)):
+            return None
+        max_len = self.spec.seq_len if self.spec.mode == "truncate" else None
+        return ChatEncoder(self.tok, backend, d.sft, max_len=max_len)
 
     def _run(self) -> tuple[dict[str, TokenStore], dict[str, dict]]:
         d = self.cfg.data
@@ -257,22 +366,27 @@ class _Builder:
         try:
             train = writers["train"] = self._writer("train")
             if d.eval is not None:
-                self._pass(d.train, "data.train", lambda doc: train)
+                self._pass(d.train, "data.train", lambda doc: train, train)
                 train_store = train.close(None)
                 ev = writers["eval"] = self._writer("eval")
                 self.eval_labels = train_store.label_names
-                self._pass(d.eval, "data.eval", lambda doc: ev)
+                self.train_label_type = train.label_type
+                self._pass(d.eval, "data.eval", lambda doc: ev, ev)
                 stores = {"train": train_store, "eval": ev.close(train_store.label_names)}
             elif d.eval_fraction:
                 ev = writers["eval"] = self._writer("eval")
                 frac = d.eval_fraction
+                # A bad record has no id to route by: its count goes to train, whose corpus it is.
                 self._pass(
-                    d.train, "data.train", lambda doc: ev if in_eval(doc.doc_id, frac) else train
+                    d.train,
+                    "data.train",
+                    lambda doc: ev if in_eval(doc.doc_id, frac) else train,
+                    train,
                 )
                 train_store = train.close(None)
                 stores = {"train": train_store, "eval": ev.close(train_store.label_names)}
             else:
-                self._pass(d.train, "data.train", lambda doc: train)
+                self._pass(d.train, "data.train", lambda doc: train, train)
                 stores = {"train": train.close(None)}
         except BaseException:
             for w in writers.values():
@@ -281,23 +395,29 @@ class _Builder:
         return stores, {n: {**s.meta["stats"], "up_to_date": False} for n, s in stores.items()}
 
     def _writer(self, name: str) -> SplitWriter:
-        return SplitWriter(name, self.root / name, self.spec, self.vocab_size, self.meta)
+        d = self.cfg.data
+        source = d.eval if name == "eval" and d.eval is not None else d.train
+        sft = source.records != "text"
+        return SplitWriter(name, self.root / name, self.spec, self.vocab_size, self.meta, sft=sft)
 
-    def _pass(self, source: DataSourceConfig, key: str, route: Route) -> None:
+    def _pass(self, source: DataSourceConfig, key: str, route: Route, owner: SplitWriter) -> None:
         """One streaming pass over a corpus: read → encode → route, chunk, write.
 
         Three threads joined by small queues (memory stays at a few batches); output order is
-        input order since each stage is a single thread.
+        input order since each stage is a single thread. `owner` reports the bad records the
+        pass skipped (on_error: skip).
         """
         stats = ReadStats()
         docs = iter_documents(source, stats, require_label=self.classify, key=key)
+        sft = source.records != "text"
+        encoder = self.chat if sft else self.encode
         q_docs: queue.Queue = queue.Queue(maxsize=1)
         q_ids: queue.Queue = queue.Queue(maxsize=1)
         stop = threading.Event()
         threads = [
             threading.Thread(target=_read_batches, args=(docs, q_docs, stop), daemon=True),
             threading.Thread(
-                target=_encode_batches, args=(self.encode, q_docs, q_ids, stop), daemon=True
+                target=_encode_batches, args=(encoder, q_docs, q_ids, stop), daemon=True
             ),
         ]
         for t in threads:
@@ -313,7 +433,10 @@ class _Builder:
                         break
                     if isinstance(item, BaseException):
                         raise item
-                    bar.update(self._batch(*item, route, seen))
+                    masks = None
+                    if sft:  # instruction data: drop (or refuse) what could not be encoded
+                        *item, masks = _good_records(*item, source, key, owner)
+                    bar.update(self._batch(*item, route, seen, masks))
                     item = None  # free this batch while waiting for the next
         finally:
             stop.set()
@@ -324,34 +447,76 @@ class _Builder:
         total = sum(w.tokens_in - before for w, before in seen.values()) or 1
         for w, before in seen.values():
             w.seconds += dt * (w.tokens_in - before) / total
+        owner.skipped_records += stats.skipped
 
-    def _batch(self, docs: list[Document], ids: list[list[int]], route: Route, seen: dict) -> int:
+    def _batch(
+        self,
+        docs: list[Document],
+        ids: list[list[int]],
+        route: Route,
+        seen: dict,
+        masks: list[np.ndarray] | None = None,
+    ) -> int:
         """Route one encoded batch's documents to their splits, chunk and write them."""
-        groups: dict[int, tuple[SplitWriter, list, list, list]] = {}
-        for doc, x in zip(docs, ids, strict=True):
+        groups: dict[int, tuple[SplitWriter, list, list, list, list]] = {}
+        for i, (doc, x) in enumerate(zip(docs, ids, strict=True)):
             w = route(doc)
             g = groups.get(id(w))
             if g is None:
-                g = groups[id(w)] = (w, [], [], [])
+                g = groups[id(w)] = (w, [], [], [], [])
                 if id(w) not in seen:
                     seen[id(w)] = (w, w.tokens_in)
             g[1].append(doc)
             g[2].append(x)
             if self.classify:
                 g[3].append(self._label_id(w, doc))
-        for w, gd, gx, gl in groups.values():
-            w.add(gd, gx, gl)
+            if masks is not None:
+                g[4].append(masks[i])
+        for w, gd, gx, gl, gm in groups.values():
+            w.add(gd, gx, gl, gm if masks is not None else None)
         return sum(len(x) for x in ids)
 
     def _label_id(self, w: SplitWriter, doc: Document) -> int:
-        """The document's provisional label id in its split; an eval label train never had is
-        an error naming the line, before anything of it is written."""
-        if self.eval_labels is not None and w.name == "eval" and doc.label not in self.eval_labels:
-            raise LLMTrainError(
-                f"{doc.where}: label {doc.label!r} does not occur in the training data "
-                f"(known labels: {', '.join(self.eval_labels)})"
-            )
-        return w.writer.label_id(doc.label)
+        """The document's provisional label id in its split; an eval label train never had, or
+        of the other type (1 against "1"), is an error naming the line, before anything of it
+        is written. Labels reach the writer as strings; their type is kept in `label_type`."""
+        assert doc.label is not None  # iter_documents(require_label=True)
+        kind = label_kind(doc.label)
+        if self.eval_labels is not None and w.name == "eval":
+            if self.train_label_type is not None and kind != self.train_label_type:
+                raise LLMTrainError(
+                    f"{doc.where}: the label {doc.label!r} is {'an' if kind == 'integer' else 'a'} "
+                    f"{kind}, but data.train's labels "
+                    f"are {self.train_label_type}s; one corpus uses one label type: write "
+                    "every label as a string, or every label as an integer"
+                )
+            if str(doc.label) not in self.eval_labels:
+                raise LLMTrainError(
+                    f"{doc.where}: label {doc.label!r} does not occur in the training data "
+                    f"(known labels: {', '.join(self.eval_labels)})"
+                )
+        w.label_type = kind
+        return w.writer.label_id(str(doc.label))
+
+
+def _good_records(
+    docs: list[Document], encoded: list, source: DataSourceConfig, key: str, owner: SplitWriter
+) -> tuple[list[Document], list[list[int]], list[np.ndarray]]:
+    """Instruction data: split the encoder's answers into (docs, ids, masks); a record it
+    could not encode is an error naming its file:line, or skipped and counted in `owner`."""
+    good: list[Document] = []
+    ids: list[list[int]] = []
+    masks: list[np.ndarray] = []
+    for doc, enc in zip(docs, encoded, strict=True):
+        if isinstance(enc, str):
+            if source.on_error == "skip":
+                owner.skipped_records += 1
+                continue
+            raise LLMTrainError(f"{doc.where}: {enc} (or set {key}.on_error: skip to drop it)")
+        good.append(doc)
+        ids.append(enc[0])
+        masks.append(enc[1])
+    return good, ids, masks
 
 
 def build_stores(

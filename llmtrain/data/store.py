@@ -9,14 +9,21 @@ Layout of one store directory (one split)::
     starts.npy        int32, flat: offsets inside each chunk where a document begins
     starts_index.npy  int64 (chunks + 1): chunk i's starts are starts[si[i]:si[i + 1]]
     doc_names.txt     one JSON string per line: the corpus id of document i (doc_ids → names)
+    loss_mask.bin     only in stores of instruction data: uint8 per token, 1 = a target
     meta.json         format version, fingerprint, tokenizer, chunk settings, counts, labels,
-                      and size + sha256 of every file above
+                      and size + sha256 + sampled sha256 of every file above
 
 The writer streams (tokens go straight to disk; only per-chunk index entries stay in memory,
 1/seq_len of the tokens) into the temporary sibling `.tmp-<dir>-<pid>` and renames it into
 place with `llmtrain.util.atomic`, so a crash never leaves a half-written store where a reader
 would find it. The reader checks sizes and shapes against meta.json on open, so a truncated or
 edited store is a one-line error, not a numpy crash (docs/architecture.md, "Token store").
+
+Content is checked on request (`open(verify=...)`, which the store cache does on every reuse):
+`full` re-hashes every file; `sampled` hashes 64 blocks of 64 KiB spread over each file
+(first and last included), a few MB whatever the store's size: it catches truncation, a
+replaced or rewritten file and most edits, not every flipped bit; `auto` is full up to
+FULL_VERIFY_MAX_BYTES and sampled above.
 """
 
 from __future__ import annotations
@@ -40,6 +47,13 @@ TOKENS = "tokens.bin"
 INDEX_FILES = ("index.npy", "doc_ids.npy", "labels.npy", "starts.npy", "starts_index.npy")
 NAMES = "doc_names.txt"
 ALL_FILES = (TOKENS, *INDEX_FILES, NAMES)
+MASK = "loss_mask.bin"  # optional: present when the store was written with loss_mask=True
+# The sampled checksum: SAMPLE_BLOCKS blocks of SAMPLE_BLOCK bytes, evenly spread.
+SAMPLE_BLOCKS = 64
+SAMPLE_BLOCK = 1 << 16
+# verify="auto": a store up to this size is re-hashed whole, above it sampled (the full hash
+# reads every byte on each reuse; the sampled one reads at most 4 MiB per file).
+FULL_VERIFY_MAX_BYTES = 1 << 30
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -55,6 +69,21 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _sampled_sha256(path: Path, size: int) -> str:
+    """sha256 of the size and SAMPLE_BLOCKS blocks spread evenly over the file, the first and
+    the last included; of the whole file when it is no bigger than the blocks together."""
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        if size <= SAMPLE_BLOCKS * SAMPLE_BLOCK:
+            h.update(f.read())
+            return h.hexdigest()
+        last = size - SAMPLE_BLOCK
+        for i in range(SAMPLE_BLOCKS):
+            f.seek(i * last // (SAMPLE_BLOCKS - 1))
+            h.update(f.read(SAMPLE_BLOCK))
+    return h.hexdigest()
+
+
 class TokenStoreWriter:
     """Append chunks to a new store; `close()` finalises it and renames it into place.
 
@@ -62,7 +91,14 @@ class TokenStoreWriter:
     ids can follow the sorted label set (train) or a given map (eval) without a second pass.
     """
 
-    def __init__(self, path: str | Path, *, vocab_size: int, meta: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        vocab_size: int,
+        meta: dict[str, Any] | None = None,
+        loss_mask: bool = False,
+    ):
         self.path = Path(path)
         self.dtype = token_dtype(vocab_size)
         self.vocab_size = vocab_size
@@ -73,6 +109,9 @@ class TokenStoreWriter:
         self._tokens = open(self.tmp / TOKENS, "wb")  # noqa: SIM115 (closed in close/abort)
         self._names = open(self.tmp / NAMES, "w", encoding="utf-8")  # noqa: SIM115
         self._hash = hashlib.sha256()
+        # Instruction data: one byte per token (1 = a target), written beside the tokens.
+        self._mask = open(self.tmp / MASK, "wb") if loss_mask else None  # noqa: SIM115
+        self._mask_hash = hashlib.sha256()
         self.num_tokens = 0
         self._lengths = array("q")
         self._doc_ids = array("q")
@@ -98,6 +137,10 @@ class TokenStoreWriter:
             lid = self._label_ids[label] = len(self._label_ids)
         return lid
 
+    def seen_labels(self) -> list[str]:
+        """The label strings met so far, in order of appearance."""
+        return list(self._label_ids)
+
     @property
     def num_chunks(self) -> int:
         return len(self._lengths)
@@ -115,12 +158,23 @@ class TokenStoreWriter:
         labels: Sequence[int] | np.ndarray,
         starts: Sequence[int] | np.ndarray = (),
         starts_counts: Sequence[int] | np.ndarray | None = None,
+        loss_mask: np.ndarray | None = None,
     ) -> None:
         """Append a batch of chunks: `tokens` is their concatenation, `lengths` cut it.
 
         `starts` (flat) and `starts_counts` (per chunk) give the document starts inside each
         chunk; omitted, every chunk starts one document at offset 0 (window/truncate modes).
+        `loss_mask` (one bool per token) is required by, and only accepted by, a writer made
+        with loss_mask=True.
         """
+        if (loss_mask is None) != (self._mask is None):
+            raise ValueError("loss_mask must be given exactly when the writer keeps one")
+        if loss_mask is not None:
+            if len(loss_mask) != len(tokens):
+                raise ValueError(f"{len(loss_mask)} loss-mask entries for {len(tokens)} tokens")
+            mask = memoryview(np.ascontiguousarray(loss_mask, dtype=np.uint8)).cast("B")
+            self._mask.write(mask)
+            self._mask_hash.update(mask)
         n = len(lengths)
         tokens = np.asarray(tokens)
         if int(np.sum(lengths)) != len(tokens):
@@ -151,6 +205,8 @@ class TokenStoreWriter:
         """Drop the half-written store (the old one, if any, is untouched)."""
         self._tokens.close()
         self._names.close()
+        if self._mask is not None:
+            self._mask.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def close(
@@ -163,6 +219,8 @@ class TokenStoreWriter:
         """
         self._tokens.close()
         self._names.close()
+        if self._mask is not None:
+            self._mask.close()
         try:
             return self._finalise(label_names, stats or {})
         except BaseException:
@@ -206,6 +264,10 @@ class TokenStoreWriter:
         for name in (*INDEX_FILES, NAMES):
             p = self.tmp / name
             files[name] = {"size": p.stat().st_size, "sha256": _sha256(p)}
+        if self._mask is not None:
+            files[MASK] = {"size": self.num_tokens, "sha256": self._mask_hash.hexdigest()}
+        for name, entry in files.items():
+            entry["sample_sha256"] = _sampled_sha256(self.tmp / name, entry["size"])
         meta = {
             "format_version": FORMAT_VERSION,
             **self.extra_meta,
@@ -250,19 +312,24 @@ class TokenStore:
         self._doc_list = self.doc_ids.tolist()
         self._lab_list = self.labels.tolist()
         self._has_labels = self.label_names is not None
+        self._mask: np.ndarray | None = None  # loss_mask.bin, when the store has one
+        self.verified = "sizes"  # what `open` checked: sizes | full | sampled
 
     # ------------------------------------------------------------------------------ opening
     @classmethod
-    def open(cls, path: str | Path, *, verify: bool = False) -> TokenStore:
+    def open(cls, path: str | Path, *, verify: bool | str = False) -> TokenStore:
         """Open and validate a store; any inconsistency is an LLMTrainError naming the path.
 
-        Sizes and shapes are always checked against meta.json; `verify=True` also re-hashes
-        every file (reads the whole store).
+        Sizes and shapes are always checked against meta.json. `verify` also checks content
+        against its checksums: "full" (or True) re-hashes every file, "sampled" hashes spread
+        blocks, "auto" picks by size (module docstring). `store.verified` says what was done:
+        "sizes", "full" or "sampled".
         """
         path = Path(path)
         meta = _read_meta(path)
         n_chunks, n_tokens, n_starts, dtype = _meta_counts(path / META, meta)
-        _check_files(path, meta["files"], verify)
+        mode = verify_mode(meta["files"], verify)
+        _check_files(path, meta["files"], mode)
         if n_tokens * dtype.itemsize != int(meta["files"][TOKENS]["size"]):
             raise LLMTrainError(f"{path / META}: num_tokens disagrees with the size of {TOKENS}")
         arrays = _load_arrays(path, n_chunks, n_starts)
@@ -277,7 +344,11 @@ class TokenStore:
             tokens = np.memmap(path / TOKENS, dtype=dtype, mode="r", shape=(n_tokens,))
         else:
             tokens = np.zeros(0, dtype=dtype)
-        return cls(path, meta, tokens, arrays)
+        store = cls(path, meta, tokens, arrays)
+        store.verified = mode
+        if MASK in meta["files"]:
+            store._mask = np.memmap(path / MASK, dtype=np.uint8, mode="r", shape=(n_tokens,))
+        return store
 
     # ------------------------------------------------------------------------------ reading
     def __len__(self) -> int:
@@ -287,7 +358,14 @@ class TokenStore:
         off = self._off_list[i]
         ids = self._tokens[off : off + self._len_list[i]].astype(np.int64)
         label = self._lab_list[i] if self._has_labels else None
-        return {"input_ids": ids, "doc_id": self._doc_list[i], "label": label}
+        item = {"input_ids": ids, "doc_id": self._doc_list[i], "label": label}
+        if self._mask is not None:  # True = a target (instruction data)
+            item["loss_mask"] = self._mask[off : off + self._len_list[i]].astype(bool)
+        return item
+
+    @property
+    def has_loss_mask(self) -> bool:
+        return self._mask is not None
 
     def doc_starts(self, i: int) -> np.ndarray:
         """Offsets inside chunk i where a document begins (pack mode; [0] in window/truncate).
@@ -344,9 +422,32 @@ def _meta_counts(meta_path: Path, meta: dict[str, Any]) -> tuple[int, int, int, 
     return n_chunks, n_tokens, n_starts, dtype
 
 
-def _check_files(path: Path, files: dict[str, Any], verify: bool) -> None:
-    """Every file present with the size meta.json records (and, with `verify`, its sha256)."""
-    for name in ALL_FILES:
+def store_files(files: dict[str, Any]) -> tuple[str, ...]:
+    """The files of a store: ALL_FILES, and loss_mask.bin when meta.json lists it."""
+    return (*ALL_FILES, MASK) if MASK in files else ALL_FILES
+
+
+def verify_mode(files: dict[str, Any], verify: bool | str) -> str:
+    """What `open(verify=...)` will check: sizes | full | sampled. A store written before the
+    sampled checksums existed is verified in full."""
+    if verify is False or verify == "sizes":
+        return "sizes"
+    if verify is True or verify == "full":
+        return "full"
+    if verify not in ("auto", "sampled"):
+        raise ValueError(f"verify must be a bool, 'auto', 'full' or 'sampled' (got {verify!r})")
+    if any("sample_sha256" not in files[name] for name in store_files(files)):
+        return "full"
+    if verify == "auto":
+        total = sum(int(files[name]["size"]) for name in store_files(files))
+        return "full" if total <= FULL_VERIFY_MAX_BYTES else "sampled"
+    return "sampled"
+
+
+def _check_files(path: Path, files: dict[str, Any], mode: str) -> None:
+    """Every file present with the size meta.json records, and with the checksum `mode`
+    (verify_mode) asks for."""
+    for name in store_files(files):
         p = path / name
         if not p.is_file():
             raise LLMTrainError(f"{p}: missing; the store is incomplete, rebuild it")
@@ -356,8 +457,16 @@ def _check_files(path: Path, files: dict[str, Any], verify: bool) -> None:
                 f"{p}: {size} bytes, meta.json says {expected}; the store is truncated or "
                 "corrupt, rebuild it with `llmtrain chunk --force`"
             )
-        if verify and _sha256(p) != files[name].get("sha256"):
-            raise LLMTrainError(f"{p}: checksum mismatch; the store is corrupt, rebuild it")
+        if mode == "full" and _sha256(p) != files[name].get("sha256"):
+            raise LLMTrainError(
+                f"{p}: checksum mismatch (sha256 of the whole file, as meta.json records it); "
+                "the store was edited or is corrupt, rebuild it"
+            )
+        if mode == "sampled" and _sampled_sha256(p, size) != files[name]["sample_sha256"]:
+            raise LLMTrainError(
+                f"{p}: checksum mismatch (sampled blocks, as meta.json records them); the "
+                "store was edited or is corrupt, rebuild it"
+            )
 
 
 def _load_arrays(path: Path, n_chunks: int, n_starts: int) -> dict[str, np.ndarray]:

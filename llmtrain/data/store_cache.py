@@ -3,20 +3,24 @@
 A fingerprint (`stores_fingerprint`) hashes everything that decides the stores' bytes: the
 corpora, the reader settings, the tokenizer and the chunk settings. `ensure_stores` reuses the
 stores under `store_root(cfg)` when every split carries that fingerprint, and rebuilds them
-otherwise (docs/architecture.md, "Token store"). A store that matches but is damaged is an
-error, never a silent rebuild.
+otherwise (docs/architecture.md, "Token store"). A reused store's content is verified against
+the checksums in its meta.json (`data.store_verify`: full, sampled, or auto by size); one that
+matches but is damaged or was edited is an error, never a silent rebuild or a silent train.
+What a killed build left behind (`.tmp-*` / `.old-*` of a dead pid) is swept on every call.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmtrain.config import Config
+from llmtrain.console import err_console
 from llmtrain.data.chunk_spec import resolve_spec
 from llmtrain.data.chunking import ChunkSpec
 from llmtrain.data.corpus import corpus_fingerprint
@@ -38,6 +42,14 @@ class ChunkReport:
     splits: dict[str, dict[str, Any]]
     up_to_date: bool = False
     root: Path = field(default_factory=Path)
+    notes: list[str] = field(default_factory=list)  # what the caller should tell the user
+
+    @property
+    def verified(self) -> str | None:
+        """How the reused stores were checked ("full", "sampled", or both); None when built."""
+        if not self.up_to_date:
+            return None
+        return ",".join(sorted({s.verified for s in self.stores.values()}))
 
 
 def store_root(cfg: Config) -> Path:
@@ -69,11 +81,12 @@ def stores_fingerprint(cfg: Config, tok_fp: str) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def _reusable(root: Path, names: list[str], fp: str) -> dict[str, TokenStore] | None:
+def _reusable(root: Path, names: list[str], fp: str, verify: str) -> dict[str, TokenStore] | None:
     """The existing stores if every split matches `fp`; None when any is absent or stale.
 
-    A store that exists but is damaged (truncated, edited, missing a file) raises: rebuilding it
-    silently would hide the damage, and `--force` is there to replace it on purpose.
+    Each is opened with its checksums verified (`verify`: auto | full | sampled). A store that
+    exists but is damaged (truncated, edited, missing a file) raises: rebuilding it silently
+    would hide the damage, and `--force` is there to replace it on purpose.
     """
     stores = {}
     for name in names:
@@ -88,7 +101,7 @@ def _reusable(root: Path, names: list[str], fp: str) -> dict[str, TokenStore] | 
         if meta_fp != fp:
             return None
         try:
-            stores[name] = TokenStore.open(path)
+            stores[name] = TokenStore.open(path, verify=verify)
         except LLMTrainError as e:
             raise LLMTrainError(f"{e} (or run `llmtrain chunk --force` to rebuild)") from None
     return stores
@@ -120,23 +133,63 @@ def ensure_stores(
     # Imported here: llmtrain.data.tokenizer imports transformers, which the chunk path avoids.
     from llmtrain.data.tokenizer import tokenizer_fingerprint
 
-    set_workers(workers if workers is not None else cfg.data.workers)
+    threads_note = set_workers(workers if workers is not None else cfg.data.workers)
     spec = resolve_spec(cfg, tokenizer)
     root = store_root(cfg)
     names = _splits(cfg)
     tok_fp = tokenizer_fingerprint(tokenizer)
     fp = stores_fingerprint(cfg, tok_fp)
+    # What a killed `chunk` left (kill -9 runs no cleanup), swept before the store is reused
+    # too, or it would stay forever beside an up-to-date store; this process has none open yet.
+    swept = remove_stale_temps(root)
     if not force:
-        stores = _reusable(root, names, fp)
+        stores = _reusable(root, names, fp, cfg.data.store_verify)
         if stores is not None:
-            splits = {n: {**s.meta.get("stats", {}), "up_to_date": True} for n, s in stores.items()}
-            return ChunkReport(stores, splits, up_to_date=True, root=root)
+            splits = {
+                n: {**s.meta.get("stats", {}), "up_to_date": True, "verified": s.verified}
+                for n, s in stores.items()
+            }
+            report = ChunkReport(stores, splits, up_to_date=True, root=root)
+            return _with_notes(report, cfg, swept, None, console)
     root.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(root)  # what a killed `chunk` left; this process has none open yet
     if "eval" not in names and (root / "eval").exists():
         shutil.rmtree(root / "eval")  # a stale eval store from an earlier config would mislead
     meta = _store_meta(cfg, spec, fp, tok_fp)
     stores, splits = build_stores(
         cfg, tokenizer, spec, meta, root, progress=progress, console=console
     )
-    return ChunkReport(stores, splits, up_to_date=False, root=root)
+    report = ChunkReport(stores, splits, up_to_date=False, root=root)
+    return _with_notes(report, cfg, swept, threads_note, console)
+
+
+def _with_notes(
+    report: ChunkReport,
+    cfg: Config,
+    swept: list[Path],
+    threads_note: str | None,
+    console: Console | None,
+) -> ChunkReport:
+    """Add what the user should hear about to `report.notes` and print it on one rank (stderr
+    unless the caller's console says otherwise): bad records skipped (on_error: skip, on
+    every use of the store, not only the build), a forced single tokenizer thread, leftovers
+    of a killed build removed."""
+    notes = report.notes
+    if swept:
+        shown = ", ".join(p.name for p in swept)
+        notes.append(f"removed what a killed build left in {report.root}: {shown}")
+    if threads_note:
+        notes.append(threads_note)
+    for name, split in report.splits.items():
+        skipped = int(split.get("skipped_records") or 0)
+        if skipped:
+            key = "data.eval" if name == "eval" and cfg.data.eval is not None else "data.train"
+            notes.append(
+                f"warning: {key}: {skipped:,} bad record{'s' * (skipped != 1)} skipped "
+                f"(on_error: skip), {split.get('documents', 0):,} documents kept in {name}"
+            )
+    # Under torchrun every rank opens the stores; rank 0 alone speaks (RANK is torchrun's).
+    if notes and os.environ.get("RANK", "0") == "0":
+        out = console or err_console
+        for line in notes:
+            out.print(line, highlight=False, markup=False, soft_wrap=True)
+    return report

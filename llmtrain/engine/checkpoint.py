@@ -1,47 +1,94 @@
-"""Checkpoints that are never half-written, and the search for the latest good one.
+"""Checkpoints that are never half-written, never run code when read, and are verified.
 
 Layout of `<output_dir>/checkpoints/step-00000100/`:
   model.safetensors   the unwrapped model's weights (safetensors.torch.save_model: tied
-                      weights stored once and re-tied on load, bit-exact)
-  optimizer.pt        optimizer.state_dict()
-  state.pt            step, sampler position, micro_batch, GradScaler, RNG states
+                      weights stored once and re-tied on load, bit-exact); for a PEFT
+                      model only its trainable tensors (adapters, head), by name
+  optimizer.pt        optimizer.state_dict(): tensors and plain values only
+  state.pt            step, sampler position, micro_batch, GradScaler, RNG states: tensors and
+                      plain values only (the numpy RNG key is stored as a tensor)
+  checksums.json      size and sha256 of the three files above
   complete            written last: a directory without it is not a checkpoint
 
-Everything is written through `llmtrain.util.atomic.atomic_dir`, so a crash leaves either the
-whole checkpoint or a temporary directory that is ignored and cleaned.
+Reading never executes code: the `.pt` files are loaded with `torch.load(weights_only=True)`,
+which accepts tensors, numbers, strings and containers and refuses any other object, and the
+weights with safetensors. Every file is checked against `checksums.json` first; a checkpoint
+that fails any check is refused with the file named, and `--resume auto` falls back to the
+previous one. Everything is written through `llmtrain.util.atomic.atomic_dir`, so a crash
+leaves either the whole checkpoint or a temporary directory that is ignored and cleaned.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from rich.markup import escape
 from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from llmtrain.console import err_console
 from llmtrain.engine.faults import kill_point
 from llmtrain.engine.parallel import is_fsdp, load_full_state
+from llmtrain.engine.peft import is_peft, load_trainable, trainable_state
 from llmtrain.errors import LLMTrainError
 from llmtrain.util.atomic import atomic_dir, remove_stale_temps
 
 MARKER = "complete"
+MANIFEST = "checksums.json"
 PREFIX = "step-"
+FILES = ("model.safetensors", "optimizer.pt", "state.pt")
+FORMAT = 2  # 1: state.pt pickled numpy arrays, no checksums (read for old runs' sake)
+_HASH_CHUNK = 8 << 20
+
+
+class CheckpointRejected(LLMTrainError):
+    """One file of a checkpoint failed a check; `file` names it."""
+
+    def __init__(self, file: Path, reason: str):
+        self.file, self.reason = Path(file), reason
+        super().__init__(f"{file}: unreadable checkpoint ({reason})")
+
+
+def _warn(text: str) -> None:
+    """One line on stderr, never wrapped (it names files), never read as markup."""
+    err_console.print(f"[yellow]warning:[/] {escape(text)}", soft_wrap=True)
 
 
 def checkpoint_dir(output_dir: Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
+def checkpoint_path(output_dir: Path, step: int) -> Path:
+    return checkpoint_dir(output_dir) / f"{PREFIX}{step:08d}"
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step a checkpoint directory is named for (`step-00000100` → 100)."""
+    return int(Path(path).name[len(PREFIX) :])
+
+
+# ------------------------------------------------------------------------------- RNG state
 def rng_state() -> dict[str, Any]:
-    """Every RNG a training step can draw from (dropout, shuffles)."""
+    """Every RNG a training step can draw from (dropout, shuffles), as tensors and plain values
+    only, so that `torch.load(weights_only=True)` reads it back."""
+    name, key, pos, has_gauss, gauss = np.random.get_state()
     state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": random.getstate(),  # (version, tuple of ints, float | None)
+        "numpy": {
+            "bit_generator": str(name),
+            "key": torch.from_numpy(np.asarray(key, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(gauss),
+        },
         "torch": torch.get_rng_state(),
     }
     # Only once CUDA is in use: reading its RNG would otherwise initialise it (a CPU run on a
@@ -51,12 +98,85 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
+def _numpy_state(saved: Any) -> Any:
+    """np.random.set_state's tuple from `rng_state`'s dict (format 1 stored the tuple)."""
+    if not isinstance(saved, dict):
+        return saved
+    key = saved["key"].numpy().astype(np.uint32)
+    return (saved["bit_generator"], key, saved["pos"], saved["has_gauss"], saved["cached_gaussian"])
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np.random.set_state(_numpy_state(state["numpy"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------------------ checksums
+def file_digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    """checksums.json: size and sha256 of each checkpoint file (written before the marker)."""
+    files = {
+        name: {"bytes": (directory / name).stat().st_size, "sha256": file_digest(directory / name)}
+        for name in FILES
+    }
+    text = json.dumps({"format": FORMAT, "files": files}, indent=1)
+    (directory / MANIFEST).write_text(text + "\n", encoding="utf-8")
+
+
+def verify_manifest(path: Path) -> None:
+    """Every file matches its recorded size and sha256, or CheckpointRejected names it. A
+    checkpoint of format 1 has no manifest: it is read unverified, with a warning."""
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        _warn(
+            f"{path}: no {MANIFEST} (written before llmtrain kept checksums); its content "
+            "cannot be verified"
+        )
+        return
+    try:
+        files = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+        expected = {name: (int(files[name]["bytes"]), str(files[name]["sha256"])) for name in FILES}
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointRejected(manifest, f"malformed ({type(e).__name__}: {e})") from None
+    for name, (size, digest) in expected.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointRejected(file, "missing")
+        if file.stat().st_size != size:
+            raise CheckpointRejected(
+                file, f"{file.stat().st_size} bytes where {MANIFEST} records {size}: truncated"
+            )
+        if file_digest(file) != digest:
+            raise CheckpointRejected(
+                file, f"sha256 differs from {MANIFEST}: the file changed after it was written"
+            )
+
+
+# --------------------------------------------------------------------------------- saving
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of the distinct tensors in a (nested) state: what writing it needs on disk."""
+    seen: dict[tuple[int, int], int] = {}
+
+    def walk(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            seen[(x.untyped_storage().data_ptr(), x.storage_offset())] = x.nbytes
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v)
+
+    walk(obj)
+    return sum(seen.values())
 
 
 def save_checkpoint(
@@ -76,21 +196,30 @@ def save_checkpoint(
     `model_state` / `optimizer_state`: full states gathered from a sharded (FSDP) model by
     `llmtrain.engine.parallel`, written in the same format instead of the module's own."""
     root = checkpoint_dir(output_dir)
-    final = root / f"{PREFIX}{step:08d}"
+    final = checkpoint_path(output_dir, step)
+    if model_state is None and is_peft(model):  # the frozen base is model.pretrained itself
+        model_state = trainable_state(model)
+    optim_state = optimizer_state if optimizer_state is not None else optimizer.state_dict()
+    weights = model_state if model_state is not None else model.state_dict()
+    needs = tensor_bytes(weights) + tensor_bytes(optim_state) + (64 << 10)  # + RNG, headers
     # Re-saving the same step (resumed at the very end) replaces it whole.
-    with atomic_dir(final) as tmp:
+    with atomic_dir(final, needs_bytes=needs, what=f"checkpoint step {step}") as tmp:
         if model_state is not None:
             save_file(model_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         else:
             save_model(model, str(tmp / "model.safetensors"))
         kill_point("ckpt_after_model")
         kill_point(f"ckpt_after_model:{step}")
-        torch.save(
-            optimizer_state if optimizer_state is not None else optimizer.state_dict(),
-            tmp / "optimizer.pt",
-        )
-        state = {**train_state, "step": step, "scaler": scaler.state_dict(), "rng": rng_state()}
+        torch.save(optim_state, tmp / "optimizer.pt")
+        state = {
+            **train_state,
+            "format": FORMAT,
+            "step": step,
+            "scaler": scaler.state_dict(),
+            "rng": rng_state(),
+        }
         torch.save(state, tmp / "state.pt")
+        write_manifest(tmp)
         (tmp / MARKER).write_text(f"{step}\n")
     prune(root, keep)
     return final
@@ -103,7 +232,7 @@ def list_checkpoints(root: Path) -> list[Path]:
     found = [
         p
         for p in root.iterdir()
-        if p.is_dir() and p.name.startswith(PREFIX) and (p / MARKER).is_file()
+        if p.is_dir() and re.fullmatch(rf"{PREFIX}\d+", p.name) and (p / MARKER).is_file()
     ]
     return sorted(found, key=lambda p: p.name)
 
@@ -115,19 +244,77 @@ def prune(root: Path, keep: int) -> None:
     remove_stale_temps(root)
 
 
+# -------------------------------------------------------------------------------- reading
+def _legacy_numpy_globals() -> list[Any]:
+    """What a format-1 state.pt needs besides tensors: numpy arrays of the RNG key (array
+    reconstruction only; no callable of the file's choosing)."""
+    core = getattr(np, "_core", None) or np.core  # numpy 2 | numpy 1
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]
+
+
+def load_plain(file: Path) -> Any:
+    """torch.load that runs no code: tensors and plain values, or CheckpointRejected."""
+    try:
+        with torch.serialization.safe_globals(_legacy_numpy_globals()):
+            return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found or "Weights only load failed" in str(e):
+            what = f" ({found[1]})" if found else ""
+            raise CheckpointRejected(
+                file,
+                f"holds an object other than tensors and plain values{what}; refused unread "
+                "(torch.load weights_only=True), nothing in it was run",
+            ) from None
+        raise CheckpointRejected(file, f"{type(e).__name__}: {' '.join(str(e).split())}") from None
+
+
+def check_state(state: Any, file: Path) -> dict[str, Any]:
+    """The fields `apply_checkpoint` uses, with their types, or CheckpointRejected naming them."""
+    if not isinstance(state, dict):
+        raise CheckpointRejected(file, f"holds a {type(state).__name__}, not a dict")
+    rng = state.get("rng")
+    problems = [k for k in ("step", "micro_batch") if not isinstance(state.get(k), int)]
+    if not isinstance(state.get("scaler", {}), dict):
+        problems.append("scaler")
+    if not isinstance(rng, dict) or not all(k in rng for k in ("python", "numpy", "torch")):
+        problems.append("rng")
+    else:
+        if not isinstance(rng["torch"], torch.Tensor):
+            problems.append("rng.torch")
+        if not isinstance(rng["python"], (tuple, list)) or len(rng["python"]) != 3:
+            problems.append("rng.python")
+    if problems:
+        raise CheckpointRejected(file, f"missing or malformed: {', '.join(problems)}")
+    return state
+
+
 def read_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint's optimizer and state dicts (weights stay on disk until applied)."""
+    """Verify a checkpoint and load its optimizer and state dicts (weights stay on disk until
+    applied); CheckpointRejected names the first file that fails."""
     path = Path(path)
     if not (path / MARKER).is_file():
         raise LLMTrainError(f"{path}: not a complete checkpoint (no '{MARKER}' marker)")
+    verify_manifest(path)
+    optimizer = load_plain(path / "optimizer.pt")
+    if not isinstance(optimizer, dict) or not {"state", "param_groups"} <= set(optimizer):
+        raise CheckpointRejected(path / "optimizer.pt", "not an optimizer state_dict")
+    state = check_state(load_plain(path / "state.pt"), path / "state.pt")
+    weights = path / "model.safetensors"
     try:
-        optimizer = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
-        state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
-        with safe_open(str(path / "model.safetensors"), framework="pt") as f:  # header + size
+        with safe_open(str(weights), framework="pt") as f:  # header + size
             list(f.keys())
-    except Exception as e:  # any unreadable file means this checkpoint cannot be used
-        raise LLMTrainError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})") from None
+    except Exception as e:
+        raise CheckpointRejected(weights, f"{type(e).__name__}: {e}") from None
     return {"path": path, "optimizer": optimizer, "state": state}
+
+
+def _one_line(e: Exception, limit: int = 3) -> str:
+    """A load_state_dict error (one line per tensor) as one line: the first few, and a count."""
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    details = [x for x in lines[1:] if x] or lines
+    more = f" (and {len(details) - limit} more)" if len(details) > limit else ""
+    return "; ".join(details[:limit]) + more
 
 
 def apply_checkpoint(
@@ -145,38 +332,67 @@ def apply_checkpoint(
             weights = load_file(str(path / "model.safetensors"))
             load_full_state(model, optimizer, weights, ckpt["optimizer"])
         except Exception as e:
-            raise LLMTrainError(f"{path}: cannot load into the sharded model ({e})") from None
+            raise LLMTrainError(
+                f"{path}: cannot load into the sharded model ({_one_line(e)})"
+            ) from None
         return _restore_rest(ckpt, scaler)
+    if is_peft(model):  # a PEFT checkpoint holds the trainable tensors only (save_checkpoint)
+        _load_peft_weights(model, path / "model.safetensors")
+    else:
+        try:
+            file = str(path / "model.safetensors")
+            missing, unexpected = load_model(model, file, device=str(device))
+        except Exception as e:
+            raise LLMTrainError(
+                f"{path}/model.safetensors: does not fit this model ({_one_line(e)}); was it "
+                "written with another model config?"
+            ) from None
+        if missing or unexpected:
+            raise LLMTrainError(
+                f"{path}: weights do not match the model (missing {missing[:3]}, unexpected "
+                f"{unexpected[:3]}); was it written with another model config?"
+            )
     try:
-        missing, unexpected = load_model(model, str(path / "model.safetensors"), device=str(device))
+        optimizer.load_state_dict(ckpt["optimizer"])
     except Exception as e:
-        raise LLMTrainError(f"{path}/model.safetensors: cannot load ({e})") from None
-    if missing or unexpected:
         raise LLMTrainError(
-            f"{path}: weights do not match the model (missing {missing[:3]}, unexpected "
-            f"{unexpected[:3]}); was it written with another model config?"
-        )
-    optimizer.load_state_dict(ckpt["optimizer"])
+            f"{path}/optimizer.pt: does not fit this optimizer ({type(e).__name__}: "
+            f"{_one_line(e)}); was it written with another optim config?"
+        ) from None
     return _restore_rest(ckpt, scaler)
+
+
+def _load_peft_weights(model: torch.nn.Module, file: Path) -> None:
+    try:
+        weights = load_file(str(file))
+    except Exception as e:
+        raise LLMTrainError(f"{file}: cannot load ({type(e).__name__}: {e})") from None
+    load_trainable(model, weights, file)
 
 
 def _restore_rest(ckpt: dict[str, Any], scaler: torch.amp.GradScaler) -> dict[str, Any]:
     """Scaler and RNG, after the weights and optimizer; returns the train state."""
     state = ckpt["state"]
-    if state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-    set_rng_state(state["rng"])
+    try:
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+    except Exception as e:
+        raise LLMTrainError(
+            f"{ckpt['path']}/state.pt: cannot restore ({type(e).__name__}: {e})"
+        ) from None
     return state
 
 
 def find_resume(output_dir: Path, resume: str) -> dict[str, Any] | None:
-    """`auto`: the newest checkpoint that reads (a corrupt one is skipped with a warning);
-    None when there is none. A path: that checkpoint, or an error naming it."""
+    """`auto`: the newest checkpoint that passes every check (a damaged or tampered one is
+    skipped with a warning naming the file); None when there is none. A path: that
+    checkpoint, or an error naming it."""
     if resume != "auto":
         return read_checkpoint(Path(resume))
     for path in reversed(list_checkpoints(checkpoint_dir(output_dir))):
         try:
             return read_checkpoint(path)
         except LLMTrainError as e:
-            err_console.print(f"[yellow]warning:[/] skipping {e}")
+            _warn(f"skipping {e}; trying the previous checkpoint")
     return None

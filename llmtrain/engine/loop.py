@@ -26,6 +26,7 @@ from rich.console import Console
 
 from llmtrain.config import Config
 from llmtrain.console import console as default_console
+from llmtrain.console import err_console
 from llmtrain.data.batching import (
     SequenceSource,
     epoch_order,
@@ -35,11 +36,14 @@ from llmtrain.data.batching import (
     window_indices,
 )
 from llmtrain.engine import checkpoint as ckpt
+from llmtrain.engine import flops, signals
 from llmtrain.engine.distributed import DistInfo, all_reduce_min, all_reduce_sum, barrier
 from llmtrain.engine.evaluate import evaluate
 from llmtrain.engine.faults import kill_point
+from llmtrain.engine.loss import resolve_loss_chunk, show_notice
 from llmtrain.engine.metrics import MetricsWriter, truncate_after
-from llmtrain.engine.optim import build_optimizer, effective_lr, lr_at, set_lr
+from llmtrain.engine.model import enable_tf32
+from llmtrain.engine.optim import build_optimizer, effective_lr, lr_at, resolve_warmup, set_lr
 from llmtrain.engine.parallel import (
     full_model_state,
     full_optimizer_state,
@@ -48,8 +52,11 @@ from llmtrain.engine.parallel import (
     unwrap,
     wrap_model,
 )
+from llmtrain.engine.peft import is_peft, save_adapter_then_merge
 from llmtrain.engine.precision import make_scaler
-from llmtrain.engine.progress import TrainLog
+from llmtrain.engine.prefetch import Prefetcher
+from llmtrain.engine.progress import LogInterval, TrainLog
+from llmtrain.engine.provenance import check_total
 from llmtrain.engine.step import StepSpec, Window, forward_backward, make_window, optimizer_step
 from llmtrain.errors import LLMTrainError
 from llmtrain.util.atomic import atomic_dir
@@ -88,6 +95,8 @@ class Run:
     steps_per_epoch: int
     total: int
     peak_lr: float
+    warmup: int  # optim.warmup_steps resolved against `total` (engine.optim.resolve_warmup)
+    prefetch: Prefetcher | None = None  # the next window, cut while this one computes
 
 
 @dataclass
@@ -100,21 +109,27 @@ class LoopState:
     last_loss: float | None = None
     last_eval: dict[str, float] | None = None
     order: tuple[int, np.ndarray] | None = None  # (epoch, permutation): one epoch cached
+    skipped: list[int] = field(default_factory=list)  # steps skipped under nan_policy: skip
+    # sums since the last train record (the next one averages them); saved in checkpoints
+    log_interval: LogInterval = field(default_factory=LogInterval)
 
 
 def is_isolated(cfg: Config) -> bool:
-    """Pack mode with attention kept inside documents."""
+    """Pack mode with attention kept inside documents: asked for, or instruction data (packed
+    conversations never see each other; positions restart at each)."""
     chunk = cfg.data.chunk
-    return chunk.mode == "pack" and not chunk.cross_doc_attention
+    return chunk.mode == "pack" and (not chunk.cross_doc_attention or cfg.data.is_sft)
 
 
-def step_spec(cfg: Config) -> StepSpec:
+def step_spec(cfg: Config, loss_chunk: int | None = None) -> StepSpec:
+    """`loss_chunk`: `train.loss_chunk` as resolved for the model (`engine.loss`)."""
     return StepSpec(
         task=cfg.model.task,
         normalization=cfg.train.loss_normalization,
         precision=cfg.train.precision,
         grad_clip=cfg.optim.grad_clip,
         isolate_docs=is_isolated(cfg),
+        loss_chunk=loss_chunk,
     )
 
 
@@ -140,6 +155,11 @@ def setup_run(
     n, global_batch = len(train_store), cfg.batch.global_batch
     if n == 0:
         raise LLMTrainError("data.train: the token store holds no sequences; nothing to train on")
+    total = total_steps(n, global_batch, cfg.train.max_steps, cfg.train.epochs)
+    # before wrapping: its check runs a forward, which would leave FSDP's root unsharded
+    loss_chunk = resolve_loss_chunk(cfg.train.loss_chunk, model.to(device), cfg.model.task)
+    show_notice(loss_chunk, enabled=dist.is_main)
+    enable_tf32(device)
     wrapped = wrap_model(model, cfg, dist, device)
     raw_model = unwrap(wrapped)  # FSDP shards in place: the optimizer must see its parameters
     if cfg.model.compile:
@@ -150,7 +170,7 @@ def setup_run(
         raw_model=raw_model,
         optimizer=build_optimizer(cfg, raw_model),
         scaler=make_scaler(cfg.train.precision, device),
-        spec=step_spec(cfg),
+        spec=step_spec(cfg, loss_chunk.tokens),
         train_store=train_store,
         eval_store=eval_store,
         pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
@@ -158,8 +178,9 @@ def setup_run(
         dist=dist,
         out=Path(cfg.run.output_dir),
         steps_per_epoch=steps_per_epoch(n, global_batch),
-        total=total_steps(n, global_batch, cfg.train.max_steps, cfg.train.epochs),
+        total=total,
         peak_lr=effective_lr(cfg.optim, global_batch),
+        warmup=resolve_warmup(cfg.optim, total),
     )
 
 
@@ -195,6 +216,8 @@ def restore_or_start(run: Run, resume: str | None, micro: int, console: Console)
             f"config says {global_batch}; the data order and schedule of the run depend on it"
         )
     loop = LoopState(step=int(state["step"]), micro=min(micro, int(state["micro_batch"])))
+    check_total(run.total, loop.step, found["path"])  # else it would end at once as "done"
+    loop.log_interval = LogInterval.from_dict(state.get("log_interval"))
     if run.dist.is_main:
         where = f"{found['path']} at step {loop.step}"
         console.print(f"resumed from {where} (micro-batch {loop.micro})")
@@ -202,9 +225,10 @@ def restore_or_start(run: Run, resume: str | None, micro: int, console: Console)
     return loop
 
 
-def window_at(run: Run, state: LoopState) -> np.ndarray:
-    """The sequence indices of the optimizer step `state.step`: a function of (seed, epoch)."""
-    epoch, in_epoch = divmod(state.step, run.steps_per_epoch)
+def window_at(run: Run, state: LoopState, step: int | None = None) -> np.ndarray:
+    """The sequence indices of the optimizer step `step` (default `state.step`): a function
+    of (seed, epoch)."""
+    epoch, in_epoch = divmod(state.step if step is None else step, run.steps_per_epoch)
     if state.order is None or state.order[0] != epoch:
         state.order = (epoch, epoch_order(len(run.train_store), run.cfg.run.seed, epoch))
     return window_indices(state.order[1], in_epoch, run.cfg.batch.global_batch)
@@ -216,7 +240,7 @@ def schedule_lr(run: Run, step: int) -> float:
         step,
         peak=run.peak_lr,
         total=run.total,
-        warmup=o.warmup_steps,
+        warmup=run.warmup,
         schedule=o.schedule,
         min_lr_ratio=o.min_lr_ratio,
     )
@@ -231,18 +255,11 @@ def run_window(
     window from zero gradients with the same N. Returns the window and its summed loss."""
 
     def cut(n_total: float | None = None) -> Window:
-        return make_window(
-            run.train_store,
-            indices,
-            run.spec,
-            micro=state.micro,
-            pad_id=run.pad_id,
-            dist=run.dist,
-            device=run.device,
-            n_total=n_total,
-        )
+        return cut_window(run, indices, state.micro, n_total)
 
-    win = cut()
+    prefetched = run.prefetch.take(state.step, state.micro) if run.prefetch else None
+    win = prefetched or cut()
+    prefetch_next(run, state)
     while True:
         try:
             args = (run.model, run.optimizer, run.scaler, win, run.spec)
@@ -268,6 +285,31 @@ def run_window(
         log.event("oom", at, micro_batch_from=state.micro, micro_batch_to=state.micro // 2)
         state.micro //= 2
         win = cut(n_total=win.n_total)
+        prefetch_next(run, state)  # the one in flight was cut at the old micro-batch
+
+
+def cut_window(run: Run, indices: np.ndarray, micro: int, n_total: float | None = None) -> Window:
+    """`make_window` of this run's store for `indices` at micro-batch `micro`."""
+    return make_window(
+        run.train_store,
+        indices,
+        run.spec,
+        micro=micro,
+        pad_id=run.pad_id,
+        dist=run.dist,
+        device=run.device,
+        n_total=n_total,
+    )
+
+
+def prefetch_next(run: Run, state: LoopState) -> None:
+    """Start cutting the next step's window in the background (engine/prefetch.py); its
+    indices are computed here, on the loop's thread, so the data order is the loop's."""
+    step = state.step + 1
+    if run.prefetch is None or step >= run.total:
+        return
+    indices, micro = window_at(run, state, step), state.micro
+    run.prefetch.schedule(step, micro, lambda n: cut_window(run, indices, micro, n))
 
 
 def take_step(
@@ -333,6 +375,7 @@ def save(run: Run, state: LoopState) -> None:
                 "total_steps": run.total,
                 "global_batch": run.cfg.batch.global_batch,
                 "world_size": run.dist.world_size,
+                "log_interval": state.log_interval.to_dict(),
             },
             keep=run.cfg.train.keep_checkpoints,
         )
@@ -355,6 +398,7 @@ def run_eval(run: Run, state: LoopState, log: TrainLog) -> None:
         max_batches=cfg.train.eval_max_batches,
         isolate_docs=run.spec.isolate_docs,
         dist=run.dist,
+        loss_chunk=run.spec.loss_chunk,
     )
     log.evaluated(state.step, state.last_eval)
 
@@ -365,14 +409,50 @@ def after_step(run: Run, state: LoopState, log: TrainLog) -> None:
     step, t = state.step, run.cfg.train
     if (t.eval_every and step % t.eval_every == 0) or step == run.total:
         run_eval(run, state, log)
-    if (t.save_every and step % t.save_every == 0) or step == run.total:
+    saved = bool(t.save_every and step % t.save_every == 0) or step == run.total
+    if saved:
         save(run, state)
     kill_point(f"step_end:{step}")
+    # SIGTERM: this step is done; save it and stop (exit 143). At the last step: just finish.
+    if step < run.total and stop_requested(run):
+        if not saved:
+            save(run, state)
+        raise signals.Preempted(step, ckpt.checkpoint_path(run.out, step))
+
+
+def stop_requested(run: Run) -> bool:
+    """Whether a SIGTERM arrived (engine/signals.py); under torchrun one all-reduce, so that
+    a signal on any rank stops every rank after the same step."""
+    if not signals.active():
+        return False
+    flag = torch.tensor(float(signals.requested()), device=run.device)
+    return all_reduce_sum(flag).item() > 0
+
+
+def report_skipped(run: Run, state: LoopState, steps_run: int, log: TrainLog) -> None:
+    """nan_policy: skip ends with a summary of what it skipped: a `nonfinite_summary` event
+    in metrics.jsonl and a warning on stderr, louder when more than half the steps were
+    skipped (the model in final/ then barely trained). The exit stays 0: the run did what
+    nan_policy: skip asks, and its checkpoints and final/ are there to inspect."""
+    n = len(state.skipped)
+    if n == 0:
+        return
+    log.event("nonfinite_summary", state.step, skipped=n, steps=steps_run)
+    shown = ", ".join(map(str, state.skipped[:5])) + (", ..." if n > 5 else "")
+    summary = f"train.nan_policy: skip skipped {n} of {steps_run} steps (non-finite loss: {shown})"
+    if 2 * n > steps_run:
+        summary = (
+            f"{summary}: MOST OF THE RUN DID NOT TRAIN, final/ holds a barely trained model; "
+            "lower optim.lr or check the data"
+        )
+    if run.dist.is_main:
+        err_console.print(f"warning: {summary}", highlight=False, markup=False, soft_wrap=True)
 
 
 def save_final(run: Run, tokenizer: Any) -> Path | None:
     """`final/`: the model (save_pretrained, loadable with AutoModel*.from_pretrained) and
-    the tokenizer beside it, written atomically by rank 0; None on the other ranks."""
+    the tokenizer beside it, written atomically by rank 0; None on the other ranks. A PEFT
+    model also writes `adapter/` and is then merged into its base for `final/` (in place)."""
     raw = run.raw_model
     # FSDP: all ranks gather the full weights for rank 0's save_pretrained
     state = full_model_state(raw, drop_tied=False) if is_fsdp(raw) else None
@@ -382,8 +462,13 @@ def save_final(run: Run, tokenizer: Any) -> Path | None:
 
         hf_logging.disable_progress_bar()  # our own output only
         final = run.out / "final"
+        if is_peft(raw):
+            raw = save_adapter_then_merge(raw, run.out / "adapter", tokenizer)
         if hasattr(raw.config, "use_cache"):
             raw.config.use_cache = True  # off while training; on for whoever generates
+        limit = model_positions(raw.config)
+        if limit is not None and hasattr(tokenizer, "model_max_length"):
+            tokenizer.model_max_length = limit  # else ~1e30: nothing would warn of a long input
         with atomic_dir(final) as tmp:
             save_pretrained_full(raw, tmp, state)
             if hasattr(tokenizer, "save_pretrained"):
@@ -392,9 +477,37 @@ def save_final(run: Run, tokenizer: Any) -> Path | None:
     return final
 
 
-def open_log(run: Run, state: LoopState, console: Console) -> TrainLog:
+# Models whose position ids start after the padding index (fairseq heritage) read two fewer
+# tokens than max_position_embeddings (the same list as config.rules' seq_len check).
+_POSITION_OFFSET = {
+    "roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "roberta-prelayernorm",
+    "data2vec-text", "longformer",
+}  # fmt: skip
+
+
+def model_positions(hf_config: Any) -> int | None:
+    """How many tokens the model reads at most (n_positions / max_position_embeddings /
+    n_ctx, minus the padding offset of RoBERTa-like models); None when it declares none."""
+    for key in ("n_positions", "max_position_embeddings", "n_ctx"):
+        limit = getattr(hf_config, key, None)
+        if isinstance(limit, int) and limit > 0:
+            offset = 2 if getattr(hf_config, "model_type", None) in _POSITION_OFFSET else 0
+            return limit - offset
+    return None
+
+
+def job_peak(run: Run) -> float | None:
+    """Peak FLOP/s of the whole job for MFU: one device's (engine/flops.py) × world size."""
+    peak = flops.device_peak(run.device, run.cfg.run.peak_flops)
+    return None if peak is None else peak * run.dist.world_size
+
+
+def open_log(
+    run: Run, state: LoopState, console: Console, changes: dict[str, list] | None = None
+) -> TrainLog:
     """metrics.jsonl (appended to on resume, after `restore_or_start` cut it back) and the
-    progress display; rank 0 alone writes."""
+    progress display; rank 0 alone writes. `changes`: the safe config changes of a resume
+    (engine/provenance.py), recorded as a `config_changed` event at the resumed step."""
     cfg, is_main = run.cfg, run.dist.is_main
     metrics = MetricsWriter(
         run.out / "metrics.jsonl",
@@ -403,7 +516,7 @@ def open_log(run: Run, state: LoopState, console: Console) -> TrainLog:
         tensorboard=cfg.log.tensorboard,
         fresh=state.step == 0,
     )
-    return TrainLog(
+    log = TrainLog(
         metrics,
         console,
         total=run.total,
@@ -412,7 +525,13 @@ def open_log(run: Run, state: LoopState, console: Console) -> TrainLog:
         is_main=is_main,
         show_progress=cfg.log.progress,
         device=run.device,
+        interval=state.log_interval,
+        flops_per_token=flops.flops_per_token(run.raw_model),
+        peak_flops=job_peak(run),
     )
+    if changes and state.step > 0:
+        log.event("config_changed", state.step, changes=changes)
+    return log
 
 
 def train(
@@ -427,13 +546,17 @@ def train(
     dist: DistInfo | None = None,
     resume: str | None = None,
     console: Console | None = None,
+    changes: dict[str, list] | None = None,
 ) -> TrainResult:
     """Train `model` on `train_store` as `cfg` says; writes the run directory
-    (docs/architecture.md, "Run directory")."""
+    (docs/architecture.md, "Run directory"). `changes`: see `open_log`."""
     dist, console = dist or DistInfo(), console or default_console
     run = setup_run(cfg, model, tokenizer, train_store, eval_store, device=device, dist=dist)
     state = restore_or_start(run, resume, micro_batch, console)
-    with open_log(run, state, console) as log:
+    signals.defer_to_step_end()  # a SIGTERM from now on ends the current step with a checkpoint
+    start = state.step
+    with open_log(run, state, console, changes) as log, Prefetcher(run.spec, device) as pre:
+        run.prefetch = pre
         while state.step < run.total:
             log.step_started()
             indices = window_at(run, state)
@@ -458,8 +581,10 @@ def train(
                     grad_accum=k,
                 )
             else:
+                state.skipped.append(state.step)
                 log.skipped(state.step)
             after_step(run, state, log)
+        report_skipped(run, state, state.step - start, log)
     final_dir = save_final(run, tokenizer)
     return TrainResult(
         state.step, state.micro, state.last_loss, state.last_eval, final_dir, log.events

@@ -11,9 +11,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from llmtrain.console import err_console
 
-TIMING_FIELDS = ("tokens_per_s", "elapsed_s")  # the only fields that differ between reruns
+TIMING_FIELDS = ("tokens_per_s", "elapsed_s", "mfu")  # the only fields that differ between reruns
+# How to get the tensorboard package: the extra exists only for an install of this project.
+TENSORBOARD_HINT = (
+    "installed (pip install tensorboard; from a clone: pip install -e '.[tensorboard]')"
+)
 
 
 def truncate_after(path: Path, step: int) -> None:
@@ -53,9 +59,11 @@ class MetricsWriter:
 
                 self._tb = SummaryWriter(str(path.parent / "tensorboard"))
             except ImportError:
+                # escaped: rich would read "[tensorboard]" as markup and print nothing of it
                 err_console.print(
                     "[yellow]warning:[/] log.tensorboard is on but the tensorboard package is not "
-                    "installed (pip install 'llmtrain[tensorboard]'); only metrics.jsonl is written"
+                    + escape(TENSORBOARD_HINT)
+                    + "; only metrics.jsonl is written"
                 )
 
     def write(self, record: dict[str, Any]) -> None:

@@ -18,6 +18,7 @@ from transformers import (
 )
 
 from llmtrain.config import Config
+from llmtrain.engine.peft import apply_peft
 from llmtrain.engine.precision import param_dtype
 from llmtrain.errors import LLMTrainError
 
@@ -97,14 +98,31 @@ def build_model(
         model.resize_token_embeddings(len(tokenizer))
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if m.peft is not None:  # after checkpointing: peft then turns input grads on
+        model = apply_peft(model, m.peft, m.task)
     model.to(param_dtype(cfg.train.precision))
     model.train()
     return model
 
 
+def enable_tf32(device: torch.device) -> bool:
+    """TF32 matmuls (and cuDNN) on Ampere and later GPUs: fp32 runs use the tensor cores, as
+    bf16 autocast does anyway. Off elsewhere (CPU, pre-Ampere). Returns whether it was set."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 8:
+        return False
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return True
+
+
 def count_parameters(model: torch.nn.Module) -> int:
     """Trainable parameters, tied weights counted once."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def total_parameters(model: torch.nn.Module) -> int:
+    """All parameters, frozen ones (a PEFT base) included, tied weights counted once."""
+    return sum(p.numel() for p in model.parameters())
 
 
 @torch.no_grad()

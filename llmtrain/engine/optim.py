@@ -11,6 +11,28 @@ import math
 import torch
 
 from llmtrain.config import Config, OptimConfig
+from llmtrain.errors import LLMTrainError
+
+# The default warmup (optim.warmup_steps: null) as a share of the run: long enough to settle
+# Adam's moment estimates, short enough that a 20-step run still reaches its peak LR.
+WARMUP_FRACTION = 0.05
+
+
+def resolve_warmup(optim: OptimConfig, total: int) -> int:
+    """The warmup the schedule uses: the configured steps, or (null) ceil(5% of `total`).
+
+    An explicit warmup longer than the run is an error whatever set the length (the config
+    rule sees only train.max_steps; with train.epochs the length is known here).
+    """
+    if optim.warmup_steps is None:
+        return math.ceil(WARMUP_FRACTION * total)
+    if optim.warmup_steps > total:
+        raise LLMTrainError(
+            f"optim.warmup_steps: {optim.warmup_steps} is longer than the run's {total} "
+            f"optimizer steps, so the LR would never reach its peak; set at most {total}, or "
+            "null for 5% of the run"
+        )
+    return optim.warmup_steps
 
 
 def effective_lr(optim: OptimConfig, global_batch: int) -> float:

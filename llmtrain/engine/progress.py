@@ -2,13 +2,17 @@
 records, and events. The loop reports facts; this module owns the clocks and the wording.
 
 Records are keyed on the optimizer step only, so a resumed run writes exactly the records of
-an uninterrupted one (the timing fields aside: `metrics.TIMING_FIELDS`).
+an uninterrupted one (the timing fields aside: `metrics.TIMING_FIELDS`). A train record's
+`loss` and `grad_norm` are the means, `tokens` and `sequences` the sums, over the steps since
+the previous record (`LogInterval`, which checkpoints carry so that a resume in mid-interval
+writes the same record).
 """
 
 from __future__ import annotations
 
 import resource
 import time
+from dataclasses import asdict, dataclass
 from types import TracebackType
 from typing import Any
 
@@ -16,6 +20,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from llmtrain.engine.flops import mfu
 from llmtrain.engine.metrics import MetricsWriter
 
 
@@ -24,6 +29,53 @@ def memory_text(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}GiB"
     return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f}GiB"
+
+
+@dataclass
+class LogInterval:
+    """The optimizer steps since the last train record: what the next record averages.
+
+    Invariant: the interval of the record at step s is every step that stepped in
+    (previous record's step, s], so it depends on step numbers only, and the intervals of a
+    run's records partition its steps (the records' `tokens` add up to the run's). Plain
+    numbers, so it rides in a checkpoint's train state and a resumed run continues the same
+    sums in the same order.
+    """
+
+    steps: int = 0
+    loss_sum: float = 0.0
+    grad_norm_sum: float = 0.0
+    tokens: int = 0
+    sequences: int = 0
+
+    def add(self, loss: float, grad_norm: float, tokens: int, sequences: int) -> None:
+        self.steps += 1
+        self.loss_sum += loss
+        self.grad_norm_sum += grad_norm
+        self.tokens += tokens
+        self.sequences += sequences
+
+    def close(self) -> dict[str, Any]:
+        """The record's fields (mean loss and grad_norm, summed tokens and sequences); then
+        the interval is emptied for the next record."""
+        n = max(self.steps, 1)
+        fields = {
+            "loss": self.loss_sum / n,
+            "grad_norm": self.grad_norm_sum / n,
+            "tokens": self.tokens,
+            "sequences": self.sequences,
+        }
+        self.steps = self.tokens = self.sequences = 0
+        self.loss_sum = self.grad_norm_sum = 0.0
+        return fields
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> LogInterval:
+        """From a checkpoint's train state (an older checkpoint has none: an empty interval)."""
+        return cls(**d) if d else cls()
 
 
 class TrainLog:
@@ -40,8 +92,15 @@ class TrainLog:
         is_main: bool,
         show_progress: bool,
         device: torch.device,
+        interval: LogInterval | None = None,
+        flops_per_token: float = 0.0,
+        peak_flops: float | None = None,
     ):
         self.metrics, self.console, self.device = metrics, console, device
+        # MFU (engine/flops.py): peak_flops is the whole job's (one device's × world size)
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        # the loop's own object (LoopState.log_interval): a checkpoint saves what it holds
+        self.interval = interval if interval is not None else LogInterval()
         self.total, self.log_every, self.is_main = total, log_every, is_main
         self.show_bar = is_main and show_progress and console.is_terminal
         self.events: list[dict[str, Any]] = []
@@ -77,31 +136,48 @@ class TrainLog:
         self.metrics.write(record)
 
     def trained(self, step: int, *, loss: float, lr: float, grad_norm: float, **batch: Any) -> None:
-        """One optimizer step done: `batch` holds tokens, sequences, micro_batch, grad_accum.
-        Writes a train record every `log_every` steps, and on the first and last."""
+        """One optimizer step done: `batch` holds this step's tokens, sequences, micro_batch,
+        grad_accum. Writes a train record every `log_every` steps, and on the first and last:
+        `loss` and `grad_norm` are means and `tokens` and `sequences` sums over the steps since
+        the previous record (LogInterval); lr, micro_batch and grad_accum are this step's."""
         now = time.perf_counter()
         self._tokens_since_log += batch["tokens"]
+        self.interval.add(loss, grad_norm, batch["tokens"], batch["sequences"])
         if step % self.log_every == 0 or step in (1, self.total):
+            fields = self.interval.close()
+            mean_loss, mean_grad_norm = fields["loss"], fields["grad_norm"]
             record = {
                 "split": "train",
                 "step": step,
-                "loss": loss,
+                "loss": mean_loss,
                 "lr": lr,
-                "grad_norm": grad_norm,
+                "grad_norm": mean_grad_norm,
                 **batch,
+                "tokens": fields["tokens"],
+                "sequences": fields["sequences"],
                 "tokens_per_s": self._tokens_since_log / max(now - self._t_log, 1e-9),
                 "elapsed_s": now - self._t_start,
             }
+            utilisation = mfu(record["tokens_per_s"], self.flops_per_token, self.peak_flops)
+            if utilisation is not None:
+                record["mfu"] = utilisation
             self.metrics.write(record)
             if self.is_main and not self.show_bar:
                 self.console.print(
-                    f"step {step}/{self.total}  loss {loss:.4f}  lr {lr:.3g}  "
-                    f"grad_norm {grad_norm:.3g}  {record['tokens_per_s']:.0f} tok/s"
+                    f"step {step}/{self.total}  loss {mean_loss:.4f}  lr {lr:.3g}  "
+                    f"grad_norm {mean_grad_norm:.3g}  {record['tokens_per_s']:.0f} tok/s"
+                    + self.mfu_text(record["tokens_per_s"])
                 )
             self._t_log, self._tokens_since_log = now, 0
         rate = batch["tokens"] / max(now - self._t_step, 1e-9)
-        info = f"loss {loss:.4f}  lr {lr:.2e}  {rate:,.0f} tok/s  mem {memory_text(self.device)}"
+        info = f"loss {loss:.4f}  lr {lr:.2e}  {rate:,.0f} tok/s{self.mfu_text(rate)}"
+        info += f"  mem {memory_text(self.device)}"
         self._progress.update(self._bar, completed=step, info=info)
+
+    def mfu_text(self, tokens_per_s: float) -> str:
+        """'  MFU 41.3%' for the progress line; empty when the peak is unknown."""
+        utilisation = mfu(tokens_per_s, self.flops_per_token, self.peak_flops)
+        return "" if utilisation is None else f"  MFU {100 * utilisation:.1f}%"
 
     def skipped(self, step: int) -> None:
         self._progress.update(self._bar, completed=step)

@@ -8,6 +8,10 @@
 2. `optimizer_step`: unscale, clip the true global gradient, step, and report whether the fp16
    loss scaler skipped the update.
 
+A micro-batch's loss is `engine.loss.model_loss`: for causal LM with `loss_chunk` set, the output
+projection and cross-entropy run chunk by chunk inside the model's forward, so the whole
+[batch, seq, vocab] logits never exist (docs/architecture.md, "Memory").
+
 `make_window` prepares part 1's input: this rank's contiguous share of the window's sequences,
 collated into micro-batches of at most `micro`, with N counted over all ranks.
 """
@@ -29,9 +33,8 @@ from llmtrain.data.batching import (
 )
 from llmtrain.engine.distributed import DistInfo, all_reduce_sum
 from llmtrain.engine.faults import maybe_fault_oom
-from llmtrain.engine.loss import summed_loss
+from llmtrain.engine.loss import model_loss
 from llmtrain.engine.parallel import clip_grad_norm, no_sync_context
-from llmtrain.engine.precision import autocast_context
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,7 @@ class StepSpec:
     precision: str  # fp32 | bf16 | fp16 | fp64
     grad_clip: float | None  # max global gradient norm; None = no clipping
     isolate_docs: bool = False  # pack mode with attention kept inside documents
+    loss_chunk: int | None = None  # causal LM: tokens per chunk of the loss; None = full logits
 
 
 @dataclass
@@ -112,10 +116,17 @@ def forward_backward(
         inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         labels = inputs.pop("labels")
         with no_sync_context(model, last=i == len(win.batches) - 1):
-            with autocast_context(spec.precision, device):
-                logits = model(**inputs).logits
-            summed = summed_loss(logits, labels, spec.task, spec.normalization)
-            del logits  # the loss holds what backward needs
+            summed = model_loss(
+                model,
+                inputs,
+                labels,
+                task=spec.task,
+                normalization=spec.normalization,
+                precision=spec.precision,
+                device=device,
+                loss_chunk=spec.loss_chunk,
+            )
+            del inputs, labels  # the graph holds what backward needs, nothing else does
             scaler.scale(summed * weight).backward()
         if i < real:
             loss_sum += summed.detach().double()

@@ -4,9 +4,9 @@ One entry per setup key (a hash of the model's HF config, parameter count, seq_l
 gradient checkpointing, optimizer, task, loss normalization, device name and capacity setting,
 world size, margin, cap, torch version). Kept in the run directory because it is visible,
 deleted with the run, and never shared by runs that might differ in ways the key does not see.
-`fit` with `micro_batch: auto` reuses a matching entry unless `batch.probe.cache` is false;
-`probe-batch` always measures and then refreshes the entry, so a following `fit` reuses what
-was just shown.
+`fit` with `micro_batch: auto` and `probe-batch` reuse a matching entry unless
+`batch.probe.cache` is false (or `probe-batch --force`); a measurement refreshes the entry, so
+a following `fit` reuses what was just shown.
 """
 
 from __future__ import annotations

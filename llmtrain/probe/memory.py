@@ -21,14 +21,14 @@ computes a peak from a formula.
     * VmHWM is exact to the page, costs nothing while the trial runs, and counts everything
       the process really touched — the same number a container's memory limit enforces.
   The peak is the whole process's resident memory, so capacity is a whole-process budget.
-  `malloc_trim(0)` after each trial returns glibc's freed arenas to the OS, so a large trial
-  does not leave resident memory behind that a later, smaller trial would be blamed for.
+  `malloc_trim(0)` before each trial returns glibc's free pages to the OS, so a large trial
+  does not leave resident memory behind that a later, smaller trial would be blamed for — also
+  under the `retain` allocator policy, which keeps freed memory in the process while training
+  (engine/allocator.py): the probe measures the allocator policy training runs with.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import gc
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +36,7 @@ from typing import Protocol, TypeVar
 
 import torch
 
+from llmtrain.engine import allocator
 from llmtrain.errors import LLMTrainError
 
 T = TypeVar("T")
@@ -123,26 +124,6 @@ def reset_peak_rss() -> None:
         ) from None
 
 
-def pin_mmap_threshold(threshold: int = 128 * 1024) -> bool:
-    """Fix glibc's mmap threshold, so every large tensor is mmapped and unmapped at free.
-
-    glibc raises the threshold each time it unmaps a block, after which same-sized tensors
-    come from the heap and fragment it: measured peaks of repeated identical trials then
-    scatter by ~2 MB and are not monotone in m. Pinned, repeats agree within ~0.5 MB. The
-    setting is process-wide and stays for the training that follows, so the probe measures
-    the allocator policy training runs with. No-op (False) outside glibc.
-    """
-    try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, threshold))  # -3: M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
-
-
-def _malloc_trim() -> None:
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 class CpuMemory:
     """Peak resident memory of this process during a trial (see the module docstring)."""
 
@@ -151,7 +132,9 @@ class CpuMemory:
     def __init__(self, limit_bytes: int | None = None):
         self.limit_bytes = limit_bytes
         self.last_peak: int | None = None
-        pin_mmap_threshold()
+        # the allocator policy training runs with (engine/allocator.py), so that the probe
+        # measures it; under `system` this pins glibc's mmap threshold (repeatable peaks)
+        allocator.prepare_for_probe()
 
     def capacity(self) -> int:
         if self.limit_bytes is not None:
@@ -163,7 +146,7 @@ class CpuMemory:
         # imported) is only worth it after an OOM, whose traceback may hold them in a cycle.
         if collect:
             gc.collect()
-        _malloc_trim()
+        allocator.trim()
 
     def measure(self, fn: Callable[[], T]) -> tuple[T, Measured]:
         self.release()

@@ -13,6 +13,7 @@ from llmtrain.config import Config, parse_bytes
 from llmtrain.console import err_console
 from llmtrain.data.batching import grad_accum
 from llmtrain.engine.distributed import DistInfo, all_reduce_min
+from llmtrain.engine.loss import resolve_loss_chunk, show_notice
 from llmtrain.engine.optim import build_optimizer
 from llmtrain.errors import LLMTrainError
 from llmtrain.probe.cache import cache_key, load_cached, store_cached
@@ -42,7 +43,10 @@ def setup_from_config(
     optimizer: torch.optim.Optimizer | None = None,
 ) -> TrialSetup:
     """A TrialSetup that trains exactly as `fit` would: the run's optimizer factory, precision,
-    loss normalization, clipping and seq_len."""
+    loss normalization, (chunked) loss, clipping and seq_len. The CPU snapshot of the live
+    state goes to the run's output directory (a disk, not a tmpfs that would hold it in RAM)."""
+    loss_chunk = resolve_loss_chunk(cfg.train.loss_chunk, model, cfg.model.task)
+    show_notice(loss_chunk, enabled=rank == 0)
     return TrialSetup(
         model=model,
         make_optimizer=lambda m: build_optimizer(cfg, m),
@@ -55,6 +59,8 @@ def setup_from_config(
         optimizer=optimizer,
         rank=rank,
         seed=cfg.run.seed,
+        loss_chunk=loss_chunk.tokens,
+        scratch_dir=cfg.run.output_dir,
     )
 
 
@@ -72,6 +78,8 @@ def probe_for_config(
     dist = dist or DistInfo()
     limit = memory_limit(cfg)
     key = cache_key(cfg, model, device, dist.world_size, memory_limit=limit)
+    # the loss changes the memory; "live": trials on the live model (no shadow copy to discount)
+    key.update(loss_chunk=cfg.train.loss_chunk, trial="live")
     cached = load_cached(cfg, key) if use_cache else None
     # all ranks must take the same branch, or some would wait in the probe's collective
     hit = all_reduce_min(torch.tensor([int(cached is not None)], device=device))

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
@@ -35,7 +36,7 @@ from llmtrain.engine.parallel import unwrap
 from llmtrain.errors import LLMTrainError
 from llmtrain.probe.memory import MemoryBackend, device_name, fmt_bytes
 from llmtrain.probe.result import ProbeResult, Trial
-from llmtrain.probe.trial import TrialSetup, run_trial, static_bytes
+from llmtrain.probe.trial import TrialSetup, live_state, run_trial, static_bytes
 
 SEARCH_TOLERANCE = 1 / 16  # stop when the first failing m is within this fraction of the answer
 
@@ -171,9 +172,15 @@ def probe_micro_batch(
         # Still join the collective below, so the other ranks are not left waiting.
         micro, trials = 0, []
     else:
-        micro, trials = search_micro_batch(
-            lambda m: run_trial(setup, backend, m, budget), cap=cap, budget=budget
-        )
+        with live_state(setup) as live:  # one snapshot for the whole search, restored after it
+
+            def trial(m: int) -> Trial:
+                # k = 1 (m is the whole window): no accumulation, one micro-batch per window
+                k = grad_accum(global_batch, m, world_size)
+                shaped = replace(setup, micro_batches=min(k, 2))
+                return run_trial(shaped, backend, m, budget, live)
+
+            micro, trials = search_micro_batch(trial, cap=cap, budget=budget)
     agreed = all_reduce_min(torch.tensor([micro], dtype=torch.long, device=setup.device))
     micro = int(agreed.item())
     if micro < 1:

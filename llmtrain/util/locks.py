@@ -1,0 +1,153 @@
+"""One writer per run directory: `<output_dir>/llmtrain.lock`.
+
+The lock is an open file held with `flock(LOCK_EX)` for as long as the writer runs; the file
+also says who holds it (pid, host, start time, command), for the message a second writer
+gets. The kernel drops a flock when its process dies, however it dies, so a lock whose flock
+is free was left by a process that is gone: on the same host it is taken over with a notice.
+A file naming another host is refused even when its flock is free, because some network
+filesystems do not carry flocks between hosts; the message says how to clear it.
+
+Invariant: while `hold_run_dir(dir)` is active, no other process that uses it holds the same
+directory, and on exit the lock file is removed (a crash leaves a file whose flock is free).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from llmtrain.errors import LLMTrainError
+
+LOCK_NAME = "llmtrain.lock"
+
+
+def lock_path(output_dir: Path) -> Path:
+    return Path(output_dir) / LOCK_NAME
+
+
+def _owner_text(owner: dict[str, Any]) -> str:
+    since = owner.get("started")
+    started = f", started {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(since))}"
+    command = f", `{owner['command']}`" if owner.get("command") else ""
+    host = owner.get("host", "?")
+    return f"pid {owner.get('pid', '?')} on host {host}{started if since else ''}{command}"
+
+
+def _read_owner(fd: int) -> dict[str, Any]:
+    os.lseek(fd, 0, os.SEEK_SET)
+    raw = b""
+    while chunk := os.read(fd, 65536):
+        raw += chunk
+    try:
+        owner = json.loads(raw.decode("utf-8"))
+    except ValueError:
+        return {}
+    return owner if isinstance(owner, dict) else {}
+
+
+def _write_owner(fd: int) -> None:
+    me = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": time.time(),
+        "command": " ".join(["llmtrain", *sys.argv[1:]])[:500],
+    }
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, (json.dumps(me) + "\n").encode("utf-8"))
+    os.fsync(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _refusal(path: Path, owner: dict[str, Any], *, other_host: bool = False) -> LLMTrainError:
+    if other_host:
+        return LLMTrainError(
+            f"{path.parent}: in use by {_owner_text(owner)} (lock {path}); if that run is no "
+            f"longer running, delete {path}"
+        )
+    return LLMTrainError(
+        f"{path.parent}: in use by another llmtrain process ({_owner_text(owner)}); wait for "
+        f"it to finish, or choose another run.output_dir (lock {path})"
+    )
+
+
+def _open_locked(path: Path) -> int:
+    """An fd of `path` holding its flock, the file still being the one at `path` (a holder
+    that removed it as we opened it leaves us a lock on a deleted inode: open again)."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = _read_owner(fd)
+            os.close(fd)
+            raise _refusal(path, owner) from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+
+
+def acquire(output_dir: Path, notice: Callable[[str], None]) -> int:
+    """Take the run directory's lock (see the module doc); returns the held fd."""
+    path = lock_path(output_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = _open_locked(path)
+    owner = _read_owner(fd)
+    if owner and owner.get("pid") != os.getpid():
+        if owner.get("host") != socket.gethostname():
+            os.close(fd)
+            raise _refusal(path, owner, other_host=True)
+        pid = owner.get("pid")
+        gone = not (isinstance(pid, int) and _pid_alive(pid))
+        notice(
+            f"notice: {path} was left by {_owner_text(owner)}, which "
+            f"{'is no longer running' if gone else 'no longer holds it'}; taking the run "
+            "directory over"
+        )
+    _write_owner(fd)
+    return fd
+
+
+def release(output_dir: Path, fd: int) -> None:
+    """Remove the lock file, then drop the flock (in that order: nobody can lock the file
+    we are about to remove)."""
+    with contextlib.suppress(FileNotFoundError):
+        lock_path(output_dir).unlink()
+    os.close(fd)
+
+
+@contextlib.contextmanager
+def hold_run_dir(
+    output_dir: Path, *, enabled: bool = True, notice: Callable[[str], None] | None = None
+) -> Iterator[None]:
+    """Hold `output_dir` for the block; `enabled=False` (the other ranks of a job whose rank
+    0 holds it) does nothing. `notice` prints the stale-lock takeover line."""
+    if not enabled:
+        yield
+        return
+    fd = acquire(Path(output_dir), notice or (lambda line: print(line, file=sys.stderr)))
+    try:
+        yield
+    finally:
+        release(Path(output_dir), fd)
