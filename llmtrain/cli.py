@@ -8,6 +8,7 @@ command module (llmtrain.commands.*) is imported only when it runs.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -95,6 +96,22 @@ def _say(line: str) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         line = f"rank {os.environ.get('RANK', '?')}: {line}"
     typer.echo(line, err=True)
+
+
+def _delegate(command: str, *args: Any, **kwargs: Any) -> None:
+    """`llmtrain.commands.<command>.run(*args, **kwargs)` under `_run`, imported only when the
+    command runs (so `--help` never imports torch)."""
+    module = "llmtrain.commands." + command.replace("-", "_")
+    _run(command, lambda: importlib.import_module(module).run(*args, **kwargs))
+
+
+def _refuse(message: str) -> Callable[[], None]:
+    """Work that fails with a usage error (exit 2, like a bad config)."""
+
+    def work() -> None:
+        raise ConfigError(message)
+
+    return work
 
 
 def _run(command: str, work: Callable[[], Any], interrupted: str = "interrupted") -> None:
@@ -398,21 +415,17 @@ def predict(
     """Predict every document of a corpus with a trained run: same tokenizer, windows and
     aggregation as in training."""
 
-    def work() -> None:
-        from llmtrain.commands import predict as command
-
-        command.run(
-            run_dir,
-            input_path=input_path,
-            output=output,
-            batch=batch,
-            text_field=text_field,
-            id_field=id_field,
-            checkpoint=checkpoint,
-            as_json=as_json,
-        )
-
-    _run("predict", work)
+    _delegate(
+        "predict",
+        run_dir,
+        input_path=input_path,
+        output=output,
+        batch=batch,
+        text_field=text_field,
+        id_field=id_field,
+        checkpoint=checkpoint,
+        as_json=as_json,
+    )
 
 
 @app.command()
@@ -434,19 +447,15 @@ def evaluate(
     """The metrics of fit's eval records (loss, ppl, accuracy, doc_accuracy) for the final
     model or a checkpoint; per-class precision/recall and a confusion matrix for classifiers."""
 
-    def work() -> None:
-        from llmtrain.commands import evaluate as command
-
-        command.run(
-            run_dir,
-            input_path=input_path,
-            checkpoint=checkpoint,
-            batch=batch,
-            text_field=text_field,
-            as_json=as_json,
-        )
-
-    _run("evaluate", work)
+    _delegate(
+        "evaluate",
+        run_dir,
+        input_path=input_path,
+        checkpoint=checkpoint,
+        batch=batch,
+        text_field=text_field,
+        as_json=as_json,
+    )
 
 
 @app.command()
@@ -484,25 +493,21 @@ def generate(
 ) -> None:
     """Continue a prompt with a trained causal LM (transformers' generate)."""
 
-    def work() -> None:
-        if (prompt is None) == (input_path is None):
-            raise ConfigError("generate: give exactly one of --prompt TEXT or --input FILE")
-        from llmtrain.commands import generate as command
-
-        command.run(
-            run_dir,
-            prompt=prompt,
-            input_path=input_path,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed,
-            text_field=text_field,
-            checkpoint=checkpoint,
-            as_json=as_json,
-        )
-
-    _run("generate", work)
+    if (prompt is None) == (input_path is None):
+        _run("generate", _refuse("generate: give exactly one of --prompt TEXT or --input FILE"))
+    _delegate(
+        "generate",
+        run_dir,
+        prompt=prompt,
+        input_path=input_path,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        text_field=text_field,
+        checkpoint=checkpoint,
+        as_json=as_json,
+    )
 
 
 @app.command()
@@ -527,12 +532,7 @@ def report(
     """Plot runs' metrics.jsonl (loss, learning rate, tokens/s, grad norm, accuracy) into one
     PNG, several runs overlaid, and print a summary table."""
 
-    def work() -> None:
-        from llmtrain.commands import report as command
-
-        command.run(run_dirs, output=output, as_json=as_json)
-
-    _run("report", work)
+    _delegate("report", run_dirs, output=output, as_json=as_json)
 
 
 def main() -> None:

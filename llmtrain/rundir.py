@@ -206,6 +206,7 @@ def _from_final(run_dir: Path, cfg: Config) -> torch.nn.Module:
             f"{final}: no final model (the run has not finished); give --checkpoint "
             f"{run_dir / 'checkpoints' / 'step-…'}"
         )
+    verify_manifest(final, required=("config.json",))  # checksums before anything is read
     kwargs: dict[str, Any] = {}
     if cfg.model.attn_implementation != "auto":
         kwargs["attn_implementation"] = cfg.model.attn_implementation

@@ -1,14 +1,13 @@
 #!/usr/bin/env python3
 """Benchmark `llmtrain fit` against HF Trainer and a bare PyTorch loop.
 
-OWNED BY THE BENCHMARK ENGINEER (assigned by the lead; please don't overwrite — an earlier
-version by another engineer is kept aside, see the benchmark report). Figures go to
-docs/benchmarks.md, section "fit".
+Figures go to docs/benchmarks.md, section "fit".
 
-One invocation trains the SAME from-scratch GPT-2 (shape, seq_len, micro-batch, accumulation k,
+One invocation trains the SAME from-scratch model (shape, seq_len, micro-batch, accumulation k,
 steps, LR settings, data, tokenizer) three ways, each in its own subprocess with the same thread
-settings, and compares steady-state training throughput over the timed optimizer steps (the
-first `--warmup` steps excluded):
+settings (by default none: each tool picks its own and reports it), and compares steady-state
+training throughput over the timed optimizer steps (the first `--warmup` steps excluded) and
+each tool's peak RSS (its process's maxrss from wait4):
 
   hf-trainer  ../shared/bench/hf_trainer_baseline.py (transformers Trainer; the peer baseline)
   llmtrain    `llmtrain fit` on a generated config; wall tokens/s from metrics.jsonl elapsed_s
@@ -18,6 +17,14 @@ first `--warmup` steps excluded):
 Two clocks per tool over the same step boundaries: wall time (tokens/s, what a user sees) and
 the process's CPU time (tokens per CPU-second). On a machine shared with other jobs the wall
 clock measures the neighbours too; with `--threads 1` CPU time measures the tool's own work.
+
+`--preset issue13` runs three shapes in one invocation, rounds interleaved (round r runs every
+tool at every shape): GPT-2 4 layers × 256 and 2 layers × 128 with a 30,522-token vocabulary
+(a byte-level BPE trained on the corpus to that size), and the 128k-vocabulary Llama of the
+memory issue (2 layers × 256, 4 heads, intermediate 1024, vocab 128,256, untied, SDPA; the
+same tokenizer's ids, the model's vocabulary set to 128,256). For the Llama shape the HF
+baseline runs unmodified with its GPT2Config/GPT2LMHeadModel swapped for LlamaConfig /
+LlamaForCausalLM (the shim below), so its Trainer, data and TrainingArguments are the same.
 
 The data is packed as the HF baseline packs it (the whole corpus tokenized, EOS after each
 document, cut into seq_len blocks, remainder dropped) — also what llmtrain's pack mode does —
@@ -29,6 +36,7 @@ sequence to seq_len (HF `padding="max_length"`) and against HF's truncation (tok
 
     python scripts/bench_fit.py                       # training throughput, 1 round
     python scripts/bench_fit.py --rounds 2            # interleaved rounds, medians + per round
+    python scripts/bench_fit.py --preset issue13 --rounds 3   # the three shapes of issue 13
     python scripts/bench_fit.py --useful-tokens       # BBC padding figures only
     python scripts/bench_fit.py --all                 # both
 
@@ -50,11 +58,29 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+# The Llama of the memory benchmark (issue 14), dominated by its 128k head; this directory is
+# on sys.path when a script of it runs.
+from bench_memory import SHAPE as LLAMA
+
 REPO = Path(__file__).resolve().parents[1]
 SELF = str(Path(__file__).resolve())
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"  # llmtrain's own causal-lm pad name: it finds it and adds nothing (same vocab)
 TOOLS = ("hf-trainer", "llmtrain", "bare")
+# --preset issue13: (name, overrides of the command-line shape). GPT-2: the model's vocabulary
+# is 30,522 (MiniLM's size); the BPE trained on the corpus stops short of that (tinyshakespeare
+# yields 21,529 tokens), so the ids use the lower rows and every tool gets the same 30,522-row
+# embedding and head. Llama: micro 4 × seq 256 × k 1 (1,024 tokens) keeps one optimizer step at
+# a few seconds on 2 CPU cores; its time goes to the 256 → 128,256 head, so a larger batch only
+# lengthens the run.
+V30K = {"model_vocab": 30_522}
+PRESETS: dict[str, list[tuple[str, dict[str, Any]]]] = {
+    "issue13": [
+        ("gpt2-4x256", {"arch": "gpt2", "n_layer": 4, "n_head": 4, "n_embd": 256, **V30K}),
+        ("gpt2-2x128", {"arch": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 128, **V30K}),
+        ("llama-128k", {"arch": "llama", "micro": 4, "accum": 1}),
+    ]
+}
 
 
 def say(text: str = "") -> None:
@@ -88,17 +114,18 @@ def train_bench_tokenizer(corpus: Path, out: Path, vocab_size: int) -> Path:
     return out
 
 
-def child_env(threads: int, warmup: int, steps: int) -> dict[str, str]:
-    """The same settings for every tool: torch intra-op threads come from OMP."""
+def child_env(threads: int | None, warmup: int, steps: int) -> dict[str, str]:
+    """The same settings for every tool. Threads: left to each tool unless `threads` is given
+    (then torch intra-op threads come from OMP/MKL for all three)."""
     env = dict(os.environ)
     env.update(
-        OMP_NUM_THREADS=str(threads),
-        MKL_NUM_THREADS=str(threads),
         TOKENIZERS_PARALLELISM="false",
         PYTHONUNBUFFERED="1",
         BENCH_WARMUP=str(warmup),
         BENCH_STEPS=str(steps),
     )
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     return env
 
 
@@ -156,14 +183,17 @@ def cpu_shim(target: str, args: list[str]) -> None:
 
     def report() -> None:
         if "cpu1" in marks:
+            import torch
+
             clock = {
                 "cpu_s": marks["cpu1"] - marks["cpu0"],
                 "wall_s": marks["wall1"] - marks["wall0"],
+                "threads": torch.get_num_threads(),
             }
             print(json.dumps({"cpu_clock": clock}), flush=True)
 
     atexit.register(report)
-    if target == "hf":
+    if target in ("hf", "hf-llama"):
         import runpy
 
         from transformers import Trainer, TrainerCallback
@@ -179,6 +209,10 @@ def cpu_shim(target: str, args: list[str]) -> None:
             self.add_callback(CpuClock())
 
         Trainer.__init__ = patched  # type: ignore[method-assign]
+        if target == "hf-llama":
+            swap_in_llama()
+        elif os.environ.get("BENCH_MODEL_VOCAB"):
+            widen_gpt2_vocab(int(os.environ["BENCH_MODEL_VOCAB"]))
         sys.argv = args
         runpy.run_path(args[0], run_name="__main__")
     else:
@@ -197,8 +231,47 @@ def cpu_shim(target: str, args: list[str]) -> None:
         llmtrain_main()
 
 
+def llama_config(n_positions: int, eos: int) -> Any:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        **LLAMA,
+        max_position_embeddings=n_positions,
+        bos_token_id=eos,
+        eos_token_id=eos,
+        use_cache=False,
+        attn_implementation="sdpa",
+    )
+
+
+def swap_in_llama() -> None:
+    """Make the HF baseline build the Llama shape: what it calls GPT2Config(...) becomes the
+    LlamaConfig of LLAMA (n_positions and the eos id kept; vocab 128,256 whatever the tokenizer
+    holds) and GPT2LMHeadModel becomes LlamaForCausalLM. Everything else is the baseline's."""
+    import transformers
+
+    def config(**kw: Any) -> Any:
+        return llama_config(kw["n_positions"], kw["eos_token_id"])
+
+    transformers.GPT2Config = config  # type: ignore[attr-defined, assignment]
+    transformers.GPT2LMHeadModel = transformers.LlamaForCausalLM  # type: ignore[misc]
+
+
+def widen_gpt2_vocab(vocab: int) -> None:
+    """Make the HF baseline's GPT2Config(vocab_size=len(tok), ...) use `vocab` rows instead."""
+    import transformers
+
+    gpt2_config = transformers.GPT2Config
+
+    def config(**kw: Any) -> Any:
+        return gpt2_config(**{**kw, "vocab_size": vocab})
+
+    transformers.GPT2Config = config  # type: ignore[attr-defined, assignment]
+
+
 def with_cpu(rec: dict[str, Any], stdout: str) -> dict[str, Any]:
     clock = last_json(stdout, '"cpu_clock"')["cpu_clock"]
+    rec["threads"] = clock.get("threads")
     rec["cpu_s"] = round(clock["cpu_s"], 3)
     rec["tokens_per_cpu_s"] = round(rec["tokens"] / clock["cpu_s"])
     return rec
@@ -236,7 +309,7 @@ def run_hf(a: argparse.Namespace, tok_dir: Path, env: dict[str, str], logs: Path
         sys.executable,
         SELF,
         "--shim",
-        "hf",
+        "hf-llama" if a.arch == "llama" else "hf",
         str(script),
         "--tokenizer",
         str(tok_dir),
@@ -244,10 +317,27 @@ def run_hf(a: argparse.Namespace, tok_dir: Path, env: dict[str, str], logs: Path
         str(a.corpus),
         *shape_args(a),
     ]
+    if a.model_vocab and a.arch == "gpt2":
+        env = {**env, "BENCH_MODEL_VOCAB": str(a.model_vocab)}
     out = run_child(cmd, env, logs / "hf-trainer.log")
     rec = last_json(out, '"tool"')
     res = {"tokens": rec["tokens"], "seconds": rec["seconds"], "tokens_per_s": rec["tokens_per_s"]}
-    return with_cpu(res, out)
+    return with_cpu(res, out)  # threads: the shim's torch.get_num_threads() (= the baseline's)
+
+
+def model_section(a: argparse.Namespace) -> dict[str, Any]:
+    if a.arch == "llama":
+        llama = {**LLAMA, "max_position_embeddings": a.seq_len}
+        return {
+            "task": "causal-lm",
+            "arch": "llama",
+            "config": llama,
+            "attn_implementation": "sdpa",
+        }
+    gpt2 = {"n_layer": a.n_layer, "n_head": a.n_head, "n_embd": a.n_embd, "n_positions": a.seq_len}
+    if a.model_vocab:
+        gpt2["vocab_size"] = a.model_vocab
+    return {"task": "causal-lm", "arch": "gpt2", "config": gpt2}
 
 
 def llmtrain_config(a: argparse.Namespace, tok_dir: Path, work: Path) -> dict[str, Any]:
@@ -264,16 +354,7 @@ def llmtrain_config(a: argparse.Namespace, tok_dir: Path, work: Path) -> dict[st
             "seed": a.seed,
             "device": "cpu",
         },
-        "model": {
-            "task": "causal-lm",
-            "arch": "gpt2",
-            "config": {
-                "n_layer": a.n_layer,
-                "n_head": a.n_head,
-                "n_embd": a.n_embd,
-                "n_positions": a.seq_len,
-            },
-        },
+        "model": model_section(a),
         "tokenizer": {"path": str(tok_dir)},
         "data": {
             "train": {"path": str(a.corpus)},
@@ -347,6 +428,10 @@ def run_bare(a: argparse.Namespace, tok_dir: Path, env: dict[str, str], logs: Pa
         str(tok_dir),
         "--corpus",
         str(a.corpus),
+        "--arch",
+        a.arch,
+        "--model-vocab",
+        str(a.model_vocab or 0),
         *shape_args(a),
     ]
     out = run_child(cmd, env, logs / "bare.log")
@@ -355,9 +440,29 @@ def run_bare(a: argparse.Namespace, tok_dir: Path, env: dict[str, str], logs: Pa
         "tokens": rec["tokens"],
         "seconds": rec["seconds"],
         "tokens_per_s": rec["tokens_per_s"],
+        "threads": rec["threads"],
         "cpu_s": rec["cpu_s"],
         "tokens_per_cpu_s": round(rec["tokens"] / rec["cpu_s"]),
     }
+
+
+def bare_model(a: argparse.Namespace, vocab: int, eos: int) -> Any:
+    """The model the HF baseline builds (for llama: what swap_in_llama makes it build)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
+
+    if a.arch == "llama":
+        return LlamaForCausalLM(llama_config(a.seq_len, eos)).train()
+    cfg = GPT2Config(
+        n_layer=a.n_layer,
+        n_head=a.n_head,
+        n_embd=a.n_embd,
+        vocab_size=a.model_vocab or vocab,
+        n_positions=a.seq_len,
+        bos_token_id=eos,
+        eos_token_id=eos,
+        use_cache=False,  # as Trainer (args.use_cache) and llmtrain set it: no KV cache in training
+    )
+    return GPT2LMHeadModel(cfg).train()
 
 
 def bare_worker(a: argparse.Namespace) -> None:
@@ -367,7 +472,7 @@ def bare_worker(a: argparse.Namespace) -> None:
     transformers' default `adamw_torch_fused` on torch ≥ 2.8) and clipping as the HF baseline.
     """
     import torch
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(a.tokenizer))
     corpus = str(a.corpus)
@@ -388,17 +493,7 @@ def bare_worker(a: argparse.Namespace) -> None:
     order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(a.seed))
 
     torch.manual_seed(a.seed)
-    cfg = GPT2Config(
-        n_layer=a.n_layer,
-        n_head=a.n_head,
-        n_embd=a.n_embd,
-        vocab_size=len(tok),
-        n_positions=L,
-        bos_token_id=eos,
-        eos_token_id=eos,
-        use_cache=False,  # as Trainer (args.use_cache) and llmtrain set it: no KV cache in training
-    )
-    model = GPT2LMHeadModel(cfg).train()
+    model = bare_model(a, len(tok), eos)
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
@@ -448,56 +543,73 @@ def ratios(rate: dict[str, float]) -> dict[str, float | None]:
     }
 
 
-def bench_training(a: argparse.Namespace, work: Path) -> dict[str, Any]:
+def run_tool(a: argparse.Namespace, tool: str, ctx: dict[str, Any], label: str) -> dict:
+    """One tool, one round, at the shape `a`; ctx: tok_dir, env, logs, work."""
+    load = os.getloadavg()[0]
+    say(f"{label}: {tool} (load {load:.2f}) …")
+    tok_dir, env, logs = ctx["tok_dir"], ctx["env"], ctx["logs"]
+    if tool == "hf-trainer":
+        rec = run_hf(a, tok_dir, env, logs)
+    elif tool == "llmtrain":
+        rec = run_llmtrain(a, tok_dir, env, logs, ctx["work"] / "llmtrain-fit")
+    else:
+        rec = run_bare(a, tok_dir, env, logs)
+    rec["load_before"] = round(load, 2)
+    rec["peak_rss_mib"] = PEAK_RSS_MIB.get(tool)
+    say(
+        f"    {tool}: {rec['tokens_per_s']:,} tokens/s wall, "
+        f"{rec['tokens_per_cpu_s']:,} per CPU-s, {rec['threads']} threads, "
+        f"peak RSS {rec['peak_rss_mib']:,.0f} MiB"
+    )
+    return rec
+
+
+def run_round(a: argparse.Namespace, tools: list[str], r: int, ctx: dict[str, Any]) -> dict:
+    label = f"round {r + 1}/{a.rounds} {ctx['name']}"
+    if a.concurrent:
+        # All tools at once: whatever else loads the machine loads them alike, and each
+        # one's CPU-seconds per token is compared over (nearly) the same minutes.
+        with ThreadPoolExecutor(len(tools)) as pool:
+            futures = {tool: pool.submit(run_tool, a, tool, ctx, label) for tool in tools}
+            result: dict[str, Any] = {tool: f.result() for tool, f in futures.items()}
+    else:
+        # One after the other, rotating the order so a drifting load favours no tool.
+        order = tools[r % len(tools) :] + tools[: r % len(tools)]
+        result = {tool: run_tool(a, tool, ctx, label) for tool in order}
+    result["ratios_wall"] = ratios({t: result[t]["tokens_per_s"] for t in tools})
+    result["ratios_cpu"] = ratios({t: result[t]["tokens_per_cpu_s"] for t in tools})
+    return result
+
+
+def median_of(rounds: list[dict[str, Any]], tool: str, key: str) -> float | None:
+    values = [r[tool][key] for r in rounds if r[tool].get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def summarize(a: argparse.Namespace, rounds: list[dict[str, Any]], tools: list[str]) -> dict:
     import torch
     import transformers
 
-    logs = work / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    tok_dir = train_bench_tokenizer(a.corpus, work / "tokenizer", a.vocab_size)
-    env = {**child_env(a.threads, a.warmup, a.steps), **dict(kv.split("=", 1) for kv in a.env)}
-    tools = [t for t in TOOLS if t in a.only]
-    rounds: list[dict[str, Any]] = []
-
-    def run_tool(tool: str) -> dict[str, Any]:
-        load = os.getloadavg()[0]
-        say(f"round {r + 1}/{a.rounds}: {tool} (load {load:.2f}) …")
-        if tool == "hf-trainer":
-            rec = run_hf(a, tok_dir, env, logs)
-        elif tool == "llmtrain":
-            rec = run_llmtrain(a, tok_dir, env, logs, work / "llmtrain-fit")
-        else:
-            rec = run_bare(a, tok_dir, env, logs)
-        rec["load_before"] = round(load, 2)
-        rec["peak_rss_mib"] = PEAK_RSS_MIB.get(tool)
-        say(
-            f"    {tool}: {rec['tokens_per_s']:,} tokens/s wall, "
-            f"{rec['tokens_per_cpu_s']:,} per CPU-s"
-        )
-        return rec
-
-    for r in range(a.rounds):
-        if a.concurrent:
-            # All tools at once: whatever else loads the machine loads them alike, and each
-            # one's CPU-seconds per token is compared over (nearly) the same minutes.
-            with ThreadPoolExecutor(len(tools)) as pool:
-                futures = {tool: pool.submit(run_tool, tool) for tool in tools}
-                result: dict[str, Any] = {tool: f.result() for tool, f in futures.items()}
-        else:
-            # One after the other, rotating the order so a drifting load favours no tool.
-            order = tools[r % len(tools) :] + tools[: r % len(tools)]
-            result = {tool: run_tool(tool) for tool in order}
-        result["ratios_wall"] = ratios({t: result[t]["tokens_per_s"] for t in tools})
-        result["ratios_cpu"] = ratios({t: result[t]["tokens_per_cpu_s"] for t in tools})
-        rounds.append(result)
-    wall = {t: round(statistics.median(r[t]["tokens_per_s"] for r in rounds)) for t in tools}
-    cpu = {t: round(statistics.median(r[t]["tokens_per_cpu_s"] for r in rounds)) for t in tools}
+    wall = {t: round(median_of(rounds, t, "tokens_per_s") or 0) for t in tools}
+    cpu = {t: round(median_of(rounds, t, "tokens_per_cpu_s") or 0) for t in tools}
+    rss = {t: median_of(rounds, t, "peak_rss_mib") for t in tools}
+    threads = {t: sorted({r[t]["threads"] for r in rounds}) for t in tools}
+    shape: dict[str, Any] = (
+        {"arch": "llama", **LLAMA, "attn": "sdpa"}
+        if a.arch == "llama"
+        else {"arch": "gpt2", "n_layer": a.n_layer, "n_head": a.n_head, "n_embd": a.n_embd}
+    )
+    lt_hf = ratios(wall)["llmtrain_over_hf"]
+    verdict = {
+        "speed_ge_1_2": lt_hf is not None and lt_hf >= 1.2,
+        "rss_le_hf": None
+        if rss.get("llmtrain") is None or rss.get("hf-trainer") is None
+        else rss["llmtrain"] <= rss["hf-trainer"],
+    }
     return {
         "setup": {
+            **shape,
             "corpus": str(a.corpus),
-            "n_layer": a.n_layer,
-            "n_head": a.n_head,
-            "n_embd": a.n_embd,
             "seq_len": a.seq_len,
             "micro": a.micro,
             "accum": a.accum,
@@ -505,8 +617,9 @@ def bench_training(a: argparse.Namespace, work: Path) -> dict[str, Any]:
             "steps": a.steps,
             "warmup": a.warmup,
             "lr": a.lr,
-            "vocab": a.vocab_size,
-            "threads": a.threads,
+            "tokenizer_vocab": a.tok_len,
+            "model_vocab": LLAMA["vocab_size"] if a.arch == "llama" else a.model_vocab or a.tok_len,
+            "threads_forced": a.threads,
             "precision": "fp32",
             "torch": torch.__version__,
             "transformers": transformers.__version__,
@@ -515,10 +628,43 @@ def bench_training(a: argparse.Namespace, work: Path) -> dict[str, Any]:
         },
         "mode": "concurrent" if a.concurrent else "sequential",
         "rounds": rounds,
+        "threads": threads,
         "median_tokens_per_s": wall,
         "median_tokens_per_cpu_s": cpu,
         "median_ratios_wall": ratios(wall),
         "median_ratios_cpu": ratios(cpu),
+        "median_peak_rss_mib": rss,
+        "meets": verdict,
+    }
+
+
+def shape_list(a: argparse.Namespace) -> list[tuple[str, argparse.Namespace]]:
+    if not a.preset:
+        return [(a.arch, a)]
+    return [(name, argparse.Namespace(**{**vars(a), **o})) for name, o in PRESETS[a.preset]]
+
+
+def bench_training(a: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Every shape, `a.rounds` interleaved rounds: round r runs each tool at each shape."""
+    from transformers import AutoTokenizer
+
+    tok_dir = train_bench_tokenizer(a.corpus, work / "tokenizer", a.vocab_size)
+    a.tok_len = len(AutoTokenizer.from_pretrained(str(tok_dir)))
+    say(f"tokenizer: byte-level BPE trained on {a.corpus.name}, {a.tok_len:,} tokens")
+    env = {**child_env(a.threads, a.warmup, a.steps), **dict(kv.split("=", 1) for kv in a.env)}
+    tools = [t for t in TOOLS if t in a.only]
+    shapes = shape_list(a)
+    rounds: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in shapes}
+    for r in range(a.rounds):
+        for name, s in shapes:
+            s.tok_len = a.tok_len
+            logs = work / name / "logs"
+            logs.mkdir(parents=True, exist_ok=True)
+            ctx = {"name": name, "tok_dir": tok_dir, "env": env, "logs": logs, "work": work / name}
+            rounds[name].append(run_round(s, tools, r, ctx))
+    return {
+        "tokenizer": {"kind": "bpe", "trained_on": str(a.corpus), "size": a.tok_len},
+        "shapes": {name: summarize(s, rounds[name], tools) for name, s in shapes},
     }
 
 
@@ -526,15 +672,25 @@ def fmt(x: float | None) -> str:
     return f"{x:>9.3f}" if x is not None else f"{'-':>9}"
 
 
-def print_training(res: dict[str, Any]) -> None:
-    s = res["setup"]
-    say()
-    say(
-        f"GPT-2 {s['n_layer']}L/{s['n_head']}H/{s['n_embd']}d, vocab {s['vocab']}, "
-        f"seq {s['seq_len']}, "
-        f"micro {s['micro']} × k {s['accum']} = {s['global_batch']}, fp32, {s['threads']} threads, "
-        f"{s['steps']} timed steps after {s['warmup']} warmup; torch {s['torch']}"
+def shape_title(name: str, s: dict[str, Any]) -> str:
+    if s["arch"] == "llama":
+        model = (
+            f"Llama {s['num_hidden_layers']}L/{s['num_attention_heads']}H/{s['hidden_size']}d "
+            f"(intermediate {s['intermediate_size']}, untied, SDPA), model vocab "
+            f"{s['model_vocab']:,} (tokenizer ids < {s['tokenizer_vocab']:,})"
+        )
+    else:
+        model = f"GPT-2 {s['n_layer']}L/{s['n_head']}H/{s['n_embd']}d, vocab {s['model_vocab']:,}"
+    return (
+        f"[{name}] {model}, seq {s['seq_len']}, micro {s['micro']} × k {s['accum']} = "
+        f"{s['global_batch']}, fp32, {s['steps']} timed steps after {s['warmup']} warmup; "
+        f"torch {s['torch']}"
     )
+
+
+def print_training(name: str, res: dict[str, Any]) -> None:
+    say()
+    say(shape_title(name, res["setup"]))
     tools = list(res["median_tokens_per_s"])
     for clock, key, rkey in (
         ("wall tokens/s", "tokens_per_s", "ratios_wall"),
@@ -552,8 +708,18 @@ def print_training(res: dict[str, Any]) -> None:
         say(f"  {'median':<8}{row}{fmt(mr['llmtrain_over_hf'])}{fmt(mr['llmtrain_over_bare'])}")
     for t in tools:
         peaks = [rr[t].get("peak_rss_mib") for rr in res["rounds"]]
-        say(f"peak RSS {t}: {', '.join(f'{x:,.0f} MiB' for x in peaks if x)}")
-    say("targets: llmtrain/hf ≥ 1.20 (tokens/s), llmtrain peak RSS ≤ hf-trainer's")
+        med = res["median_peak_rss_mib"][t]
+        say(
+            f"peak RSS {t}: median {med:,.0f} MiB ({', '.join(f'{x:,.0f}' for x in peaks if x)}); "
+            f"threads {', '.join(map(str, res['threads'][t]))}"
+        )
+    m = res["meets"]
+    say(
+        f"targets: llmtrain/hf ≥ 1.20 tokens/s: {'met' if m['speed_ge_1_2'] else 'MISSED'}; "
+        f"llmtrain peak RSS ≤ hf-trainer's: {'met' if m['rss_le_hf'] else 'MISSED'}"
+    )
+    brief = {k: v for k, v in res.items() if k != "rounds"}
+    print(json.dumps({"bench": "fit", "shape": name, **brief}), flush=True)
 
 
 # ------------------------------------------------------------------------- useful tokens
@@ -565,6 +731,47 @@ def minilm_dir() -> Path | None:
         return d if (d / "tokenizer.json").is_file() else None
     except ImportError:
         return None
+
+
+def fed_tokens(lengths: Any, seed: int, G: int, micro: int) -> tuple[int, int]:
+    """Tokens llmtrain's collate feeds over one epoch (micro-batches padded to their longest,
+    in its sampler order), and the what-if of sorting each step's sequences by length before
+    cutting them into micro-batches (same sequences per step: accumulation stays exact)."""
+    import numpy as np
+
+    from llmtrain.data.batching import epoch_order, split_micro, steps_per_epoch, window_indices
+
+    order = epoch_order(len(lengths), seed, 0)
+    fed = fed_sorted = 0
+    for s in range(steps_per_epoch(len(lengths), G)):
+        w = window_indices(order, s, G)
+        for mb in split_micro(w, micro):
+            fed += len(mb) * int(lengths[mb].max())
+        for mb in split_micro(w[np.argsort(lengths[w], kind="stable")], micro):
+            fed_sorted += len(mb) * int(lengths[mb].max())
+    return fed, fed_sorted
+
+
+def hf_truncation(bbc: Path, tok: Any, L: int) -> tuple[list[str], dict[str, Any]]:
+    """HF truncation: one sequence per document, specials included, cut at seq_len."""
+    import numpy as np
+
+    with open(bbc, encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for line in f]
+    backend = tok.backend_tokenizer
+    backend.no_truncation()
+    backend.no_padding()
+    doc_lens = np.array([len(e.ids) for e in backend.encode_batch(texts)], dtype=np.int64)
+    kept = np.minimum(doc_lens, L)
+    return texts, {
+        "fed": len(texts) * L,
+        "doc_tokens": int(doc_lens.sum()),
+        "kept": int(kept.sum()),
+        "lost": int((doc_lens - kept).sum()),
+        "lost_fraction": round(float((doc_lens - kept).sum() / doc_lens.sum()), 4),
+        "docs_truncated": int((doc_lens > L).sum()),
+        "useful_fraction": round(float(kept.sum() / (len(texts) * L)), 4),
+    }
 
 
 def bench_useful_tokens(a: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -580,15 +787,13 @@ def bench_useful_tokens(a: argparse.Namespace, work: Path) -> dict[str, Any]:
     import numpy as np
 
     from llmtrain.config import Config
-    from llmtrain.data.batching import epoch_order, split_micro, steps_per_epoch, window_indices
     from llmtrain.data.store_cache import ensure_stores
     from llmtrain.data.tokenizer import load_tokenizer
 
     bbc = a.shared / "data" / "bbc" / "train.jsonl"
     tok_path = a.bbc_tokenizer or minilm_dir()
-    tokenizer_cfg: dict[str, Any] = (
-        {"path": str(tok_path)} if tok_path else {"train": {"kind": "bpe", "vocab_size": 8192}}
-    )
+    bpe = {"train": {"kind": "bpe", "vocab_size": 8192}}
+    tokenizer_cfg: dict[str, Any] = {"path": str(tok_path)} if tok_path else bpe
     cfg = Config.model_validate(
         {
             "run": {"output_dir": str(work / "bbc-run"), "seed": a.seed},
@@ -610,29 +815,10 @@ def bench_useful_tokens(a: argparse.Namespace, work: Path) -> dict[str, Any]:
     lengths = np.asarray(store.lengths, dtype=np.int64)
     n, L, G = len(store), a.seq_len, a.micro * a.accum
 
-    # llmtrain: one epoch in its sampler order, micro-batches padded to their longest.
-    order = epoch_order(n, cfg.run.seed, 0)
-    fed = 0
-    for s in range(steps_per_epoch(n, G)):
-        for mb in split_micro(window_indices(order, s, G), a.micro):
-            fed += len(mb) * int(lengths[mb].max())
+    fed, fed_sorted = fed_tokens(lengths, cfg.run.seed, G, a.micro)
     real = int(lengths.sum())
-    # What-if: the same steps, each window's sequences sorted by length before being cut into
-    # micro-batches (same sequences per optimizer step, so accumulation stays exact).
-    fed_sorted = 0
-    for s in range(steps_per_epoch(n, G)):
-        w = window_indices(order, s, G)
-        for mb in split_micro(w[np.argsort(lengths[w], kind="stable")], a.micro):
-            fed_sorted += len(mb) * int(lengths[mb].max())
 
-    # HF truncation: one sequence per document, specials included, cut at seq_len.
-    with open(bbc, encoding="utf-8") as f:
-        texts = [json.loads(line)["text"] for line in f]
-    backend = tok.backend_tokenizer
-    backend.no_truncation()
-    backend.no_padding()
-    doc_lens = np.array([len(e.ids) for e in backend.encode_batch(texts)], dtype=np.int64)
-    kept = np.minimum(doc_lens, L)
+    texts, truncation = hf_truncation(bbc, tok, L)
     stats = report.splits.get("train", {})
     return {
         "data": str(bbc),
@@ -660,15 +846,7 @@ def bench_useful_tokens(a: argparse.Namespace, work: Path) -> dict[str, Any]:
             "pad": n * L - real,
             "useful_fraction": round(real / (n * L), 4),
         },
-        "hf_truncation": {
-            "fed": len(texts) * L,
-            "doc_tokens": int(doc_lens.sum()),
-            "kept": int(kept.sum()),
-            "lost": int((doc_lens - kept).sum()),
-            "lost_fraction": round(float((doc_lens - kept).sum() / doc_lens.sum()), 4),
-            "docs_truncated": int((doc_lens > L).sum()),
-            "useful_fraction": round(float(kept.sum() / (len(texts) * L)), 4),
-        },
+        "hf_truncation": truncation,
         "fed_ratio_max_length_over_llmtrain": round(n * L / fed, 3),
         "chunk_stats": {
             k: stats.get(k)
@@ -723,6 +901,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
         default=None,
         help="training corpus; default <shared>/data/tinyshakespeare.txt",
     )
+    ap.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="run several shapes in one invocation (issue13: GPT-2 4×256 and 2×128 at vocab "
+        "30,522, the 128k-vocab Llama); implies --vocab-size 30522",
+    )
+    ap.add_argument("--arch", choices=("gpt2", "llama"), default="gpt2")
     ap.add_argument("--n-layer", type=int, default=4)
     ap.add_argument("--n-head", type=int, default=4)
     ap.add_argument("--n-embd", type=int, default=256)
@@ -733,12 +919,19 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first (≥ 1)")
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--vocab-size", type=int, default=8192)
+    ap.add_argument("--vocab-size", type=int, default=None, help="BPE size (default 8192)")
+    ap.add_argument(
+        "--model-vocab",
+        type=int,
+        default=0,
+        help="GPT-2: embedding/head rows (default: the tokenizer's size); ≥ the tokenizer's",
+    )
     ap.add_argument(
         "--threads",
         type=int,
-        default=os.cpu_count() or 1,
-        help="OMP/MKL threads for every tool (1 is steadier on a shared machine)",
+        default=None,
+        help="OMP/MKL threads for every tool (default: unset, each tool's own choice; "
+        "1 is steadier on a shared machine)",
     )
     ap.add_argument("--rounds", type=int, default=1, help="interleaved repetitions")
     ap.add_argument(
@@ -768,7 +961,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--workdir", type=Path, default=None, help="keep files here (default: temp)")
     ap.add_argument("--bare-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--tokenizer", type=Path, help=argparse.SUPPRESS)
-    a = ap.parse_args(argv)
+    return check(ap, ap.parse_args(argv))
+
+
+def check(ap: argparse.ArgumentParser, a: argparse.Namespace) -> argparse.Namespace:
     a.shared = a.shared.resolve()
     a.corpus = (a.corpus or a.shared / "data" / "tinyshakespeare.txt").resolve()
     if bad := [kv for kv in a.env if "=" not in kv]:
@@ -776,6 +972,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     a.only = [t.strip() for t in a.only.split(",") if t.strip()]
     if unknown := set(a.only) - set(TOOLS):
         ap.error(f"--only: unknown {sorted(unknown)}; choose from {', '.join(TOOLS)}")
+    if a.vocab_size is None:
+        a.vocab_size = 30_522 if a.preset == "issue13" else 8192
     if a.warmup < 1:
         ap.error("--warmup must be at least 1 (the first step builds optimizer state)")
     return a
@@ -796,7 +994,8 @@ def main(argv: list[str] | None = None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         if not a.useful_tokens or a.all:
             out["training"] = bench_training(a, work)
-            print_training(out["training"])
+            for name, res in out["training"]["shapes"].items():
+                print_training(name, res)
         if a.useful_tokens or a.all:
             out["useful_tokens"] = bench_useful_tokens(a, work)
             print_useful(out["useful_tokens"])

@@ -109,11 +109,9 @@ def child_llmtrain(args: argparse.Namespace) -> dict[str, Any]:
 
     from llmtrain.cli import app
 
-    try:
-        app(["fit", args.config], standalone_mode=False)
-    except SystemExit as e:
-        if e.code not in (0, None):
-            raise
+    code = app(["fit", args.config], standalone_mode=False)  # click returns typer.Exit's code
+    if code not in (0, None):
+        raise SystemExit(f"llmtrain fit exited with {code}")
     out = Path(json.loads(Path(args.config).with_suffix(".json").read_text())["output_dir"])
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rates = [r["tokens_per_s"] for r in records if r.get("split") == "train"]
@@ -427,10 +425,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.shape is None:
         args.shape = json.dumps(TINY if args.tiny else SHAPE)
-    if args.tiny and args.child is None:
-        args.seqs, args.micro, args.steps = [64, 128], 2, 2
+    if args.tiny and args.child is None:  # smaller defaults; what was given explicitly stays
+        for key, small in (("seqs", [64, 128]), ("micro", 2), ("steps", 2), ("seq_step", 32)):
+            if getattr(args, key) == p.get_default(key):
+                setattr(args, key, small)
         args.limit = min(args.limit, 0.6)
-        args.seq_step, args.max_verify = 32, min(args.max_verify, 1)
+        args.max_verify = min(args.max_verify, 1)
     args.limit = int(args.limit * GiB) if args.child is None else args.limit
     return args
 

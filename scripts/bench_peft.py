@@ -85,7 +85,10 @@ def _sample_rss(time_pid: int, out: Path, sampled: dict, done: threading.Event) 
             lines = metrics.read_text().splitlines() if metrics.exists() else []
         except OSError:
             return
-        rss = int(re.search(r"VmRSS:\s+(\d+)", status)[1]) * 1024
+        found = re.search(r"VmRSS:\s+(\d+)", status)
+        if found is None:  # exited (a zombie has no memory)
+            return
+        rss = int(found[1]) * 1024
         train = [x for x in lines if '"split": "train"' in x]
         final = os.path.isdir(out / "adapter") or os.path.isdir(out / "final")
         if train and not final:
@@ -251,8 +254,19 @@ def probe(args: argparse.Namespace) -> None:
     (a, m), (b, _) = rss["auto"], rss["manual"]
     n = stored_params(base / "model.safetensors")
     print(f"work dir: {work}; base: {n / 1e6:.1f}M parameters, LoRA r=16")
+    print(f"probe trials (m: peak MiB, x = over budget): {trials(work / 'auto')}")
     print(f"| micro_batch | peak RSS | \n|---|---|\n| auto (probed → {m}) | {a / 2**20:,.0f} MiB |")
     print(f"| {m} (set by hand) | {b / 2**20:,.0f} MiB |\n| auto / manual | {a / b:.3f}× |")
+
+
+def trials(out: Path) -> str:
+    """The probe's trials, from the run's probe-cache.json."""
+    cache = json.loads((out / "probe-cache.json").read_text())
+    (entry,) = cache["entries"].values()
+    return ", ".join(
+        f"{t['micro_batch']}: {t['peak_bytes'] / 2**20:,.0f}{'' if t['ok'] else ' x'}"
+        for t in entry["result"]["trials"]
+    )
 
 
 def make_gpt2_base(work: Path) -> Path:

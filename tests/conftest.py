@@ -1,10 +1,13 @@
 """Test-suite wide settings: tests marked `@pytest.mark.cuda` need a CUDA device and are
-skipped without one (`scripts/gpu_check.sh` runs them with `pytest -m cuda` on a GPU)."""
+skipped without one (`scripts/gpu_check.sh` runs them with `pytest -m cuda` on a GPU); the
+`probe_measurement` fixture for tests that measure the probe's CPU peaks."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+
+from llmtrain.engine import allocator
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -14,3 +17,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def probe_measurement(monkeypatch):
+    """For tests that measure trials' peaks: one thread (on a shared 2-core box two OpenMP
+    threads spin against other processes and run 30x slower), no injected OOM, and glibc's
+    pinned mmap threshold. An earlier in-process `fit` applied the `retain` allocator, under
+    which a trial's peak depends on the heap's history; these tests compare peaks measured at
+    different times, so they need the repeatable measurement."""
+    monkeypatch.delenv("LLMTRAIN_FAULT_OOM_MICRO", raising=False)
+    monkeypatch.delenv("LLMTRAIN_FAULT_OOM_RANK", raising=False)
+    allocator.revert()
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

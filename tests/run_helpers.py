@@ -101,43 +101,51 @@ def classifier_config(root: Path, **train: Any) -> dict[str, Any]:
     }
 
 
-def lm_config(root: Path, **train: Any) -> dict[str, Any]:
-    data = root / "data"
-    data.mkdir(parents=True, exist_ok=True)
+def write_corpus(path: Path, lines: int = 240) -> Path:
+    """Paragraphs of a tiny repetitive language (SENTENCE rotated): learnable in a few steps."""
     words = SENTENCE.split(" ")
-    lines = []
-    for i in range(240):
+    text = []
+    for i in range(lines):
         start = i % len(words)
-        lines.append(" ".join(words[start:] + words[:start]) + ".")
+        text.append(" ".join(words[start:] + words[:start]) + ".")
         if i % 3 == 2:
-            lines.append("")
-    corpus = data / "corpus.txt"
-    corpus.write_text("\n".join(lines), encoding="utf-8")
+            text.append("")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(text), encoding="utf-8")
+    return path
+
+
+def tiny_lm_config(
+    output_dir: Path, corpus: Path, *, name: str, eval_fraction: float | None = None, **train: Any
+) -> dict[str, Any]:
+    """A 1-layer GPT-2 with a 128-token BPE on `corpus`, packed at 32 tokens, micro 4 × k 2,
+    fp32; `train` gives the train section's keys (max_steps, eval_every, ...)."""
+    data: dict[str, Any] = {
+        "train": {"path": str(corpus), "split": "paragraphs"},
+        "chunk": {"seq_len": 32, "mode": "pack"},
+    }
+    if eval_fraction is not None:
+        data["eval_fraction"] = eval_fraction
     return {
-        "run": {"name": "lm", "output_dir": str(root / "run"), "seed": 0, "device": "cpu"},
+        "run": {"name": name, "output_dir": str(output_dir), "seed": 0, "device": "cpu"},
         "model": {
             "task": "causal-lm",
             "arch": "gpt2",
             "config": {"n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 32},
         },
         "tokenizer": {"train": {"kind": "bpe", "vocab_size": 128}},
-        "data": {
-            "train": {"path": str(corpus), "split": "paragraphs"},
-            "eval_fraction": 0.2,
-            "chunk": {"seq_len": 32, "mode": "pack"},
-        },
+        "data": data,
         "batch": {"global_batch": 8, "micro_batch": 4},
         "optim": {"lr": 1e-2, "warmup_steps": 1, "schedule": "cosine"},
-        "train": {
-            "max_steps": 6,
-            "precision": "fp32",
-            "eval_every": 3,
-            "save_every": 3,
-            "log_every": 2,
-            **train,
-        },
+        "train": {"precision": "fp32", **train},
         "log": {"progress": False},
     }
+
+
+def lm_config(root: Path, **train: Any) -> dict[str, Any]:
+    corpus = write_corpus(root / "data" / "corpus.txt")
+    train = {"max_steps": 6, "eval_every": 3, "save_every": 3, "log_every": 2, **train}
+    return tiny_lm_config(root / "run", corpus, name="lm", eval_fraction=0.2, **train)
 
 
 def trained(kind: str, tmp_path_factory: Any) -> Path:

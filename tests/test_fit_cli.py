@@ -7,56 +7,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from run_helpers import tiny_lm_config, write_corpus
 from typer.testing import CliRunner
 
 from llmtrain.cli import app
 
 torch.set_num_threads(1)  # tiny models; threads only contend on a shared CPU
 
-SENTENCE = "the cat sat on a mat and the dog ran to the red ball while birds sang"
-WORDS = SENTENCE.split(" ")
-
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    """Paragraphs of a tiny repetitive language: learnable in a few steps."""
-    root = tmp_path_factory.mktemp("corpus")
-    lines = []
-    for i in range(300):
-        start = i % len(WORDS)
-        lines.append(" ".join(WORDS[start:] + WORDS[:start]) + ".")
-        if i % 3 == 2:
-            lines.append("")
-    (root / "corpus.txt").write_text("\n".join(lines), encoding="utf-8")
-    return root / "corpus.txt"
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt", lines=300)
 
 
 def _config(tmp_path: Path, corpus: Path, **train) -> Path:
-    cfg = {
-        "run": {"name": "cli", "output_dir": str(tmp_path / "run"), "seed": 0, "device": "cpu"},
-        "model": {
-            "task": "causal-lm",
-            "arch": "gpt2",
-            "config": {"n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 32},
-        },
-        "tokenizer": {"train": {"kind": "bpe", "vocab_size": 128}},
-        "data": {
-            "train": {"path": str(corpus), "split": "paragraphs"},
-            "eval_fraction": 0.2,
-            "chunk": {"seq_len": 32, "mode": "pack"},
-        },
-        "batch": {"global_batch": 8, "micro_batch": 4},
-        "optim": {"lr": 1e-2, "warmup_steps": 1, "schedule": "cosine"},
-        "train": {
-            "max_steps": 8,
-            "precision": "fp32",
-            "eval_every": 4,
-            "save_every": 4,
-            "log_every": 1,
-            **train,
-        },
-        "log": {"progress": False},
-    }
+    train = {"max_steps": 8, "eval_every": 4, "save_every": 4, "log_every": 1, **train}
+    cfg = tiny_lm_config(tmp_path / "run", corpus, name="cli", eval_fraction=0.2, **train)
     path = tmp_path / "config.yaml"
     path.write_text(json.dumps(cfg), encoding="utf-8")  # JSON is YAML
     return path

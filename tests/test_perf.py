@@ -229,3 +229,13 @@ def test_banner_shows_threads_and_allocator_and_sdpa_is_the_default_attention(tm
         ("threads", "2 (run.threads)"),
         ("cpu allocator", "retain (freed memory kept for reuse)"),
     ]
+
+
+def test_revert_lets_the_next_apply_start_over(monkeypatch):
+    monkeypatch.delenv(allocator.ENV, raising=False)
+    allocator.apply("retain")
+    allocator.revert()
+    assert allocator.current() is None
+    assert allocator.apply("system").name == "system"  # not the earlier `retain`
+    allocator.revert()
+    assert allocator.apply("retain").name == "retain"

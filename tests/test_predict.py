@@ -198,3 +198,20 @@ def test_a_moved_corpus_does_not_stop_predict(clf, tmp_path):
     assert summary["doc_accuracy"] == pytest.approx(records(clf, "eval")[-1]["doc_accuracy"])
     res = CliRunner().invoke(app, ["evaluate", str(run)])
     assert res.exit_code == 2 and "data.train.path" in res.output and "gone" in res.output
+
+
+def test_a_changed_final_model_is_refused_before_loading(clf, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(clf, run, ignore=shutil.ignore_patterns("store", "checkpoints"))
+    listed = json.loads((run / "final" / "checksums.json").read_text())["files"]
+    assert {"config.json", "model.safetensors"} <= set(listed)
+    weights = run / "final" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # same size, one bit pattern changed
+    weights.write_bytes(bytes(data))
+    res = CliRunner().invoke(app, ["evaluate", str(run)])
+    assert res.exit_code == 1
+    assert "model.safetensors" in res.output and "sha256" in res.output
+    assert "Traceback" not in res.output

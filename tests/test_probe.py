@@ -26,16 +26,7 @@ from llmtrain.probe.memory import CpuMemory, rss_bytes
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    """Trials are timed and measured; on a shared 2-core box two OpenMP threads spin against
-    other processes and run 30× slower. One thread keeps the file fast and the peaks stable."""
-    monkeypatch.delenv("LLMTRAIN_FAULT_OOM_MICRO", raising=False)
-    monkeypatch.delenv("LLMTRAIN_FAULT_OOM_RANK", raising=False)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("probe_measurement")
 
 
 def gpt2(n_layer=2, n_embd=64, vocab=1024, n_positions=128, dropout=0.0) -> GPT2LMHeadModel:

@@ -20,14 +20,7 @@ from llmtrain.probe.memory import CpuMemory, CudaMemory, rss_bytes
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    monkeypatch.delenv("LLMTRAIN_FAULT_OOM_MICRO", raising=False)
-    monkeypatch.delenv("LLMTRAIN_FAULT_OOM_RANK", raising=False)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("probe_measurement")
 
 
 def everything(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
@@ -204,3 +197,22 @@ def test_the_search_accumulates_in_trials_exactly_when_training_will(monkeypatch
     P.probe_micro_batch(make_setup(gpt2(), seq_len=16), CpuMemory(10**13), global_batch=6)
     assert seen[6] == 1  # m = 6 is the whole window: k = 1
     assert all(k == 2 for m, k in seen.items() if m < 6) and len(seen) > 1
+
+
+def test_a_trial_over_the_budget_is_stopped_there_and_leaves_everything_as_it_was():
+    """A failing trial costs the budget, not its whole peak (so `micro_batch: auto` needs no
+    more memory than the answer set by hand); its verdict is the one the full trial gives."""
+    model = gpt2(n_embd=256, vocab=32768)
+    setup = make_setup(model, seq_len=128, loss_chunk=64)
+    meter = CpuMemory(None)
+    P.run_trial(setup, meter, 1, 10**15)  # warm-up
+    small = P.run_trial(setup, meter, 1, 10**15).peak_bytes
+    full = P.run_trial(setup, meter, 48, 10**15).peak_bytes
+    budget = small + (full - small) // 4
+    before = everything(model)
+    stopped = P.run_trial(setup, meter, 48, budget)
+    assert not stopped.ok and "trial stopped" in stopped.error
+    # over the budget by at most one module's (or the chunked head's) allocations
+    assert stopped.peak_bytes < small + (full - small) // 2, (small, budget, stopped, full)
+    assert_same(before, everything(model))
+    assert P.run_trial(setup, meter, 1, budget).ok  # the guard is gone with the trial

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from run_helpers import tiny_lm_config, write_corpus
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -34,41 +35,15 @@ def _one_thread(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
 
-SENTENCE = "the cat sat on a mat and the dog ran to the red ball while birds sang"
-WORDS = SENTENCE.split(" ")
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("corpus")
-    lines = []
-    for i in range(240):
-        lines.append(" ".join(WORDS[i % 15 :] + WORDS[: i % 15]) + ".")
-        if i % 3 == 2:
-            lines.append("")
-    (root / "corpus.txt").write_text("\n".join(lines), encoding="utf-8")
-    return root / "corpus.txt"
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt")
 
 
 def _config(where: Path, corpus: Path, **train) -> Path:
     """A tiny run writing to <where>/run; the config file is <where>/config.yaml."""
-    cfg = {
-        "run": {"name": "safe", "output_dir": str(where / "run"), "seed": 0, "device": "cpu"},
-        "model": {
-            "task": "causal-lm",
-            "arch": "gpt2",
-            "config": {"n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 32},
-        },
-        "tokenizer": {"train": {"kind": "bpe", "vocab_size": 128}},
-        "data": {
-            "train": {"path": str(corpus), "split": "paragraphs"},
-            "chunk": {"seq_len": 32, "mode": "pack"},
-        },
-        "batch": {"global_batch": 8, "micro_batch": 4},
-        "optim": {"lr": 1e-2, "warmup_steps": 1, "schedule": "cosine"},
-        "train": {"max_steps": 8, "precision": "fp32", "save_every": 4, "log_every": 1, **train},
-        "log": {"progress": False},
-    }
+    train = {"max_steps": 8, "save_every": 4, "log_every": 1, **train}
+    cfg = tiny_lm_config(where / "run", corpus, name="safe", **train)
     where.mkdir(parents=True, exist_ok=True)
     (where / "config.yaml").write_text(json.dumps(cfg), encoding="utf-8")
     return where / "config.yaml"

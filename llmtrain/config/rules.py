@@ -472,8 +472,11 @@ def _arch_config(
     if problems:
         return None, arch, problems
     merged = {**config, **overrides}
+    # The run's special ids come from its tokenizer (engine/model.py); the class defaults (GPT-2's
+    # 50256) may lie outside a smaller vocab_size, which transformers warns about here.
+    unset = dict.fromkeys(("bos_token_id", "eos_token_id", "pad_token_id"))
     try:
-        hf = cls(**merged)
+        hf = cls(**{**unset, **merged})
     except Exception as e:  # the HF config class validates types (strict dataclasses)
         text = " ".join(str(e).split())
         field = re.search(r"field '(\w+)'", text)

@@ -37,6 +37,7 @@ ENV = "LLMTRAIN_CPU_ALLOCATOR"
 POLICIES = ("retain", "system")
 # mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
+GLIBC_MMAP_MAX, GLIBC_TRIM_THRESHOLD = 65536, 128 * 1024  # glibc's defaults (mallopt(3))
 RETAIN_TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: the largest it accepts
 PROBE_MMAP_THRESHOLD = 128 * 1024
 
@@ -110,6 +111,22 @@ def apply(setting: str | None = None) -> Policy:
 
 def current() -> Policy | None:
     return _current
+
+
+def revert() -> None:
+    """Undo `apply`: glibc's defaults again, and the next `apply` starts over. For a process
+    that runs one job after another (the test suite, a notebook): blocks already served from
+    the heap stay there until freed, so `retain` leaves the heap's layout behind, and peaks
+    measured afterwards are repeatable again only after `prepare_for_probe` pins the
+    threshold. (The probe's measurements under `retain` depend on that layout: a trial can
+    peak a few percent higher than the same trial run later, so the probe's answer may be
+    that much under the true maximum — never over the budget.)"""
+    global _current
+    libc = _libc()
+    if _current is not None and _current.applied and libc is not None:
+        libc.mallopt(M_MMAP_MAX, GLIBC_MMAP_MAX)
+        libc.mallopt(M_TRIM_THRESHOLD, GLIBC_TRIM_THRESHOLD)
+    _current = None
 
 
 def prepare_for_probe() -> Policy:

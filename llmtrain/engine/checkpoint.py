@@ -25,6 +25,7 @@ import json
 import random
 import re
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -121,19 +122,21 @@ def file_digest(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def write_manifest(directory: Path) -> None:
-    """checksums.json: size and sha256 of each checkpoint file (written before the marker)."""
+def write_manifest(directory: Path, names: Iterable[str] = FILES) -> None:
+    """checksums.json: size and sha256 of each of `names` (a checkpoint's files, written
+    before its marker; or every file of `final/`)."""
     files = {
         name: {"bytes": (directory / name).stat().st_size, "sha256": file_digest(directory / name)}
-        for name in FILES
+        for name in names
     }
     text = json.dumps({"format": FORMAT, "files": files}, indent=1)
     (directory / MANIFEST).write_text(text + "\n", encoding="utf-8")
 
 
-def verify_manifest(path: Path) -> None:
-    """Every file matches its recorded size and sha256, or CheckpointRejected names it. A
-    checkpoint of format 1 has no manifest: it is read unverified, with a warning."""
+def verify_manifest(path: Path, required: Iterable[str] = FILES) -> None:
+    """Every file the manifest lists matches its recorded size and sha256, and it lists all of
+    `required`, or CheckpointRejected names the file. A checkpoint of format 1 (or a `final/`
+    of that time) has no manifest: it is read unverified, with a warning."""
     manifest = path / MANIFEST
     if not manifest.is_file():
         _warn(
@@ -143,7 +146,10 @@ def verify_manifest(path: Path) -> None:
         return
     try:
         files = json.loads(manifest.read_text(encoding="utf-8"))["files"]
-        expected = {name: (int(files[name]["bytes"]), str(files[name]["sha256"])) for name in FILES}
+        listed = list(files) + [name for name in required if name not in files]
+        expected = {
+            name: (int(files[name]["bytes"]), str(files[name]["sha256"])) for name in listed
+        }
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointRejected(manifest, f"malformed ({type(e).__name__}: {e})") from None
     for name, (size, digest) in expected.items():

@@ -451,7 +451,8 @@ def report_skipped(run: Run, state: LoopState, steps_run: int, log: TrainLog) ->
 
 def save_final(run: Run, tokenizer: Any) -> Path | None:
     """`final/`: the model (save_pretrained, loadable with AutoModel*.from_pretrained) and
-    the tokenizer beside it, written atomically by rank 0; None on the other ranks. A PEFT
+    the tokenizer beside it and `checksums.json` of every file (verified by `open_run`),
+    written atomically by rank 0; None on the other ranks. A PEFT
     model also writes `adapter/` and is then merged into its base for `final/` (in place)."""
     raw = run.raw_model
     # FSDP: all ranks gather the full weights for rank 0's save_pretrained
@@ -473,6 +474,7 @@ def save_final(run: Run, tokenizer: Any) -> Path | None:
             save_pretrained_full(raw, tmp, state)
             if hasattr(tokenizer, "save_pretrained"):
                 tokenizer.save_pretrained(tmp)
+            ckpt.write_manifest(tmp, sorted(f.name for f in tmp.iterdir() if f.is_file()))
     barrier()
     return final
 

@@ -30,6 +30,7 @@ computes a peak from a formula.
 from __future__ import annotations
 
 import gc
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -66,6 +67,13 @@ class MemoryBackend(Protocol):
 
     def measure(self, fn: Callable[[], T]) -> tuple[T, Measured]: ...
 
+    def current(self) -> int: ...
+
+
+class OverBudget(MemoryError):
+    """A trial's memory passed the budget, so it was stopped there: a failed trial (an
+    out-of-memory error that did not have to happen)."""
+
 
 def is_oom(exc: BaseException) -> bool:
     """A real or simulated out-of-memory: torch's OOM type, or the CPU allocator's refusal."""
@@ -89,6 +97,15 @@ def _proc_status_bytes(key: str) -> int:
 def rss_bytes() -> int:
     """This process's resident memory now."""
     return _proc_status_bytes("VmRSS")
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def rss_bytes_fast() -> int:
+    """VmRSS from /proc/self/statm (one short line): cheap enough to read at every module call."""
+    with open("/proc/self/statm", encoding="ascii") as f:
+        return int(f.read().split()[1]) * _PAGE
 
 
 def _meminfo_bytes(key: str) -> int | None:
@@ -158,6 +175,9 @@ class CpuMemory:
             self.last_peak = peak
         return out, Measured(peak)
 
+    def current(self) -> int:
+        return rss_bytes_fast()
+
 
 # -------------------------------------------------------------------------------- CUDA
 class CudaMemory:
@@ -192,6 +212,9 @@ class CudaMemory:
             self.last_peak = torch.cuda.max_memory_reserved(self.device)
         retries = torch.cuda.memory_stats(self.device).get("num_alloc_retries", 0) - retries0
         return out, Measured(self.last_peak, int(retries))
+
+    def current(self) -> int:
+        return torch.cuda.memory_reserved(self.device)  # host-side bookkeeping: no sync
 
 
 def backend_for(device: torch.device, limit_bytes: int | None = None) -> MemoryBackend:

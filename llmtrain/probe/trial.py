@@ -28,6 +28,9 @@ Pass rule (the one definition every probe number uses):
                state and activations, each held once, exactly as training holds them
     budget   = (1 − margin) × capacity
     trial ok ⇔ no out-of-memory error and peak(m) ≤ budget.
+A trial whose memory in use passes the budget is stopped at the next module call or gradient
+accumulation (`budget_guard`): it would fail the rule anyway, and stopping it keeps a failing
+trial from costing more than the budget.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ from llmtrain.engine.checkpoint import rng_state, set_rng_state
 from llmtrain.engine.distributed import DistInfo
 from llmtrain.engine.parallel import unwrap
 from llmtrain.engine.step import StepSpec, Window, forward_backward, optimizer_step
-from llmtrain.probe.memory import MemoryBackend, fmt_bytes, is_oom
+from llmtrain.probe.memory import MemoryBackend, OverBudget, fmt_bytes, is_oom
 from llmtrain.probe.result import Trial
 from llmtrain.util.atomic import ensure_space, temp_sibling
 
@@ -321,17 +324,51 @@ def train_steps(
     return times
 
 
-def live_trial(setup: TrialSetup, m: int) -> list[float]:
+@contextmanager
+def budget_guard(
+    model: torch.nn.Module, current: Callable[[], int] | None, budget: int
+) -> Iterator[None]:
+    """Stop the trial (OverBudget) at the first module call or gradient accumulation after the
+    memory in use (`current()`) passes `budget`. A failing trial then costs the budget plus
+    what one module allocates, not its whole peak: a run with `micro_batch: auto` needs no
+    more memory than one with the answer set by hand, and a failing trial cannot push the
+    process past a hard limit (a container's) that the budget sits under. The pass rule is
+    unchanged: memory over the budget at any moment means a peak over it."""
+    if current is None:
+        yield
+        return
+
+    def check(*_: Any) -> None:
+        now = current()
+        if now > budget:
+            raise OverBudget(f"{fmt_bytes(now)} in use passed the budget; trial stopped")
+
+    handles = [torch.nn.modules.module.register_module_forward_pre_hook(check)]
+    handles += [
+        p.register_post_accumulate_grad_hook(check) for p in model.parameters() if p.requires_grad
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def live_trial(
+    setup: TrialSetup, m: int, current: Callable[[], int] | None = None, budget: int = 0
+) -> list[float]:
     """Train the live model at micro-batch m (the real optimizer, or a fresh one from the run's
-    factory); every RNG is as it was when this returns or raises. Weights and optimizer state
-    are changed: the caller's `LiveState` puts them back."""
+    factory), stopped when `current()` passes `budget` (`budget_guard`); every RNG is as it
+    was when this returns or raises. Weights and optimizer state are changed: the caller's
+    `LiveState` puts them back."""
     model = unwrap(setup.model)
     with preserved_rng():
         model.train()
         optimizer = setup.optimizer or setup.make_optimizer(model)
         batch = worst_case_batch(setup, m, model)
         try:
-            return train_steps(setup, model, optimizer, batch)
+            with budget_guard(model, current, budget):
+                return train_steps(setup, model, optimizer, batch)
         finally:
             optimizer.zero_grad(set_to_none=True)
             del optimizer, batch
@@ -349,7 +386,8 @@ def run_trial(
     t0 = time.perf_counter()
     error = None
     try:
-        times, measured = backend.measure(lambda: live_trial(setup, m))
+        current = getattr(backend, "current", None)  # a backend that cannot tell: no guard
+        times, measured = backend.measure(lambda: live_trial(setup, m, current, budget))
     except Exception as e:
         if not is_oom(e):
             raise
