@@ -61,7 +61,13 @@ def classifier_config(root: Path, **train: Any) -> dict[str, Any]:
     data = root / "data"
     data.mkdir(parents=True, exist_ok=True)
     return {
-        "run": {"name": "clf", "output_dir": str(root / "run"), "seed": 0, "device": "cpu"},
+        "run": {
+            "name": "clf",
+            "output_dir": str(root / "run"),
+            "seed": 0,
+            "device": "cpu",
+            "threads": 1,
+        },
         "model": {
             "task": "sequence-classification",
             "arch": "bert",
@@ -127,7 +133,13 @@ def tiny_lm_config(
     if eval_fraction is not None:
         data["eval_fraction"] = eval_fraction
     return {
-        "run": {"name": name, "output_dir": str(output_dir), "seed": 0, "device": "cpu"},
+        "run": {
+            "name": name,
+            "output_dir": str(output_dir),
+            "seed": 0,
+            "device": "cpu",
+            "threads": 1,
+        },
         "model": {
             "task": "causal-lm",
             "arch": "gpt2",
