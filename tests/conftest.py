@@ -1,8 +1,11 @@
 """Test-suite wide settings: tests marked `@pytest.mark.cuda` need a CUDA device and are
 skipped without one (`scripts/gpu_check.sh` runs them with `pytest -m cuda` on a GPU); the
-`probe_measurement` fixture for tests that measure the probe's CPU peaks."""
+`probe_measurement` fixture for tests that measure the probe's CPU peaks; `tok_dir`, a small
+byte-level BPE saved as a tokenizer directory."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,3 +36,12 @@ def probe_measurement(monkeypatch):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory) -> Path:
+    from test_chunk import bpe_tokenizer
+
+    d = tmp_path_factory.mktemp("tok")
+    bpe_tokenizer().save_pretrained(d)
+    return d

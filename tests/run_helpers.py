@@ -173,3 +173,16 @@ def trained(kind: str, tmp_path_factory: Any) -> Path:
 def records(run_dir: Path, split: str) -> list[dict[str, Any]]:
     lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
     return [r for r in map(json.loads, lines) if r.get("split") == split]
+
+
+def refused_by_validate(config: Path) -> str:
+    """`llmtrain validate config` must refuse it (exit 2, no traceback); its output, with
+    white space folded, for the message assertions."""
+    from typer.testing import CliRunner
+
+    from llmtrain.cli import app
+
+    res = CliRunner().invoke(app, ["validate", str(config)])
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output
+    return " ".join(res.output.split())

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_chunk import bpe_tokenizer, write_jsonl
+from test_chunk import write_jsonl
 from typer.testing import CliRunner
 
 from llmtrain.cli import app
@@ -26,13 +26,6 @@ SPLIT_KEYS = {
     "overlap",
     "seconds",
 }
-
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("tok")
-    bpe_tokenizer().save_pretrained(d)
-    return d
 
 
 def config(tmp_path: Path, tok_dir: Path, **data) -> Path:

@@ -20,7 +20,7 @@ import pytest
 import torch
 from fit_helpers import FakeTokenizer, make_cfg, random_store, run_train
 from rich.console import Console
-from test_chunk import bpe_tokenizer, wordpiece_tokenizer
+from test_chunk import wordpiece_tokenizer
 from typer.testing import CliRunner
 
 from llmtrain.cli import app
@@ -33,13 +33,6 @@ from llmtrain.engine.optim import resolve_warmup
 from llmtrain.errors import ConfigError, LLMTrainError
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("tok")
-    bpe_tokenizer().save_pretrained(d)
-    return d
 
 
 def write_config(tmp_path: Path, tok_dir: Path, corpus: Path, **sections) -> Path:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_chunk import bpe_tokenizer, write_jsonl
+from test_chunk import write_jsonl
 from typer.testing import CliRunner
 
 from llmtrain.cli import app
@@ -24,13 +24,6 @@ from llmtrain.data.store import SAMPLE_BLOCK, SAMPLE_BLOCKS, TokenStore, TokenSt
 from llmtrain.errors import LLMTrainError
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("tok")
-    bpe_tokenizer().save_pretrained(d)
-    return d
 
 
 def config(tmp_path: Path, tok_dir: Path, **data) -> Path:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from llmtrain.config import Config, dump_config
 from llmtrain.config.schema import section_class
 from llmtrain.engine import checkpoint as ckpt
 from llmtrain.errors import ConfigError, LLMTrainError
-from llmtrain.util.atomic import temp_sibling
+from llmtrain.util.atomic import remove_path, temp_sibling
 
 RESOLVED = "config.resolved.yaml"
 
@@ -232,9 +231,6 @@ def clear_run(out: Path) -> list[Path]:
     for path in run_outputs(out):
         aside = temp_sibling(path, "old")
         os.replace(path, aside)
-        if aside.is_dir():
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            aside.unlink(missing_ok=True)
+        remove_path(aside)
         removed.append(path)
     return removed

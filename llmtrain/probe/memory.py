@@ -94,16 +94,12 @@ def _proc_status_bytes(key: str) -> int:
     raise LLMTrainError(f"/proc/self/status has no {key}: cannot measure CPU memory here")
 
 
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
 def rss_bytes() -> int:
-    """This process's resident memory now."""
-    return _proc_status_bytes("VmRSS")
-
-
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-
-def rss_bytes_fast() -> int:
-    """VmRSS from /proc/self/statm (one short line): cheap enough to read at every module call."""
+    """This process's resident memory now (VmRSS, from the one short line of /proc/self/statm:
+    cheap enough for the probe to read at every module call)."""
     with open("/proc/self/statm", encoding="ascii") as f:
         return int(f.read().split()[1]) * _PAGE
 
@@ -176,7 +172,7 @@ class CpuMemory:
         return out, Measured(peak)
 
     def current(self) -> int:
-        return rss_bytes_fast()
+        return rss_bytes()
 
 
 # -------------------------------------------------------------------------------- CUDA

@@ -183,6 +183,14 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def remove_path(path: Path) -> None:
+    """Delete a file or a directory tree, whichever `path` is; gone already is fine."""
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def remove_stale_temps(parent: Path) -> list[Path]:
     """Delete the temporary siblings in `parent` left by writers that no longer run (a crash,
     `kill -9`); returns what was removed. Those of other live processes are left alone; call it
@@ -194,9 +202,6 @@ def remove_stale_temps(parent: Path) -> list[Path]:
         m = TEMP_RE.match(entry.name)
         if m is None or _alive(int(m["pid"])):
             continue
-        if entry.is_dir():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
+        remove_path(entry)
         removed.append(entry)
     return removed
