@@ -257,7 +257,7 @@ def _confirm_overwrite(output_dir: str, yes: bool) -> None:
     --yes). Nothing to delete: nothing to ask."""
     from pathlib import Path
 
-    from llmtrain.engine.provenance import describe, run_outputs
+    from llmtrain.rundir.provenance import describe, run_outputs
 
     doomed = run_outputs(Path(output_dir))
     if not doomed:

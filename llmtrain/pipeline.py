@@ -19,20 +19,22 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from llmtrain import layout
 from llmtrain.config import Config, dump_config
 from llmtrain.console import console as default_console
 from llmtrain.console import err_console
 from llmtrain.data.batching import total_steps
 from llmtrain.data.store_cache import ensure_stores
 from llmtrain.data.tokenizer import load_tokenizer
-from llmtrain.engine import allocator, threads
+from llmtrain.engine.checkpoint import check_total
 from llmtrain.engine.distributed import DistInfo, barrier, resolve_device, setup, teardown
 from llmtrain.engine.loop import TrainResult, find_start, is_isolated, train
 from llmtrain.engine.model import build_model, check_document_isolation
-from llmtrain.engine.provenance import Resume, check_resume, check_total, clear_run
 from llmtrain.engine.signals import sigterm_guard
 from llmtrain.errors import LLMTrainError
+from llmtrain.host import allocator, threads
 from llmtrain.probe.plan import resolve_micro_batch
+from llmtrain.rundir.provenance import Resume, check_resume, clear_run
 from llmtrain.util.atomic import atomic_write
 from llmtrain.util.locks import hold_run_dir
 
@@ -61,7 +63,7 @@ def resolve_micro(cfg: Config, model: Any, device: Any, dist: DistInfo) -> int:
 
 def write_resolved_config(cfg: Config, out: Path) -> None:
     """<output_dir>/config.resolved.yaml: the config exactly as this run used it."""
-    atomic_write(out / "config.resolved.yaml", dump_config(cfg))
+    atomic_write(out / layout.CONFIG_FILE, dump_config(cfg))
 
 
 def prepare(cfg: Config, dist: DistInfo, device: torch.device) -> tuple[Any, Any, Any, Plan]:
@@ -107,11 +109,11 @@ def fit(
 ) -> TrainResult | None:
     """Run every stage of `fit` as the run directory's one writer (util/locks.py: rank 0
     holds it for the job), SIGTERM handled (engine/signals.py); `overwrite` first removes
-    the outputs of an earlier run (engine/provenance.py). Returns the TrainResult (None for
+    the outputs of an earlier run (rundir/provenance.py). Returns the TrainResult (None for
     a dry run)."""
     out = Path(cfg.run.output_dir)
     main = int(os.environ.get("RANK", "0")) == 0  # the process group does not exist yet
-    caller_threads = torch.get_num_threads()  # the run sets its own (engine/threads.py)
+    caller_threads = torch.get_num_threads()  # the run sets its own (host/threads.py)
     try:
         with hold_run_dir(out, enabled=main, notice=_say), sigterm_guard():
             if overwrite and main and not dry_run:
@@ -125,7 +127,7 @@ def fit(
 def check_provenance(
     cfg: Config, resume: str | None, main: bool, console: Console
 ) -> Resume | None:
-    """Before any work: may this config continue the run (engine/provenance.py)? The safe
+    """Before any work: may this config continue the run (rundir/provenance.py)? The safe
     changes are shown here and recorded in metrics.jsonl by the loop."""
     if resume is None:
         return None

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmtrain.engine import allocator
+from llmtrain.host import allocator
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

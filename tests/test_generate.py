@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from llmtrain.cli import app
 from llmtrain.commands import generate as generate_cmd
 from llmtrain.errors import LLMTrainError
-from llmtrain.rundir import open_run
+from llmtrain.rundir.trained import open_run
 
 
 @pytest.fixture(scope="module")

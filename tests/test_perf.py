@@ -15,7 +15,7 @@ import pytest
 import torch
 from fit_helpers import FakeTokenizer, make_cfg, max_rel_diff, params, random_store, run_train
 
-from llmtrain.engine import allocator, flops, threads
+from llmtrain.engine import flops
 from llmtrain.engine.distributed import DistInfo
 from llmtrain.engine.loop import step_spec
 from llmtrain.engine.metrics import TIMING_FIELDS, read_metrics
@@ -23,6 +23,7 @@ from llmtrain.engine.model import build_model
 from llmtrain.engine.prefetch import Prefetcher
 from llmtrain.engine.step import make_window
 from llmtrain.errors import LLMTrainError
+from llmtrain.host import allocator, threads
 
 TOL = 1e-10
 
@@ -41,7 +42,7 @@ def _in_fresh_process(code: str, env: dict[str, str] | None = None) -> dict:
 
 FAULTS = """
     import json, resource, torch
-    from llmtrain.engine import allocator
+    from llmtrain.host import allocator
     policy = allocator.apply({setting!r})
     torch.manual_seed(0)
     # a training step whose activations (36 MiB) lie above glibc's largest mmap threshold
@@ -87,7 +88,7 @@ def test_unknown_environment_value_is_a_one_line_error(monkeypatch):
 
 PROBE = """
     import json, torch
-    from llmtrain.engine import allocator
+    from llmtrain.host import allocator
     from llmtrain.probe.memory import CpuMemory
     allocator.apply("retain")
     meter = CpuMemory(None)

@@ -17,7 +17,7 @@ from llmtrain.commands import evaluate as evaluate_cmd
 from llmtrain.commands import predict as predict_cmd
 from llmtrain.data.chunking import window_spans
 from llmtrain.data.corpus import iter_documents
-from llmtrain.rundir import inference_batch, input_source, open_run, scoring_spec
+from llmtrain.rundir.trained import inference_batch, input_source, open_run, scoring_spec
 
 
 @pytest.fixture(scope="module")

@@ -22,10 +22,10 @@ import torch
 from fit_helpers import FakeTokenizer, make_cfg, params, random_store, run_train
 
 from llmtrain.engine import checkpoint as ckpt
-from llmtrain.engine import provenance
 from llmtrain.engine.faults import SimulatedKill
 from llmtrain.engine.model import build_model
 from llmtrain.errors import ConfigError, LLMTrainError
+from llmtrain.rundir import provenance
 from llmtrain.util import atomic
 from llmtrain.util.locks import hold_run_dir, lock_path
 
@@ -320,7 +320,7 @@ def test_max_steps_below_the_checkpoint_and_fewer_epochs_are_refused(tmp_path):
     more = make_cfg(tmp_path, train={"max_steps": None, "epochs": 4})
     assert provenance.compare(more, old, step=1) == {"train.epochs": [3.0, 4.0]}
     with pytest.raises(ConfigError, match="at step 8, beyond this config's 6 steps"):
-        provenance.check_total(6, 8, tmp_path)
+        ckpt.check_total(6, 8, tmp_path)
 
 
 def test_a_key_the_old_run_did_not_know_is_unchanged_at_its_default(tmp_path):

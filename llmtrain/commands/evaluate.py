@@ -19,6 +19,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from llmtrain import layout
 from llmtrain.console import human_console
 from llmtrain.data.batching import SequenceSource
 from llmtrain.data.chunk_spec import resolve_spec
@@ -27,7 +28,7 @@ from llmtrain.engine.evaluate import StoreOutputs, document_scores, forward_stor
 from llmtrain.engine.loop import is_isolated
 from llmtrain.engine.loss import resolve_loss_chunk
 from llmtrain.errors import LLMTrainError
-from llmtrain.rundir import (
+from llmtrain.rundir.trained import (
     TrainedRun,
     encode_input,
     inference_batch,
@@ -91,8 +92,8 @@ def classification_details(run: TrainedRun, store: SequenceSource, out: StoreOut
 
 def weights_step(run: TrainedRun) -> int | None:
     """The optimizer step of the weights: the checkpoint's, or the run's last for final/."""
-    if run.weights.name.startswith("step-"):
-        digits = run.weights.name.removeprefix("step-")
+    if run.weights.name.startswith(layout.CHECKPOINT_PREFIX):
+        digits = run.weights.name.removeprefix(layout.CHECKPOINT_PREFIX)
         return int(digits) if digits.isdigit() else None
     try:
         records, _ = read_run_metrics(run.path)

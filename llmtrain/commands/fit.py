@@ -62,7 +62,7 @@ def banner(plan: Plan) -> Table:
 
 
 def host_rows(plan: Plan) -> list[tuple[str, str]]:
-    """CPU threads and allocator policy (engine/threads.py, engine/allocator.py)."""
+    """CPU threads and allocator policy (host/threads.py, host/allocator.py)."""
     rows = []
     if plan.threads is not None:
         rows.append(("threads", plan.threads.describe()))

@@ -23,7 +23,7 @@ from llmtrain.config import DataSourceConfig
 from llmtrain.console import human_console
 from llmtrain.data.corpus import ReadStats, iter_documents
 from llmtrain.errors import LLMTrainError
-from llmtrain.rundir import TrainedRun, notice, open_run
+from llmtrain.rundir.trained import TrainedRun, notice, open_run
 
 
 @dataclass

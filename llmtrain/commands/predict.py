@@ -33,7 +33,7 @@ from llmtrain.engine.evaluate import (
     document_scores,
     forward_store,
 )
-from llmtrain.rundir import (
+from llmtrain.rundir.trained import (
     InputStore,
     TrainedRun,
     encode_input,

@@ -19,9 +19,10 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from llmtrain import layout
 from llmtrain.console import human_console
 from llmtrain.errors import LLMTrainError
-from llmtrain.rundir import notice, read_run_metrics, run_name
+from llmtrain.rundir.trained import notice, read_run_metrics, run_name
 from llmtrain.util.atomic import atomic_write
 
 DPI = 110
@@ -56,7 +57,7 @@ def load_runs(run_dirs: list[str]) -> list[RunMetrics]:
         train = [r for r in records if r.get("split") == "train"]
         evals = [r for r in records if r.get("split") == "eval"]
         if not train and not evals:
-            raise LLMTrainError(f"{Path(d) / 'metrics.jsonl'}: no train or eval records yet")
+            raise LLMTrainError(f"{Path(d) / layout.METRICS_FILE}: no train or eval records yet")
         runs.append(RunMetrics(run_name(d), Path(d), train, evals))
     names = [r.name for r in runs]
     for r in runs:
@@ -234,7 +235,9 @@ def run(run_dirs: list[str], *, output: str | None = None, as_json: bool = False
     path = (
         Path(output)
         if output
-        else (Path(run_dirs[0]) / "report.png" if len(runs) == 1 else Path("report.png"))
+        else (
+            Path(run_dirs[0]) / layout.REPORT_FILE if len(runs) == 1 else Path(layout.REPORT_FILE)
+        )
     )
     atomic_write(path, draw(runs))
     rows = [summary(r) for r in runs]

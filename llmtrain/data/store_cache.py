@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from llmtrain import layout
 from llmtrain.config import Config
 from llmtrain.console import err_console
 from llmtrain.data.chunk_spec import resolve_spec
@@ -54,7 +55,7 @@ class ChunkReport:
 
 def store_root(cfg: Config) -> Path:
     """Where the stores live: data.store, or <run.output_dir>/store; splits are subfolders."""
-    return Path(cfg.data.store) if cfg.data.store else Path(cfg.run.output_dir) / "store"
+    return Path(cfg.data.store) if cfg.data.store else Path(cfg.run.output_dir) / layout.STORE_DIR
 
 
 def _splits(cfg: Config) -> list[str]:

@@ -32,6 +32,7 @@ from tokenizers import (
 )
 from transformers import PreTrainedTokenizerFast
 
+from llmtrain import layout
 from llmtrain.config import Config, TokenizerTrainConfig
 from llmtrain.data.corpus import corpus_fingerprint, iter_documents
 from llmtrain.errors import LLMTrainError
@@ -200,7 +201,7 @@ def _wrap(backend: Tokenizer, roles: dict[str, str]) -> PreTrainedTokenizerFast:
 
 # -------------------------------------------------------------------------------- training
 def _tokenizer_dir(cfg: Config) -> Path:
-    return Path(cfg.run.output_dir) / "tokenizer"
+    return Path(cfg.run.output_dir) / layout.TOKENIZER_DIR
 
 
 def _train_fingerprint(cfg: Config, train: TokenizerTrainConfig) -> dict:

@@ -35,16 +35,16 @@ from rich.markup import escape
 from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from llmtrain import layout
 from llmtrain.console import err_console
 from llmtrain.engine.faults import kill_point
 from llmtrain.engine.parallel import is_fsdp, load_full_state
 from llmtrain.engine.peft import is_peft, load_trainable, trainable_state
-from llmtrain.errors import LLMTrainError
+from llmtrain.errors import ConfigError, LLMTrainError
 from llmtrain.util.atomic import atomic_dir, remove_stale_temps
 
 MARKER = "complete"
 MANIFEST = "checksums.json"
-PREFIX = "step-"
 FILES = ("model.safetensors", "optimizer.pt", "state.pt")
 FORMAT = 2  # 1: state.pt pickled numpy arrays, no checksums (read for old runs' sake)
 _HASH_CHUNK = 8 << 20
@@ -64,16 +64,16 @@ def _warn(text: str) -> None:
 
 
 def checkpoint_dir(output_dir: Path) -> Path:
-    return Path(output_dir) / "checkpoints"
+    return Path(output_dir) / layout.CHECKPOINTS_DIR
 
 
 def checkpoint_path(output_dir: Path, step: int) -> Path:
-    return checkpoint_dir(output_dir) / f"{PREFIX}{step:08d}"
+    return checkpoint_dir(output_dir) / layout.checkpoint_name(step)
 
 
 def checkpoint_step(path: Path) -> int:
     """The step a checkpoint directory is named for (`step-00000100` → 100)."""
-    return int(Path(path).name[len(PREFIX) :])
+    return int(Path(path).name[len(layout.CHECKPOINT_PREFIX) :])
 
 
 # ------------------------------------------------------------------------------- RNG state
@@ -238,7 +238,9 @@ def list_checkpoints(root: Path) -> list[Path]:
     found = [
         p
         for p in root.iterdir()
-        if p.is_dir() and re.fullmatch(rf"{PREFIX}\d+", p.name) and (p / MARKER).is_file()
+        if p.is_dir()
+        and re.fullmatch(rf"{layout.CHECKPOINT_PREFIX}\d+", p.name)
+        and (p / MARKER).is_file()
     ]
     return sorted(found, key=lambda p: p.name)
 
@@ -388,6 +390,16 @@ def _restore_rest(ckpt: dict[str, Any], scaler: torch.amp.GradScaler) -> dict[st
             f"{ckpt['path']}/state.pt: cannot restore ({type(e).__name__}: {e})"
         ) from None
     return state
+
+
+def check_total(total: int, step: int, where: Path) -> None:
+    """A run resumed at `step` must have at least that many steps (max_steps or epochs)."""
+    if total < step:
+        raise ConfigError(
+            f"{where}: at step {step}, beyond this config's {total} steps; set "
+            f"train.max_steps (or train.epochs) to reach at least {step}, or start over with "
+            "`fit --overwrite`"
+        )
 
 
 def find_resume(output_dir: Path, resume: str) -> dict[str, Any] | None:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
+from llmtrain import layout
 from llmtrain.config import Config
 from llmtrain.console import console as default_console
 from llmtrain.console import err_console
@@ -56,7 +57,6 @@ from llmtrain.engine.peft import is_peft, save_adapter_then_merge
 from llmtrain.engine.precision import make_scaler
 from llmtrain.engine.prefetch import Prefetcher
 from llmtrain.engine.progress import LogInterval, TrainLog
-from llmtrain.engine.provenance import check_total
 from llmtrain.engine.step import StepSpec, Window, forward_backward, make_window, optimizer_step
 from llmtrain.errors import LLMTrainError
 from llmtrain.util.atomic import atomic_dir
@@ -216,12 +216,12 @@ def restore_or_start(run: Run, resume: str | None, micro: int, console: Console)
             f"config says {global_batch}; the data order and schedule of the run depend on it"
         )
     loop = LoopState(step=int(state["step"]), micro=min(micro, int(state["micro_batch"])))
-    check_total(run.total, loop.step, found["path"])  # else it would end at once as "done"
+    ckpt.check_total(run.total, loop.step, found["path"])  # else it would end at once as "done"
     loop.log_interval = LogInterval.from_dict(state.get("log_interval"))
     if run.dist.is_main:
         where = f"{found['path']} at step {loop.step}"
         console.print(f"resumed from {where} (micro-batch {loop.micro})")
-        truncate_after(run.out / "metrics.jsonl", loop.step)
+        truncate_after(run.out / layout.METRICS_FILE, loop.step)
     return loop
 
 
@@ -462,9 +462,9 @@ def save_final(run: Run, tokenizer: Any) -> Path | None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # our own output only
-        final = run.out / "final"
+        final = run.out / layout.FINAL_DIR
         if is_peft(raw):
-            raw = save_adapter_then_merge(raw, run.out / "adapter", tokenizer)
+            raw = save_adapter_then_merge(raw, run.out / layout.ADAPTER_DIR, tokenizer)
         if hasattr(raw.config, "use_cache"):
             raw.config.use_cache = True  # off while training; on for whoever generates
         limit = model_positions(raw.config)
@@ -509,10 +509,10 @@ def open_log(
 ) -> TrainLog:
     """metrics.jsonl (appended to on resume, after `restore_or_start` cut it back) and the
     progress display; rank 0 alone writes. `changes`: the safe config changes of a resume
-    (engine/provenance.py), recorded as a `config_changed` event at the resumed step."""
+    (rundir/provenance.py), recorded as a `config_changed` event at the resumed step."""
     cfg, is_main = run.cfg, run.dist.is_main
     metrics = MetricsWriter(
-        run.out / "metrics.jsonl",
+        run.out / layout.METRICS_FILE,
         enabled=is_main,
         jsonl=cfg.log.jsonl,
         tensorboard=cfg.log.tensorboard,

@@ -13,6 +13,7 @@ from typing import Any
 
 from rich.markup import escape
 
+from llmtrain import layout
 from llmtrain.console import err_console
 
 TIMING_FIELDS = ("tokens_per_s", "elapsed_s", "mfu")  # the only fields that differ between reruns
@@ -57,7 +58,7 @@ class MetricsWriter:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(path.parent / "tensorboard"))
+                self._tb = SummaryWriter(str(path.parent / layout.TENSORBOARD_DIR))
             except ImportError:
                 # escaped: rich would read "[tensorboard]" as markup and print nothing of it
                 err_console.print(

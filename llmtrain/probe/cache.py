@@ -19,13 +19,14 @@ from typing import Any
 
 import torch
 
+from llmtrain import layout
 from llmtrain.config import Config
 from llmtrain.engine.parallel import unwrap
 from llmtrain.probe.memory import device_name, device_total_bytes
 from llmtrain.probe.result import ProbeResult
 from llmtrain.util.atomic import atomic_write
 
-CACHE_FILE = "probe-cache.json"
+CACHE_FILE = layout.PROBE_CACHE_FILE
 CACHE_VERSION = 1
 
 

@@ -24,7 +24,7 @@ computes a peak from a formula.
   `malloc_trim(0)` before each trial returns glibc's free pages to the OS, so a large trial
   does not leave resident memory behind that a later, smaller trial would be blamed for — also
   under the `retain` allocator policy, which keeps freed memory in the process while training
-  (engine/allocator.py): the probe measures the allocator policy training runs with.
+  (host/allocator.py): the probe measures the allocator policy training runs with.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ from typing import Protocol, TypeVar
 
 import torch
 
-from llmtrain.engine import allocator
 from llmtrain.errors import LLMTrainError
+from llmtrain.host import allocator
 
 T = TypeVar("T")
 
@@ -145,7 +145,7 @@ class CpuMemory:
     def __init__(self, limit_bytes: int | None = None):
         self.limit_bytes = limit_bytes
         self.last_peak: int | None = None
-        # the allocator policy training runs with (engine/allocator.py), so that the probe
+        # the allocator policy training runs with (host/allocator.py), so that the probe
         # measures it; under `system` this pins glibc's mmap threshold (repeatable peaks)
         allocator.prepare_for_probe()
 

@@ -24,13 +24,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from llmtrain import layout
 from llmtrain.errors import LLMTrainError
-
-LOCK_NAME = "llmtrain.lock"
 
 
 def lock_path(output_dir: Path) -> Path:
-    return Path(output_dir) / LOCK_NAME
+    return Path(output_dir) / layout.LOCK_FILE
 
 
 def _owner_text(owner: dict[str, Any]) -> str:

@@ -39,10 +39,8 @@ from llmtrain.engine.loop import is_isolated, model_positions
 from llmtrain.engine.model import build_model
 from llmtrain.engine.precision import param_dtype
 from llmtrain.errors import ConfigError, LLMTrainError
+from llmtrain.layout import CHECKPOINT_PREFIX, CHECKPOINTS_DIR, CONFIG_FILE, FINAL_DIR, METRICS_FILE
 
-CONFIG_FILE = "config.resolved.yaml"
-FINAL = "final"
-METRICS_FILE = "metrics.jsonl"
 ENCODE_BATCH = 1000  # documents per tokenizer call, as in the chunk stage
 # Config problems that do not matter to a command that never reads the run's corpora: the
 # corpus (or the tokenizer it was trained from) may have moved since the run.
@@ -169,7 +167,7 @@ def _hf_quiet() -> None:
 def load_run_tokenizer(run_dir: Path, cfg: Config) -> Any:
     """The tokenizer saved in `final/` (what the run trained with), else the run's own
     (`tokenizer.path` or the cached trained one) for a run that has no final/ yet."""
-    final = run_dir / FINAL
+    final = run_dir / FINAL_DIR
     if (final / "tokenizer.json").is_file():
         from transformers import AutoTokenizer
 
@@ -185,7 +183,7 @@ def _run_labels(run_dir: Path, cfg: Config) -> tuple[int | None, list[str] | Non
     store's names, else model.num_labels."""
     if cfg.model.task != "sequence-classification":
         return None, None
-    config = run_dir / FINAL / "config.json"
+    config = run_dir / FINAL_DIR / "config.json"
     if config.is_file():
         id2label = json.loads(config.read_text(encoding="utf-8")).get("id2label") or {}
         names = [str(id2label[k]) for k in sorted(id2label, key=int)]
@@ -200,11 +198,11 @@ def _run_labels(run_dir: Path, cfg: Config) -> tuple[int | None, list[str] | Non
 
 
 def _from_final(run_dir: Path, cfg: Config) -> torch.nn.Module:
-    final = run_dir / FINAL
+    final = run_dir / FINAL_DIR
     if not (final / "config.json").is_file():
         raise LLMTrainError(
             f"{final}: no final model (the run has not finished); give --checkpoint "
-            f"{run_dir / 'checkpoints' / 'step-…'}"
+            f"{run_dir / CHECKPOINTS_DIR}/{CHECKPOINT_PREFIX}…"
         )
     verify_manifest(final, required=("config.json",))  # checksums before anything is read
     kwargs: dict[str, Any] = {}
@@ -233,7 +231,7 @@ def _from_checkpoint(path: Path, run_dir: Path, cfg: Config, tok: Any) -> torch.
     if not weights.is_file():
         raise LLMTrainError(
             f"{path}: not a checkpoint (no model.safetensors); give a directory "
-            f"{run_dir / 'checkpoints'}/step-N"
+            f"{run_dir / CHECKPOINTS_DIR}/{CHECKPOINT_PREFIX}N"
         )
     verify_manifest(path)  # its checksums, before anything of it is read
     num_labels, names = _run_labels(run_dir, cfg)
@@ -265,7 +263,7 @@ def open_run(
     _hf_quiet()
     tok = load_run_tokenizer(path, cfg)
     if checkpoint is None:
-        model, weights = _from_final(path, cfg), path / FINAL
+        model, weights = _from_final(path, cfg), path / FINAL_DIR
     else:
         weights = Path(checkpoint)
         model = _from_checkpoint(weights, path, cfg, tok)

@@ -22,13 +22,12 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
+from llmtrain import layout
 from llmtrain.config import Config, dump_config
 from llmtrain.config.schema import section_class
 from llmtrain.engine import checkpoint as ckpt
 from llmtrain.errors import ConfigError, LLMTrainError
 from llmtrain.util.atomic import remove_path, temp_sibling
-
-RESOLVED = "config.resolved.yaml"
 
 # Keys (or `prefix.` for a whole section) that change how long, how often or where a run
 # goes, never what one optimizer step computes. Everything else is refused on resume.
@@ -58,10 +57,6 @@ SAFE = (
     "train.parallel",  # DDP and FSDP2 compute the same update
     "log.",
 )
-
-# What `fit --overwrite` removes; the token stores and probe-cache.json are caches keyed by
-# what they depend on, and stay.
-RUN_OUTPUTS = ("checkpoints", "final", "adapter", "metrics.jsonl", RESOLVED, "tensorboard")
 
 _ABSENT = object()
 
@@ -190,28 +185,18 @@ def check_resume(cfg: Config, out: Path, resume: str, warn: Any) -> Resume | Non
     target = resume_target(Path(out), resume)
     if target is None or not (target / ckpt.MARKER).is_file():
         return None  # a path that is no checkpoint is reported where it is read
-    step = ckpt.checkpoint_step(target) if target.name.startswith(ckpt.PREFIX) else 0
-    resolved = target.parent.parent / RESOLVED
+    step = ckpt.checkpoint_step(target) if target.name.startswith(layout.CHECKPOINT_PREFIX) else 0
+    resolved = target.parent.parent / layout.CONFIG_FILE
     if not resolved.is_file():
         warn(f"warning: {resolved} is missing; the config cannot be compared with the run's")
         return Resume(target, step, {})
     return Resume(target, step, compare(cfg, resolved, step))
 
 
-def check_total(total: int, step: int, where: Path) -> None:
-    """A run resumed at `step` must have at least that many steps (max_steps or epochs)."""
-    if total < step:
-        raise ConfigError(
-            f"{where}: at step {step}, beyond this config's {total} steps; set "
-            f"train.max_steps (or train.epochs) to reach at least {step}, or start over with "
-            "`fit --overwrite`"
-        )
-
-
 # ------------------------------------------------------------------------------ overwrite
 def run_outputs(out: Path) -> list[Path]:
     """What `fit --overwrite` would remove from `out`, as it stands."""
-    return [Path(out) / name for name in RUN_OUTPUTS if (Path(out) / name).exists()]
+    return [Path(out) / name for name in layout.RUN_OUTPUTS if (Path(out) / name).exists()]
 
 
 def describe(path: Path) -> str:
@@ -219,7 +204,7 @@ def describe(path: Path) -> str:
     if path.is_file():
         return f"{path} ({path.stat().st_size:,} bytes)"
     size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    inside = len(ckpt.list_checkpoints(path)) if path.name == "checkpoints" else None
+    inside = len(ckpt.list_checkpoints(path)) if path.name == layout.CHECKPOINTS_DIR else None
     count = f"{inside} checkpoints, " if inside is not None else ""
     return f"{path}/ ({count}{size:,} bytes)"
 

@@ -1,0 +1,31 @@
+"""Every name under a run's `output_dir`, defined once (docs/architecture.md, "Run
+directory"). Everything that reads or writes a run directory takes its names from here.
+
+A leaf module (it imports nothing of llmtrain), so that every layer may use it: engine/
+writes checkpoints/, final/ and metrics.jsonl, rundir/ reads them, data/ caches its stores
+and tokenizer here.
+"""
+
+from __future__ import annotations
+
+CONFIG_FILE = "config.resolved.yaml"  # the config exactly as the run used it
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+CHECKPOINTS_DIR = "checkpoints"
+CHECKPOINT_PREFIX = "step-"  # checkpoints/step-00000100
+FINAL_DIR = "final"
+ADAPTER_DIR = "adapter"
+LOCK_FILE = "llmtrain.lock"
+STORE_DIR = "store"  # the token stores, one folder per split (data.store overrides it)
+TOKENIZER_DIR = "tokenizer"  # a tokenizer trained for the run (tokenizer.train)
+PROBE_CACHE_FILE = "probe-cache.json"
+REPORT_FILE = "report.png"
+
+# What `fit --overwrite` removes; the token stores, the trained tokenizer and
+# probe-cache.json are caches keyed by what they depend on, and stay.
+RUN_OUTPUTS = (CHECKPOINTS_DIR, FINAL_DIR, ADAPTER_DIR, METRICS_FILE, CONFIG_FILE, TENSORBOARD_DIR)
+
+
+def checkpoint_name(step: int) -> str:
+    """`step-00000100` for step 100."""
+    return f"{CHECKPOINT_PREFIX}{step:08d}"
