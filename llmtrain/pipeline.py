@@ -28,7 +28,7 @@ from llmtrain.data.store_cache import ensure_stores
 from llmtrain.data.tokenizer import load_tokenizer
 from llmtrain.engine.checkpoint import check_total
 from llmtrain.engine.distributed import DistInfo, barrier, resolve_device, setup, teardown
-from llmtrain.engine.loop import TrainResult, find_start, is_isolated, train
+from llmtrain.engine.loop import TrainResult, find_start, train
 from llmtrain.engine.model import build_model, check_document_isolation
 from llmtrain.engine.signals import sigterm_guard
 from llmtrain.errors import LLMTrainError
@@ -87,7 +87,7 @@ def prepare(cfg: Config, dist: DistInfo, device: torch.device) -> tuple[Any, Any
         )
     num_labels = cfg.model.num_labels or (len(label_names) if label_names else None)
     model = build_model(cfg, tokenizer, num_labels, label_names)
-    if is_isolated(cfg):
+    if cfg.data.is_isolated:
         check_document_isolation(model, torch.device("cpu"))
     micro = resolve_micro(cfg, model, device, dist)
     plan = Plan(cfg, model, device, micro, len(train_store), dist, host_threads, policy)

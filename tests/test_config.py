@@ -465,3 +465,12 @@ def test_check_model_false_skips_only_the_hf_rules(workdir: Path) -> None:
         load_config("cfg.yaml")
     with pytest.raises(ConfigError, match="micro_batch: must be at most"):
         load_config("cfg.yaml", ["batch.micro_batch=9"], check_model=False)
+
+
+def test_position_offset_twins_agree():
+    """config/rules.py keeps its own copy of the RoBERTa-like position offset table (config/
+    must not import engine/); the seq_len check and `model_positions` must read the same."""
+    from llmtrain.config import rules
+    from llmtrain.engine import model
+
+    assert rules._POSITION_OFFSET == model.POSITION_OFFSET

@@ -25,7 +25,6 @@ from llmtrain.data.batching import SequenceSource
 from llmtrain.data.chunk_spec import resolve_spec
 from llmtrain.data.store_cache import ensure_stores
 from llmtrain.engine.evaluate import StoreOutputs, document_scores, forward_store, scores_of
-from llmtrain.engine.loop import is_isolated
 from llmtrain.engine.loss import resolve_loss_chunk
 from llmtrain.errors import LLMTrainError
 from llmtrain.rundir.trained import (
@@ -109,7 +108,7 @@ def evaluate_run(
     """fit's eval record for these weights (split, step, metrics) plus, for a classifier,
     the per-class table and confusion matrix."""
     cfg = run.cfg
-    isolate = getattr(store, "isolate_docs", is_isolated(cfg))
+    isolate = getattr(store, "isolate_docs", cfg.data.is_isolated)
     # fit's eval computes a causal LM's loss chunked when train.loss_chunk resolves to it
     chunk = resolve_loss_chunk(cfg.train.loss_chunk, run.model, cfg.model.task).tokens
     out = forward_store(

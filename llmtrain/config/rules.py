@@ -375,7 +375,8 @@ def _has_chat_template(path: str) -> bool:
 
 
 # Models whose position ids start after the padding index (fairseq heritage): the usable
-# length is max_position_embeddings - 2.
+# length is max_position_embeddings - 2. A twin of engine.model.POSITION_OFFSET (config/
+# must not import engine/); tests/test_config.py checks that the two agree.
 _POSITION_OFFSET = {
     "roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "roberta-prelayernorm",
     "data2vec-text", "longformer",

@@ -285,6 +285,12 @@ class DataConfig(Section):
         """Training data are conversations or prompt/response pairs (rendered, masked)."""
         return self.train.records != "text"
 
+    @property
+    def is_isolated(self) -> bool:
+        """Pack mode with attention kept inside documents: asked for, or instruction data
+        (packed conversations never see each other; positions restart at each)."""
+        return self.chunk.mode == "pack" and (not self.chunk.cross_doc_attention or self.is_sft)
+
 
 # ------------------------------------------------------------------------------------- batch
 class ProbeConfig(Section):

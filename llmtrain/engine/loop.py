@@ -43,7 +43,7 @@ from llmtrain.engine.evaluate import evaluate
 from llmtrain.engine.faults import kill_point
 from llmtrain.engine.loss import resolve_loss_chunk, show_notice
 from llmtrain.engine.metrics import MetricsWriter, truncate_after
-from llmtrain.engine.model import enable_tf32
+from llmtrain.engine.model import enable_tf32, model_positions
 from llmtrain.engine.optim import build_optimizer, effective_lr, lr_at, resolve_warmup, set_lr
 from llmtrain.engine.parallel import (
     full_model_state,
@@ -114,13 +114,6 @@ class LoopState:
     log_interval: LogInterval = field(default_factory=LogInterval)
 
 
-def is_isolated(cfg: Config) -> bool:
-    """Pack mode with attention kept inside documents: asked for, or instruction data (packed
-    conversations never see each other; positions restart at each)."""
-    chunk = cfg.data.chunk
-    return chunk.mode == "pack" and (not chunk.cross_doc_attention or cfg.data.is_sft)
-
-
 def step_spec(cfg: Config, loss_chunk: int | None = None) -> StepSpec:
     """`loss_chunk`: `train.loss_chunk` as resolved for the model (`engine.loss`)."""
     return StepSpec(
@@ -128,7 +121,7 @@ def step_spec(cfg: Config, loss_chunk: int | None = None) -> StepSpec:
         normalization=cfg.train.loss_normalization,
         precision=cfg.train.precision,
         grad_clip=cfg.optim.grad_clip,
-        isolate_docs=is_isolated(cfg),
+        isolate_docs=cfg.data.is_isolated,
         loss_chunk=loss_chunk,
     )
 
@@ -477,25 +470,6 @@ def save_final(run: Run, tokenizer: Any) -> Path | None:
             ckpt.write_manifest(tmp, sorted(f.name for f in tmp.iterdir() if f.is_file()))
     barrier()
     return final
-
-
-# Models whose position ids start after the padding index (fairseq heritage) read two fewer
-# tokens than max_position_embeddings (the same list as config.rules' seq_len check).
-_POSITION_OFFSET = {
-    "roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "roberta-prelayernorm",
-    "data2vec-text", "longformer",
-}  # fmt: skip
-
-
-def model_positions(hf_config: Any) -> int | None:
-    """How many tokens the model reads at most (n_positions / max_position_embeddings /
-    n_ctx, minus the padding offset of RoBERTa-like models); None when it declares none."""
-    for key in ("n_positions", "max_position_embeddings", "n_ctx"):
-        limit = getattr(hf_config, key, None)
-        if isinstance(limit, int) and limit > 0:
-            offset = 2 if getattr(hf_config, "model_type", None) in _POSITION_OFFSET else 0
-            return limit - offset
-    return None
 
 
 def job_peak(run: Run) -> float | None:

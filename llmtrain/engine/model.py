@@ -23,8 +23,29 @@ from llmtrain.engine.precision import param_dtype
 from llmtrain.errors import LLMTrainError
 
 
-def _auto_class(task: str) -> Any:
+def auto_class(task: str) -> Any:
+    """The AutoModel class of `model.task`."""
     return AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
+
+
+# Models whose position ids start after the padding index (fairseq heritage) read two fewer
+# tokens than max_position_embeddings (config/rules.py keeps a twin for its
+# seq_len check, which must not import engine/; tests/test_config.py checks they agree).
+POSITION_OFFSET = {
+    "roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "roberta-prelayernorm",
+    "data2vec-text", "longformer",
+}  # fmt: skip
+
+
+def model_positions(hf_config: Any) -> int | None:
+    """How many tokens the model reads at most (n_positions / max_position_embeddings /
+    n_ctx, minus the padding offset of RoBERTa-like models); None when it declares none."""
+    for key in ("n_positions", "max_position_embeddings", "n_ctx"):
+        limit = getattr(hf_config, key, None)
+        if isinstance(limit, int) and limit > 0:
+            offset = 2 if getattr(hf_config, "model_type", None) in POSITION_OFFSET else 0
+            return limit - offset
+    return None
 
 
 def _special_ids(tokenizer: Any) -> dict[str, int | None]:
@@ -80,7 +101,7 @@ def build_model(
     """The model for `cfg.model.task`, in the precision's weight dtype, in train mode, on CPU."""
     m = cfg.model
     hf = build_hf_config(cfg, tokenizer, num_labels, label_names)
-    auto = _auto_class(m.task)
+    auto = auto_class(m.task)
     kwargs: dict[str, Any] = {}
     if m.attn_implementation != "auto":
         kwargs["attn_implementation"] = m.attn_implementation

@@ -35,8 +35,7 @@ from llmtrain.data.store_cache import store_root
 from llmtrain.data.tokenizer import ensure_special_tokens, load_tokenizer
 from llmtrain.engine.checkpoint import verify_manifest
 from llmtrain.engine.distributed import resolve_device
-from llmtrain.engine.loop import is_isolated, model_positions
-from llmtrain.engine.model import build_model
+from llmtrain.engine.model import auto_class, build_model, model_positions
 from llmtrain.engine.precision import param_dtype
 from llmtrain.errors import ConfigError, LLMTrainError
 from llmtrain.layout import CHECKPOINT_PREFIX, CHECKPOINTS_DIR, CONFIG_FILE, FINAL_DIR, METRICS_FILE
@@ -151,12 +150,6 @@ def run_micro_batch(run_dir: str | Path, cfg: Config) -> int | None:
 
 
 # ------------------------------------------------------------------------------- model
-def _auto_class(task: str) -> Any:
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    return AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
-
-
 def _hf_quiet() -> None:
     from transformers.utils import logging as hf_logging
 
@@ -209,7 +202,7 @@ def _from_final(run_dir: Path, cfg: Config) -> torch.nn.Module:
     if cfg.model.attn_implementation != "auto":
         kwargs["attn_implementation"] = cfg.model.attn_implementation
     try:
-        return _auto_class(cfg.model.task).from_pretrained(
+        return auto_class(cfg.model.task).from_pretrained(
             str(final),
             dtype=param_dtype(cfg.train.precision),
             use_safetensors=True,
@@ -400,7 +393,7 @@ def encode_input(
         writer.writer.abort()
         raise
     label_ids = np.maximum(np.asarray(ids_of or [0] * len(names), dtype=np.int64), 0)
-    packed_alone = spec.mode == "pack" and is_isolated(run.cfg)  # as the run's own packing
+    packed_alone = spec.mode == "pack" and run.cfg.data.is_isolated  # as the run's own packing
     return InputStore(store, names, gold, label_ids, isolate_docs=packed_alone)
 
 
