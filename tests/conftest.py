@@ -40,7 +40,7 @@ def probe_measurement(monkeypatch):
 
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory) -> Path:
-    from test_chunk import bpe_tokenizer
+    from chunk_helpers import bpe_tokenizer
 
     d = tmp_path_factory.mktemp("tok")
     bpe_tokenizer().save_pretrained(d)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_chunk import write_jsonl
+from chunk_helpers import write_jsonl
 from typer.testing import CliRunner
 
 from llmtrain.cli import app

@@ -7,6 +7,8 @@ something else with their head's output fall back to the plain path with a notic
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from fit_helpers import FakeTokenizer, make_cfg, max_rel_diff, params, random_store, run_train
@@ -29,6 +31,7 @@ from llmtrain.data.batching import collate
 from llmtrain.engine import loss as L
 from llmtrain.engine.evaluate import evaluate
 from llmtrain.engine.model import build_model
+from llmtrain.engine.step import StepSpec
 
 TOL = 1e-10
 VOCAB = 64
@@ -210,9 +213,10 @@ def test_other_heads_fall_back_to_full_logits_with_one_notice(capsys):
 def test_eval_loss_is_the_same_chunked():
     model = fp64(llama)
     store = random_store(11, vocab=VOCAB, seed=3)
-    kw = {"task": "causal-lm", "micro": 4, "pad_id": 0, "device": CPU, "precision": "fp64"}
-    plain = evaluate(model, store, **kw)
-    chunked = evaluate(model, store, **kw, loss_chunk=3)
+    spec = StepSpec("causal-lm", "tokens", "fp64", None)
+    kw = {"micro": 4, "pad_id": 0, "device": CPU}
+    plain = evaluate(model, store, spec, **kw)
+    chunked = evaluate(model, store, replace(spec, loss_chunk=3), **kw)
     assert chunked["loss"] == pytest.approx(plain["loss"], rel=1e-12)
     assert model.training  # eval put the mode back
 

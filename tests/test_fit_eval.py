@@ -10,6 +10,7 @@ from fit_helpers import FakeStore, FakeTokenizer, make_cfg, random_store
 from llmtrain.data.batching import collate
 from llmtrain.engine.evaluate import AGGREGATES, aggregate_windows, evaluate
 from llmtrain.engine.model import build_model, check_document_isolation
+from llmtrain.engine.step import StepSpec
 from llmtrain.errors import LLMTrainError
 
 LOGITS = torch.tensor(
@@ -49,11 +50,10 @@ def test_classification_eval_accuracies(tmp_path):
     scores = evaluate(
         model,
         store,
-        task="sequence-classification",
+        StepSpec("sequence-classification", "tokens", "fp64", None),
         micro=4,
         pad_id=0,
         device=torch.device("cpu"),
-        precision="fp64",
         aggregate="mean_logits",
     )
     with torch.no_grad():

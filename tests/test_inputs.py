@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from chunk_helpers import wordpiece_tokenizer
 from fit_helpers import FakeTokenizer, make_cfg, random_store, run_train
 from rich.console import Console
-from test_chunk import wordpiece_tokenizer
 from typer.testing import CliRunner
 
 from llmtrain.cli import app

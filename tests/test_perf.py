@@ -17,11 +17,10 @@ from fit_helpers import FakeTokenizer, make_cfg, max_rel_diff, params, random_st
 
 from llmtrain.engine import flops
 from llmtrain.engine.distributed import DistInfo
-from llmtrain.engine.loop import step_spec
 from llmtrain.engine.metrics import TIMING_FIELDS, read_metrics
 from llmtrain.engine.model import build_model
 from llmtrain.engine.prefetch import Prefetcher
-from llmtrain.engine.step import make_window
+from llmtrain.engine.step import StepSpec, make_window
 from llmtrain.errors import LLMTrainError
 from llmtrain.host import allocator, threads
 
@@ -169,7 +168,7 @@ def _window(store, indices, spec, micro, n_total=None):
 
 def test_prefetched_window_equals_the_one_cut_in_place_and_a_stale_one_is_refused(tmp_path):
     store = random_store(20, seed=3)
-    spec = step_spec(make_cfg(tmp_path))
+    spec = StepSpec.from_config(make_cfg(tmp_path))
     indices = np.arange(3, 11)
     direct = _window(store, indices, spec, 3)
     with Prefetcher(spec, torch.device("cpu"), pin=False) as pre:
@@ -185,7 +184,7 @@ def test_prefetched_window_equals_the_one_cut_in_place_and_a_stale_one_is_refuse
 
 
 def test_an_error_while_prefetching_is_raised_to_the_loop(tmp_path):
-    spec = step_spec(make_cfg(tmp_path))
+    spec = StepSpec.from_config(make_cfg(tmp_path))
 
     def broken(_n):
         raise LLMTrainError("store unreadable")

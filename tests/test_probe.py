@@ -11,6 +11,15 @@ import random
 import numpy as np
 import pytest
 import torch
+from probe_helpers import (
+    CPU,
+    adamw,
+    checkpointing,
+    gpt2,
+    make_setup,
+    probe_config,
+    run_probe,
+)
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
@@ -19,67 +28,10 @@ from transformers import (
 )
 
 from llmtrain import probe as P
-from llmtrain.config import Config
 from llmtrain.probe import search
 from llmtrain.probe.memory import CpuMemory, rss_bytes
 
-CPU = torch.device("cpu")
-
-
 pytestmark = pytest.mark.usefixtures("probe_measurement")
-
-
-def gpt2(n_layer=2, n_embd=64, vocab=1024, n_positions=128, dropout=0.0) -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    cfg = GPT2Config(
-        n_layer=n_layer,
-        n_embd=n_embd,
-        n_head=2,
-        vocab_size=vocab,
-        n_positions=n_positions,
-        bos_token_id=0,
-        eos_token_id=0,
-        resid_pdrop=dropout,
-        embd_pdrop=dropout,
-        attn_pdrop=dropout,
-    )
-    return GPT2LMHeadModel(cfg)
-
-
-def bert_cls(vocab=1024) -> BertForSequenceClassification:
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        num_hidden_layers=2,
-        hidden_size=64,
-        num_attention_heads=2,
-        intermediate_size=256,
-        vocab_size=vocab,
-        max_position_embeddings=128,
-        num_labels=3,
-        pad_token_id=0,
-    )
-    return BertForSequenceClassification(cfg)
-
-
-def checkpointing(model: torch.nn.Module) -> None:
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
-        model.activation_checkpointing_enable({"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-def adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(model.parameters(), lr=1e-3)
-
-
-def make_setup(model, **kw) -> P.TrialSetup:
-    return P.TrialSetup(model=model, make_optimizer=adamw, device=CPU, **kw)
-
-
-def run_probe(setup, limit, cap=256, margin=0.1):
-    return P.probe_micro_batch(
-        setup, CpuMemory(limit), global_batch=cap, margin=margin, max_micro=cap
-    )
 
 
 # ------------------------------------------------------------------------ the search alone
@@ -333,24 +285,11 @@ def test_oom_that_is_real_on_cpu_is_a_failed_trial_and_its_memory_is_released():
 
 
 # ------------------------------------------------------------------ config, cache, CLI
-def _config(tmp_path, **batch) -> Config:
-    return Config.model_validate(
-        {
-            "run": {"output_dir": str(tmp_path / "run"), "device": "cpu"},
-            "model": {"arch": "gpt2", "config": {"n_layer": 1, "n_embd": 32, "n_head": 2}},
-            "tokenizer": {"train": {"kind": "bpe", "vocab_size": 300, "min_frequency": 1}},
-            "data": {"train": {"path": str(tmp_path / "corpus.txt")}, "chunk": {"seq_len": 32}},
-            "batch": {"global_batch": 64, "micro_batch": "auto", **batch},
-            "train": {"max_steps": 2, "precision": "fp32"},
-        }
-    )
-
-
 def test_resolve_micro_batch_probes_then_hits_the_cache_then_misses_on_seq_len(
     tmp_path, monkeypatch
 ):
     monkeypatch.setenv("LLMTRAIN_FAULT_OOM_MICRO", "8")
-    cfg = _config(tmp_path, probe={"memory_limit": "1TiB", "max_micro": 32})
+    cfg = probe_config(tmp_path, probe={"memory_limit": "1TiB", "max_micro": 32})
     model = gpt2(n_layer=1, n_embd=32, vocab=300)
     plan = P.resolve_micro_batch(cfg, model, CPU)
     assert (plan.micro_batch, plan.grad_accum, int(plan)) == (8, 8, 8)
@@ -377,7 +316,7 @@ def test_resolve_micro_batch_probes_then_hits_the_cache_then_misses_on_seq_len(
 
 def test_resolve_micro_batch_with_an_integer_never_probes(tmp_path, monkeypatch):
     monkeypatch.setattr(search, "run_trial", lambda *a, **k: pytest.fail("probed"))
-    cfg = _config(tmp_path, micro_batch=6)
+    cfg = probe_config(tmp_path, micro_batch=6)
     plan = P.resolve_micro_batch(cfg, gpt2(n_layer=1, n_embd=32), CPU, world_size=2)
     assert (plan.micro_batch, plan.grad_accum, plan.probe) == (6, math.ceil(64 / 12), None)
 
@@ -387,7 +326,7 @@ def test_cli_probe_batch_json_prints_one_object_with_the_contract_keys(tmp_path,
     from typer.testing import CliRunner
 
     (tmp_path / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 200)
-    cfg = _config(tmp_path, probe={"memory_limit": "1TiB", "max_micro": 8})
+    cfg = probe_config(tmp_path, probe={"memory_limit": "1TiB", "max_micro": 8})
     yaml_path = tmp_path / "cfg.yaml"
     import yaml
 

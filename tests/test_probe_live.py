@@ -10,15 +10,13 @@ import random
 import numpy as np
 import pytest
 import torch
-from test_probe import adamw, gpt2, make_setup, run_probe
+from probe_helpers import CPU, adamw, gpt2, make_setup, probe_config, run_probe
 
 from llmtrain import probe as P
 from llmtrain.engine import loss as L
+from llmtrain.engine.step import StepSpec
 from llmtrain.probe import trial as T
 from llmtrain.probe.memory import CpuMemory, CudaMemory, rss_bytes
-
-CPU = torch.device("cpu")
-
 
 pytestmark = pytest.mark.usefixtures("probe_measurement")
 
@@ -134,14 +132,33 @@ def test_trials_compute_the_chunked_loss(monkeypatch):
 
 
 def test_setup_from_config_uses_the_runs_loss_chunk(tmp_path):
-    from test_probe import _config
-
-    cfg = _config(tmp_path)
+    cfg = probe_config(tmp_path)
     model = gpt2(n_layer=1, n_embd=32, vocab=300)
     setup = P.setup_from_config(cfg, model, CPU)
-    assert setup.loss_chunk == L.auto_chunk(300) and setup.scratch_dir == cfg.run.output_dir
+    assert setup.spec.loss_chunk == L.auto_chunk(300) and setup.scratch_dir == cfg.run.output_dir
     cfg.train.loss_chunk = "off"
-    assert P.setup_from_config(cfg, model, CPU).loss_chunk is None
+    assert P.setup_from_config(cfg, model, CPU).spec.loss_chunk is None
+
+
+def test_a_trial_trains_the_step_fit_trains_on_packed_isolated_data(tmp_path):
+    """The probe's trials run `fit`'s own StepSpec, document isolation included: with
+    cross_doc_attention off, fit's batches carry restarting position ids and no attention
+    mask (transformers then builds a per-document mask, which costs memory), so the trial's
+    worst-case batch must too, or its peak is not training's."""
+    cfg = probe_config(tmp_path)
+    cfg.data.chunk.mode = "pack"
+    cfg.data.chunk.cross_doc_attention = False
+    model = gpt2(n_layer=1, n_embd=32, vocab=300)
+    setup = P.setup_from_config(cfg, model, CPU)
+    chunk = L.resolve_loss_chunk(cfg.train.loss_chunk, model, cfg.model.task).tokens
+    assert setup.spec == StepSpec.from_config(cfg, chunk) and setup.spec.isolate_docs
+    batch = T.worst_case_batch(setup, 3, model)
+    half = cfg.data.chunk.seq_len // 2
+    assert "attention_mask" not in batch  # as collate(isolate_docs=True) makes it
+    expected = torch.cat([torch.arange(half), torch.arange(half)]).expand(3, -1)
+    assert torch.equal(batch["position_ids"], expected)
+    plain = T.worst_case_batch(make_setup(model, seq_len=cfg.data.chunk.seq_len), 3, model)
+    assert set(plain) == {"input_ids", "attention_mask", "labels"}
 
 
 @pytest.mark.cuda
@@ -162,7 +179,7 @@ def test_cuda_probe_trains_live_and_leaves_everything_bit_identical(monkeypatch)
         seq_len=32,
         device=device,
         optimizer=optimizer,
-        loss_chunk=64,
+        spec=StepSpec("causal-lm", "tokens", "fp32", grad_clip=1.0, loss_chunk=64),
     )
     result = P.probe_micro_batch(setup, CudaMemory(device), global_batch=16, max_micro=16)
     assert result.micro_batch == 5

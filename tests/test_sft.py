@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from chunk_helpers import bpe_tokenizer
 from run_helpers import refused_by_validate
-from test_chunk import bpe_tokenizer
 from tokenizers import decoders
 from typer.testing import CliRunner
 

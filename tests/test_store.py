@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from test_chunk import doc_names
+from chunk_helpers import doc_names
 
 from llmtrain.data.store import TokenStore, TokenStoreWriter
 from llmtrain.errors import LLMTrainError

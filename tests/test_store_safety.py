@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_chunk import write_jsonl
+from chunk_helpers import write_jsonl
 from typer.testing import CliRunner
 
 from llmtrain.cli import app

@@ -9,6 +9,7 @@ eval record of the same weights.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import tempfile
@@ -26,6 +27,7 @@ from llmtrain.data.chunk_spec import resolve_spec
 from llmtrain.data.store_cache import ensure_stores
 from llmtrain.engine.evaluate import StoreOutputs, document_scores, forward_store, scores_of
 from llmtrain.engine.loss import resolve_loss_chunk
+from llmtrain.engine.step import StepSpec
 from llmtrain.errors import LLMTrainError
 from llmtrain.rundir.trained import (
     TrainedRun,
@@ -111,17 +113,15 @@ def evaluate_run(
     isolate = getattr(store, "isolate_docs", cfg.data.is_isolated)
     # fit's eval computes a causal LM's loss chunked when train.loss_chunk resolves to it
     chunk = resolve_loss_chunk(cfg.train.loss_chunk, run.model, cfg.model.task).tokens
+    spec = dataclasses.replace(StepSpec.from_config(cfg, chunk), isolate_docs=isolate)
     out = forward_store(
         run.model,
         store,
-        task=cfg.model.task,
+        spec,
         micro=micro,
         pad_id=run.pad_id,
         device=run.device,
-        precision=cfg.train.precision,
         max_batches=max_batches,
-        isolate_docs=isolate,
-        loss_chunk=chunk,
     )
     result: dict[str, Any] = {"split": "eval", "step": weights_step(run)}
     result.update(scores_of(out, np.asarray(store.doc_ids), cfg.data.chunk.aggregate))

@@ -15,6 +15,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from llmtrain.engine.evaluate import (
     document_scores,
     forward_store,
 )
+from llmtrain.engine.step import StepSpec
 from llmtrain.rundir.trained import (
     InputStore,
     TrainedRun,
@@ -146,15 +148,14 @@ def predict_rows(
     """The forward pass over every window, then the per-document rows; (rows, seconds)."""
     t0 = time.perf_counter()
     with doc_progress(out, docs, "predict") as on_batch:
+        spec = replace(StepSpec.from_config(run.cfg), isolate_docs=docs.isolate_docs)
         outputs = forward_store(
             run.model,
             docs,
-            task=run.cfg.model.task,
+            spec,
             micro=micro,
             pad_id=run.pad_id,
             device=run.device,
-            precision=run.cfg.train.precision,
-            isolate_docs=docs.isolate_docs,
             per_row=not run.classify,
             on_batch=on_batch,
         )

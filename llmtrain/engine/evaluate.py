@@ -25,6 +25,7 @@ from llmtrain.engine.distributed import DistInfo, all_reduce_sum
 from llmtrain.engine.loss import model_loss, summed_loss
 from llmtrain.engine.parallel import is_fsdp
 from llmtrain.engine.precision import autocast_context
+from llmtrain.engine.step import StepSpec
 
 AGGREGATES = ("mean_logits", "max_logits", "mean_probs", "first", "vote")
 
@@ -168,24 +169,24 @@ class _Accumulator:
 def forward_store(
     model: torch.nn.Module,
     store: SequenceSource,
+    spec: StepSpec,
     *,
-    task: str,
     micro: int,
     pad_id: int,
     device: torch.device,
-    precision: str,
     max_batches: int | None = None,
-    isolate_docs: bool = False,
     dist: DistInfo | None = None,
     per_row: bool = False,
     on_batch: Callable[[np.ndarray], None] | None = None,
-    loss_chunk: int | None = None,
 ) -> StoreOutputs:
     """Run the model over the store (or its first `max_batches` micro-batches of `micro`
     rows, in store order) and collect loss sums and window logits; see StoreOutputs.
-    `on_batch(rows)` is called after each micro-batch (a progress bar). `loss_chunk`: causal
-    LM without `per_row` computes the loss chunked, as training does (engine/loss.py)."""
+    `spec` as training's: task, precision, document isolation, and `loss_chunk` (a causal
+    LM without `per_row` computes the loss chunked, as training does: engine/loss.py).
+    `on_batch(rows)` is called after each micro-batch (a progress bar)."""
     dist = dist or DistInfo()
+    task, precision, loss_chunk = spec.task, spec.precision, spec.loss_chunk
+    isolate_docs = spec.isolate_docs
     was_training = model.training
     model.eval()
     batches = split_micro(np.arange(len(store)), micro)[:max_batches]
@@ -277,30 +278,24 @@ def scores_of(out: StoreOutputs, doc_ids: np.ndarray, aggregate: str) -> dict[st
 def evaluate(
     model: torch.nn.Module,
     store: SequenceSource,
+    spec: StepSpec,
     *,
-    task: str,
     micro: int,
     pad_id: int,
     device: torch.device,
-    precision: str,
     aggregate: str = "mean_logits",
     max_batches: int | None = None,
-    isolate_docs: bool = False,
     dist: DistInfo | None = None,
-    loss_chunk: int | None = None,
 ) -> dict[str, float]:
     """Loss (+ppl) or loss/accuracy/doc_accuracy over the eval store (or its first batches)."""
     out = forward_store(
         model,
         store,
-        task=task,
+        spec,
         micro=micro,
         pad_id=pad_id,
         device=device,
-        precision=precision,
         max_batches=max_batches,
-        isolate_docs=isolate_docs,
         dist=dist,
-        loss_chunk=loss_chunk,
     )
     return scores_of(out, np.asarray(store.doc_ids), aggregate)

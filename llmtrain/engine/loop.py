@@ -114,18 +114,6 @@ class LoopState:
     log_interval: LogInterval = field(default_factory=LogInterval)
 
 
-def step_spec(cfg: Config, loss_chunk: int | None = None) -> StepSpec:
-    """`loss_chunk`: `train.loss_chunk` as resolved for the model (`engine.loss`)."""
-    return StepSpec(
-        task=cfg.model.task,
-        normalization=cfg.train.loss_normalization,
-        precision=cfg.train.precision,
-        grad_clip=cfg.optim.grad_clip,
-        isolate_docs=cfg.data.is_isolated,
-        loss_chunk=loss_chunk,
-    )
-
-
 def step_seed(seed: int, step: int, rank: int) -> int:
     """The torch seed of one optimizer step on one rank: dropout masks are then a function of
     (seed, step, rank) only, so a resumed run — on any rank, any world size — draws exactly
@@ -163,7 +151,7 @@ def setup_run(
         raw_model=raw_model,
         optimizer=build_optimizer(cfg, raw_model),
         scaler=make_scaler(cfg.train.precision, device),
-        spec=step_spec(cfg, loss_chunk.tokens),
+        spec=StepSpec.from_config(cfg, loss_chunk.tokens),
         train_store=train_store,
         eval_store=eval_store,
         pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
@@ -382,16 +370,13 @@ def run_eval(run: Run, state: LoopState, log: TrainLog) -> None:
     state.last_eval = evaluate(
         run.raw_model,  # eval needs no DDP: each rank runs its shard, sums are all-reduced
         run.eval_store,
-        task=cfg.model.task,
+        run.spec,
         micro=state.micro,
         pad_id=run.pad_id,
         device=run.device,
-        precision=cfg.train.precision,
         aggregate=cfg.data.chunk.aggregate,
         max_batches=cfg.train.eval_max_batches,
-        isolate_docs=run.spec.isolate_docs,
         dist=run.dist,
-        loss_chunk=run.spec.loss_chunk,
     )
     log.evaluated(state.step, state.last_eval)
 

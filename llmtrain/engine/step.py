@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from llmtrain.config import Config
 from llmtrain.data.batching import (
     SequenceSource,
     collate,
@@ -47,6 +48,20 @@ class StepSpec:
     grad_clip: float | None  # max global gradient norm; None = no clipping
     isolate_docs: bool = False  # pack mode with attention kept inside documents
     loss_chunk: int | None = None  # causal LM: tokens per chunk of the loss; None = full logits
+
+    @classmethod
+    def from_config(cls, cfg: Config, loss_chunk: int | None = None) -> StepSpec:
+        """The one mapping from a Config to its step, for `fit`, its eval, the probe's trials
+        and the commands that score a run. `loss_chunk`: `train.loss_chunk` as resolved for
+        the model (`engine.loss.resolve_loss_chunk`)."""
+        return cls(
+            task=cfg.model.task,
+            normalization=cfg.train.loss_normalization,
+            precision=cfg.train.precision,
+            grad_clip=cfg.optim.grad_clip,
+            isolate_docs=cfg.data.is_isolated,
+            loss_chunk=loss_chunk,
+        )
 
 
 @dataclass

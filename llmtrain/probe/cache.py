@@ -27,7 +27,7 @@ from llmtrain.probe.result import ProbeResult
 from llmtrain.util.atomic import atomic_write
 
 CACHE_FILE = layout.PROBE_CACHE_FILE
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: trials collate with document isolation (its mask costs memory)
 
 
 def cache_key(
@@ -57,6 +57,7 @@ def cache_key(
         "optimizer": cfg.optim.name,
         "task": cfg.model.task,
         "loss_normalization": cfg.train.loss_normalization,
+        "isolate_docs": cfg.data.is_isolated,
         "device": device_name(device),
         "capacity": (
             memory_limit if memory_limit is not None else f"total:{device_total_bytes(device)}"

@@ -15,6 +15,7 @@ from llmtrain.data.batching import grad_accum
 from llmtrain.engine.distributed import DistInfo, all_reduce_min
 from llmtrain.engine.loss import resolve_loss_chunk, show_notice
 from llmtrain.engine.optim import build_optimizer
+from llmtrain.engine.step import StepSpec
 from llmtrain.errors import LLMTrainError
 from llmtrain.probe.cache import cache_key, load_cached, store_cached
 from llmtrain.probe.memory import backend_for
@@ -52,14 +53,10 @@ def setup_from_config(
         make_optimizer=lambda m: build_optimizer(cfg, m),
         seq_len=cfg.data.chunk.seq_len,
         device=device,
-        task=cfg.model.task,
-        precision=cfg.train.precision,
-        loss_normalization=cfg.train.loss_normalization,
-        grad_clip=cfg.optim.grad_clip,
+        spec=StepSpec.from_config(cfg, loss_chunk.tokens),
         optimizer=optimizer,
         rank=rank,
         seed=cfg.run.seed,
-        loss_chunk=loss_chunk.tokens,
         scratch_dir=cfg.run.output_dir,
     )
 

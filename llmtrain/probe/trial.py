@@ -45,11 +45,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from llmtrain.data.batching import supervised_count
+from llmtrain.data.batching import collate, supervised_count
 from llmtrain.engine.checkpoint import rng_state, set_rng_state
 from llmtrain.engine.distributed import DistInfo
 from llmtrain.engine.parallel import unwrap
@@ -65,6 +66,7 @@ PROBE_NUM_LABELS = 2
 # A small initial fp16 loss scale: an overflow-skipped step would skip creating the Adam state.
 TRIAL_INIT_SCALE = 2.0**8
 SNAPSHOT_NAME = "probe-snapshot.safetensors"
+PLAIN_STEP = StepSpec("causal-lm", "tokens", "fp32", grad_clip=1.0)  # TrialSetup's default
 
 
 @dataclass
@@ -75,10 +77,9 @@ class TrialSetup:
     make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer]
     seq_len: int
     device: torch.device
-    task: str = "causal-lm"
-    precision: str = "fp32"
-    loss_normalization: str = "tokens"
-    grad_clip: float | None = 1.0  # None: no clipping
+    # how each step trains: `StepSpec.from_config` for a run (probe/plan.py), so a trial
+    # trains exactly as `fit` (precision, loss, clipping, document isolation)
+    spec: StepSpec = PLAIN_STEP
     optimizer: torch.optim.Optimizer | None = None  # the real one, if it exists already
     rank: int = 0
     steps: int = TRIAL_STEPS
@@ -86,17 +87,7 @@ class TrialSetup:
     # micro-batches in the last step's window: 2 when training accumulates (k > 1), 1 when the
     # micro-batch is the whole window (the probe sets it per m; see train_steps)
     micro_batches: int = 2
-    loss_chunk: int | None = None  # causal LM: the chunked loss fit will use; None = full logits
     scratch_dir: str | None = None  # CPU snapshot file's directory; None: the system temp dir
-
-    def step_spec(self) -> StepSpec:
-        return StepSpec(
-            task=self.task,
-            normalization=self.loss_normalization,
-            precision=self.precision,
-            grad_clip=self.grad_clip,
-            loss_chunk=self.loss_chunk,
-        )
 
 
 # ------------------------------------------------------------------------- RNG and state
@@ -269,22 +260,49 @@ def static_bytes(model: torch.nn.Module, optimizer_name: str, momentum: float = 
 
 
 # ------------------------------------------------------------------------------ a trial
+@dataclass
+class WorstCaseRows:
+    """A SequenceSource of rows exactly seq_len long, each two documents (a start half-way),
+    so that `collate` makes a trial's batch as it makes training's: with documents isolated,
+    position ids that restart and no attention mask (transformers then builds the per-document
+    mask training pays for); otherwise the plain mask."""
+
+    ids: torch.Tensor  # [m, seq_len]
+    labels: torch.Tensor | None  # [m] class ids (classification)
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        label = None if self.labels is None else int(self.labels[i])
+        return {"input_ids": self.ids[i].numpy(), "doc_id": i, "label": label}
+
+    def doc_starts(self, i: int) -> np.ndarray:
+        return np.array([0, self.ids.shape[1] // 2], dtype=np.int64)
+
+
 def worst_case_batch(setup: TrialSetup, m: int, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """m sequences of exactly seq_len random tokens: the longest micro-batch training can see,
-    with labels as `collate` makes them. Drawn from a private generator, so the global RNG
-    streams are not consumed."""
+    collated as training collates (`collate`, with the run's document isolation). Drawn from
+    a private generator, so the global RNG streams are not consumed."""
     gen = torch.Generator().manual_seed(setup.seed)
     vocab = int(model.get_input_embeddings().num_embeddings)
     ids = torch.randint(0, vocab, (m, setup.seq_len), generator=gen)
     pad = getattr(getattr(model, "config", None), "pad_token_id", None)
     if pad is not None and 0 <= pad < vocab and vocab > 1:
         ids[ids == pad] = (pad + 1) % vocab  # classification heads look for the last non-pad
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    if setup.task == "sequence-classification":
+    labels = None
+    if setup.spec.task == "sequence-classification":
         num_labels = int(getattr(model.config, "num_labels", PROBE_NUM_LABELS))
-        batch["labels"] = torch.randint(0, num_labels, (m,), generator=gen)
-    else:
-        batch["labels"] = ids.clone()  # no padding, so nothing is IGNORE
+        labels = torch.randint(0, num_labels, (m,), generator=gen)
+    spec = setup.spec
+    batch = collate(
+        WorstCaseRows(ids, labels),
+        np.arange(m),
+        pad_id=-1,  # no row is padded: every one is seq_len long
+        task=spec.task,
+        isolate_docs=spec.isolate_docs,
+    )
     return {k: v.to(setup.device) for k, v in batch.items()}
 
 
@@ -300,7 +318,7 @@ def train_steps(
     while the window's gradients are already held — training's steady-state peak. `model` is
     unwrapped: a trial runs locally even under torchrun. The forward goes through the fault
     hook, so LLMTRAIN_FAULT_OOM_MICRO (aimed at `setup.rank`) fails trials too."""
-    spec = setup.step_spec()
+    spec = setup.spec
     m = int(batch["input_ids"].shape[0])
     n = float(supervised_count(batch, spec.task, spec.normalization))
 
