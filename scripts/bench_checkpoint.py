@@ -58,24 +58,28 @@ def main() -> None:
     model, optimizer = make(args.mparams)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     root = Path(tempfile.mkdtemp())
-    state = {"micro_batch": 1}
+    state = ckpt.TrainState(step=1, micro_batch=1)
 
     def save_new() -> None:
         ckpt.save_checkpoint(
-            root / "new", 1, model=model, optimizer=optimizer, scaler=scaler,
-            train_state=state, keep=1,
+            root / "new", 1, model=model, optimizer=optimizer, train_state=state,
+            parts={"scaler": scaler, "rng": ckpt.RngState()}, keep=1,
         )  # fmt: skip
 
     def save_old() -> None:
         with atomic_dir(root / "old" / "step-00000001") as tmp:
             save_model(model, str(tmp / "model.safetensors"))
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save({**state, "step": 1, "rng": torch.get_rng_state()}, tmp / "state.pt")
+            torch.save({**state.to_dict(), "rng": torch.get_rng_state()}, tmp / "state.pt")
 
     def load_new() -> None:
         found = ckpt.read_checkpoint(ckpt.checkpoint_path(root / "new", 1))
         ckpt.apply_checkpoint(
-            found, model=model, optimizer=optimizer, scaler=scaler, device=torch.device("cpu")
+            found,
+            model=model,
+            optimizer=optimizer,
+            parts={"scaler": scaler, "rng": ckpt.RngState()},
+            device=torch.device("cpu"),
         )
 
     def load_old() -> None:

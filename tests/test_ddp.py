@@ -238,7 +238,7 @@ def test_an_fsdp_checkpoint_has_the_single_process_format(two_ranks, tmp_path):
 
     cfg = _cfg(tmp_path / "plain", "fsdp", batch={"micro_batch": 8}, train={"parallel": "ddp"})
     found = ckpt.find_resume(two_ranks / "fsdp", "auto")
-    assert found is not None and found["state"]["step"] == 3
+    assert found is not None and found.train.step == 3
     from llmtrain.engine.model import build_model
     from llmtrain.engine.optim import build_optimizer
 
@@ -246,7 +246,11 @@ def test_an_fsdp_checkpoint_has_the_single_process_format(two_ranks, tmp_path):
     optimizer = build_optimizer(cfg, model)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     ckpt.apply_checkpoint(
-        found, model=model, optimizer=optimizer, scaler=scaler, device=torch.device("cpu")
+        found,
+        model=model,
+        optimizer=optimizer,
+        parts={"scaler": scaler},
+        device=torch.device("cpu"),
     )
     assert max_rel_diff(_load(two_ranks, "fsdp.pt"), full_model_state(model)) == 0.0
     assert len(optimizer.state) == len(list(model.parameters()))

@@ -140,3 +140,52 @@ def test_atomic_dir_replaces_whole_or_keeps_the_old(tmp_path):
         (d / "b.txt").write_text("three")
     assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+
+
+class Counter:
+    """A component with state of its own, as a later one (an allocator, a tracker) has."""
+
+    def __init__(self, n: int = 0) -> None:
+        self.n = n
+
+    def state_dict(self) -> dict:
+        return {"n": self.n, "seen": torch.arange(self.n)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.n = int(state["n"])
+
+
+def test_a_component_rides_in_checkpoints_by_its_own_key(tmp_path):
+    """Checkpoint state is typed (TrainState) and each Stateful component contributes its own
+    part under its own key: a new one is one registration, saved and restored without the
+    checkpoint code knowing it; a checkpoint that lacks its key leaves it as built."""
+    from llmtrain.engine import checkpoint as ckpt
+
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    train = ckpt.TrainState(step=3, micro_batch=2, epoch=1, step_in_epoch=1, global_batch=8)
+    parts = {"scaler": scaler, "rng": ckpt.RngState(), "counter": Counter(5)}
+    args = {"model": model, "optimizer": optimizer, "train_state": train, "keep": 2}
+    ckpt.save_checkpoint(tmp_path, 3, parts=parts, **args)
+    found = ckpt.find_resume(tmp_path, "auto")
+    assert found is not None and found.train == train and set(found.parts) >= set(parts)
+    fresh = Counter()
+    restored = ckpt.apply_checkpoint(
+        found,
+        model=model,
+        optimizer=optimizer,
+        parts={"counter": fresh},
+        device=torch.device("cpu"),
+    )
+    assert restored == train and fresh.n == 5
+    ckpt.save_checkpoint(tmp_path, 4, parts={"rng": ckpt.RngState()}, **args)
+    older = Counter(7)
+    ckpt.apply_checkpoint(
+        ckpt.find_resume(tmp_path, "auto"),
+        model=model,
+        optimizer=optimizer,
+        parts={"counter": older},
+        device=torch.device("cpu"),
+    )
+    assert older.n == 7

@@ -192,9 +192,9 @@ def test_a_checkpoint_of_the_previous_format_still_resumes(run_dir, reference, c
         torch.save(state, path / "state.pt")
         (path / "checksums.json").unlink()
     found = ckpt.find_resume(run_dir, "auto")
-    assert found is not None and found["state"]["step"] == 4
+    assert found is not None and found.train.step == 4
     assert "no checksums.json" in capsys.readouterr().err
-    ckpt.set_rng_state(found["state"]["rng"])
+    ckpt.set_rng_state(found.parts["rng"])
     assert np.array_equal(np.random.get_state()[1], np.random.RandomState(3).get_state()[1])
 
 
@@ -369,7 +369,7 @@ FULL_DISK = textwrap.dedent(
     """
     import json, os, subprocess, sys
     import torch
-    from llmtrain.engine.checkpoint import save_checkpoint
+    from llmtrain.engine.checkpoint import TrainState, save_checkpoint
     from llmtrain.errors import LLMTrainError
     from llmtrain.util import atomic
     root = sys.argv[1]
@@ -383,8 +383,8 @@ FULL_DISK = textwrap.dedent(
     optimizer = torch.optim.AdamW(model.parameters())
     model(torch.ones(1, 128)).sum().backward()
     optimizer.step()
-    args = dict(model=model, optimizer=optimizer, scaler=torch.amp.GradScaler("cpu"),
-                train_state={"micro_batch": 1}, keep=2)
+    args = dict(model=model, optimizer=optimizer, parts={"scaler": torch.amp.GradScaler("cpu")},
+                train_state=TrainState(step=1, micro_batch=1), keep=2)
     for case in ("refused", "mid-write"):
         try:
             save_checkpoint(root + "/run", 1, **args)

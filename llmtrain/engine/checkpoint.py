@@ -5,7 +5,9 @@ Layout of `<output_dir>/checkpoints/step-00000100/`:
                       weights stored once and re-tied on load, bit-exact); for a PEFT
                       model only its trainable tensors (adapters, head), by name
   optimizer.pt        optimizer.state_dict(): tensors and plain values only
-  state.pt            step, sampler position, micro_batch, GradScaler, RNG states: tensors and
+  state.pt            the train state (`TrainState`: step, sampler position, micro_batch...)
+                      and, each under its own key, the state of every component that has one
+                      (`Stateful`: the GradScaler, the RNGs, the log interval...): tensors and
                       plain values only (the numpy RNG key is stored as a tensor)
   checksums.json      size and sha256 of the three files above
   complete            written last: a directory without it is not a checkpoint
@@ -25,9 +27,10 @@ import json
 import random
 import re
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -56,6 +59,47 @@ class CheckpointRejected(LLMTrainError):
     def __init__(self, file: Path, reason: str):
         self.file, self.reason = Path(file), reason
         super().__init__(f"{file}: unreadable checkpoint ({reason})")
+
+
+class Stateful(Protocol):
+    """A component with state that a checkpoint carries (torchtitan's `Stateful`): it gives
+    its part as plain values and tensors, and takes it back. The loop registers each under
+    its own key of state.pt (`engine.loop.checkpoint_parts`) and never reads inside it, so
+    adding a component is one registration."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class TrainState:
+    """Where the run stands, as state.pt records it beside the components' parts."""
+
+    step: int
+    micro_batch: int  # the micro-batch at that step (an OOM may have halved it)
+    epoch: int = 0
+    step_in_epoch: int = 0  # with the epoch, the data order's position
+    total_steps: int | None = None
+    global_batch: int | None = None  # None: written before llmtrain recorded it
+    world_size: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any]) -> TrainState:
+        """From state.pt (checked by `check_state`); keys of other parts are ignored."""
+        return cls(**{f.name: state[f.name] for f in fields(cls) if f.name in state})
+
+
+@dataclass
+class Checkpoint:
+    """A verified checkpoint, read but not yet applied (the weights stay on disk)."""
+
+    path: Path
+    optimizer: dict[str, Any]  # optimizer.pt: optimizer.state_dict()
+    train: TrainState
+    parts: dict[str, Any] = field(default_factory=dict)  # state.pt's other keys, by component
 
 
 def _warn(text: str) -> None:
@@ -114,6 +158,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class RngState:
+    """The process's RNGs as a `Stateful` component of checkpoints."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return rng_state()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        set_rng_state(state)
 
 
 # ------------------------------------------------------------------------------ checksums
@@ -191,13 +245,14 @@ def save_checkpoint(
     *,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    train_state: dict[str, Any],
+    train_state: TrainState,
+    parts: Mapping[str, Stateful],
     keep: int,
     model_state: dict[str, torch.Tensor] | None = None,
     optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write checkpoint `step` atomically and prune to the latest `keep`; returns its path.
+    state.pt holds `train_state` and, under its key, each of `parts`' state_dict().
 
     `model_state` / `optimizer_state`: full states gathered from a sharded (FSDP) model by
     `llmtrain.engine.parallel`, written in the same format instead of the module's own."""
@@ -218,11 +273,10 @@ def save_checkpoint(
         kill_point(f"ckpt_after_model:{step}")
         torch.save(optim_state, tmp / "optimizer.pt")
         state = {
-            **train_state,
+            **train_state.to_dict(),
             "format": FORMAT,
             "step": step,
-            "scaler": scaler.state_dict(),
-            "rng": rng_state(),
+            **{key: part.state_dict() for key, part in parts.items()},
         }
         torch.save(state, tmp / "state.pt")
         write_manifest(tmp)
@@ -297,7 +351,7 @@ def check_state(state: Any, file: Path) -> dict[str, Any]:
     return state
 
 
-def read_checkpoint(path: Path) -> dict[str, Any]:
+def read_checkpoint(path: Path) -> Checkpoint:
     """Verify a checkpoint and load its optimizer and state dicts (weights stay on disk until
     applied); CheckpointRejected names the first file that fails."""
     path = Path(path)
@@ -314,7 +368,9 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
             list(f.keys())
     except Exception as e:
         raise CheckpointRejected(weights, f"{type(e).__name__}: {e}") from None
-    return {"path": path, "optimizer": optimizer, "state": state}
+    train = TrainState.from_dict(state)
+    parts = {k: v for k, v in state.items() if k not in train.to_dict() and k != "format"}
+    return Checkpoint(path, optimizer, train, parts)
 
 
 def _one_line(e: Exception, limit: int = 3) -> str:
@@ -326,24 +382,25 @@ def _one_line(e: Exception, limit: int = 3) -> str:
 
 
 def apply_checkpoint(
-    ckpt: dict[str, Any],
+    ckpt: Checkpoint,
     *,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
+    parts: Mapping[str, Stateful],
     device: torch.device,
-) -> dict[str, Any]:
-    """Restore weights, optimizer, scaler and RNG; returns the train state (step, micro...)."""
-    path = ckpt["path"]
+) -> TrainState:
+    """Restore weights, optimizer and every one of `parts` (by its key); returns the train
+    state (step, micro-batch...)."""
+    path = ckpt.path
     if is_fsdp(model):  # every rank reads the full state and keeps its shard
         try:
             weights = load_file(str(path / "model.safetensors"))
-            load_full_state(model, optimizer, weights, ckpt["optimizer"])
+            load_full_state(model, optimizer, weights, ckpt.optimizer)
         except Exception as e:
             raise LLMTrainError(
                 f"{path}: cannot load into the sharded model ({_one_line(e)})"
             ) from None
-        return _restore_rest(ckpt, scaler)
+        return _restore_parts(ckpt, parts)
     if is_peft(model):  # a PEFT checkpoint holds the trainable tensors only (save_checkpoint)
         _load_peft_weights(model, path / "model.safetensors")
     else:
@@ -361,13 +418,13 @@ def apply_checkpoint(
                 f"{unexpected[:3]}); was it written with another model config?"
             )
     try:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        optimizer.load_state_dict(ckpt.optimizer)
     except Exception as e:
         raise LLMTrainError(
             f"{path}/optimizer.pt: does not fit this optimizer ({type(e).__name__}: "
             f"{_one_line(e)}); was it written with another optim config?"
         ) from None
-    return _restore_rest(ckpt, scaler)
+    return _restore_parts(ckpt, parts)
 
 
 def _load_peft_weights(model: torch.nn.Module, file: Path) -> None:
@@ -378,18 +435,21 @@ def _load_peft_weights(model: torch.nn.Module, file: Path) -> None:
     load_trainable(model, weights, file)
 
 
-def _restore_rest(ckpt: dict[str, Any], scaler: torch.amp.GradScaler) -> dict[str, Any]:
-    """Scaler and RNG, after the weights and optimizer; returns the train state."""
-    state = ckpt["state"]
-    try:
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
-    except Exception as e:
-        raise LLMTrainError(
-            f"{ckpt['path']}/state.pt: cannot restore ({type(e).__name__}: {e})"
-        ) from None
-    return state
+def _restore_parts(ckpt: Checkpoint, parts: Mapping[str, Stateful]) -> TrainState:
+    """Each component's part, after the weights and optimizer; returns the train state. A
+    part the checkpoint lacks or left empty (an older llmtrain, a disabled GradScaler) leaves
+    its component as built."""
+    for key, part in parts.items():
+        saved = ckpt.parts.get(key)
+        if not saved:
+            continue
+        try:
+            part.load_state_dict(saved)
+        except Exception as e:
+            raise LLMTrainError(
+                f"{ckpt.path}/state.pt: cannot restore {key} ({type(e).__name__}: {e})"
+            ) from None
+    return ckpt.train
 
 
 def check_total(total: int, step: int, where: Path) -> None:
@@ -402,7 +462,7 @@ def check_total(total: int, step: int, where: Path) -> None:
         )
 
 
-def find_resume(output_dir: Path, resume: str) -> dict[str, Any] | None:
+def find_resume(output_dir: Path, resume: str) -> Checkpoint | None:
     """`auto`: the newest checkpoint that passes every check (a damaged or tampered one is
     skipped with a warning naming the file); None when there is none. A path: that
     checkpoint, or an error naming it."""

@@ -165,7 +165,13 @@ def setup_run(
     )
 
 
-def find_start(out: Path, resume: str | None) -> dict[str, Any] | None:
+def checkpoint_parts(run: Run, state: LoopState) -> dict[str, ckpt.Stateful]:
+    """Every component whose state a checkpoint carries, each under its own key of state.pt
+    (engine/checkpoint.py): a component with state is added here, nowhere else."""
+    return {"scaler": run.scaler, "rng": ckpt.RngState(), "log_interval": state.log_interval}
+
+
+def find_start(out: Path, resume: str | None) -> ckpt.Checkpoint | None:
     """Fresh (None), a checkpoint to resume from, or a refusal: an output_dir with checkpoints
     is never trained over silently. Without `resume` this reads nothing (cheap to ask early)."""
     root = ckpt.checkpoint_dir(out)
@@ -185,22 +191,23 @@ def restore_or_start(run: Run, resume: str | None, micro: int, console: Console)
     start at step 0. A resume keeps the smaller of the two micro-batches (an OOM may have
     halved it) and refuses a changed global batch (the data order depends on it)."""
     found = find_start(run.out, resume)
+    loop = LoopState(step=0, micro=micro)
     if found is None:
-        return LoopState(step=0, micro=micro)
-    state = ckpt.apply_checkpoint(
-        found, model=run.raw_model, optimizer=run.optimizer, scaler=run.scaler, device=run.device
+        return loop
+    parts = checkpoint_parts(run, loop)
+    train = ckpt.apply_checkpoint(
+        found, model=run.raw_model, optimizer=run.optimizer, parts=parts, device=run.device
     )
     global_batch = run.cfg.batch.global_batch
-    if int(state.get("global_batch", global_batch)) != global_batch:
+    if train.global_batch is not None and train.global_batch != global_batch:
         raise LLMTrainError(
-            f"{found['path']}: written with batch.global_batch {state['global_batch']}, the "
+            f"{found.path}: written with batch.global_batch {train.global_batch}, the "
             f"config says {global_batch}; the data order and schedule of the run depend on it"
         )
-    loop = LoopState(step=int(state["step"]), micro=min(micro, int(state["micro_batch"])))
-    ckpt.check_total(run.total, loop.step, found["path"])  # else it would end at once as "done"
-    loop.log_interval = LogInterval.from_dict(state.get("log_interval"))
+    loop.step, loop.micro = train.step, min(micro, train.micro_batch)
+    ckpt.check_total(run.total, loop.step, found.path)  # else it would end at once as "done"
     if run.dist.is_main:
-        where = f"{found['path']} at step {loop.step}"
+        where = f"{found.path} at step {loop.step}"
         console.print(f"resumed from {where} (micro-batch {loop.micro})")
         truncate_after(run.out / layout.METRICS_FILE, loop.step)
     return loop
@@ -341,23 +348,24 @@ def save(run: Run, state: LoopState) -> None:
     optimizer_state = full_optimizer_state(run.raw_model, run.optimizer) if sharded else None
     if run.dist.is_main:
         step, spe = state.step, run.steps_per_epoch
+        train = ckpt.TrainState(
+            step=step,
+            micro_batch=state.micro,
+            epoch=step // spe,
+            step_in_epoch=step % spe,
+            total_steps=run.total,
+            global_batch=run.cfg.batch.global_batch,
+            world_size=run.dist.world_size,
+        )
         ckpt.save_checkpoint(
             run.out,
             step,
             model=run.raw_model,
             optimizer=run.optimizer,
-            scaler=run.scaler,
+            train_state=train,
+            parts=checkpoint_parts(run, state),
             model_state=model_state,
             optimizer_state=optimizer_state,
-            train_state={
-                "epoch": step // spe,
-                "step_in_epoch": step % spe,
-                "micro_batch": state.micro,
-                "total_steps": run.total,
-                "global_batch": run.cfg.batch.global_batch,
-                "world_size": run.dist.world_size,
-                "log_interval": state.log_interval.to_dict(),
-            },
             keep=run.cfg.train.keep_checkpoints,
         )
     barrier()  # no rank reads a checkpoint that is still being written

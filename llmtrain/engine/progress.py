@@ -69,13 +69,13 @@ class LogInterval:
         self.loss_sum = self.grad_norm_sum = 0.0
         return fields
 
-    def to_dict(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
+        """Its part of a checkpoint (engine.checkpoint.Stateful)."""
         return asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> LogInterval:
-        """From a checkpoint's train state (an older checkpoint has none: an empty interval)."""
-        return cls(**d) if d else cls()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in asdict(LogInterval(**state)).items():
+            setattr(self, key, value)
 
 
 class TrainLog:
