@@ -20,6 +20,7 @@ import typer
 from typer.core import TyperGroup
 
 from llmtrain import __version__
+from llmtrain.console import say
 from llmtrain.errors import ConfigError, LLMTrainError
 
 
@@ -90,14 +91,6 @@ def _debug() -> bool:
     return _state["debug"] or os.environ.get("LLMTRAIN_DEBUG", "") not in ("", "0")
 
 
-def _say(line: str) -> None:
-    """One line on stderr, as is: no markup, no wrapping (messages name files and keys).
-    Under torchrun each rank reports its own failure, so the line says which rank."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        line = f"rank {os.environ.get('RANK', '?')}: {line}"
-    typer.echo(line, err=True)
-
-
 def _delegate(command: str, *args: Any, **kwargs: Any) -> None:
     """`llmtrain.commands.<command>.run(*args, **kwargs)` under `_run`, imported only when the
     command runs (so `--help` never imports torch)."""
@@ -122,15 +115,15 @@ def _run(command: str, work: Callable[[], Any], interrupted: str = "interrupted"
         if _debug():
             traceback.print_exc()
         for line in e.messages:
-            _say(line)
+            say(line, every_rank=True)
         raise typer.Exit(2) from None
     except LLMTrainError as e:
         if _debug():
             traceback.print_exc()
-        _say(f"error: {e}")
+        say(f"error: {e}", every_rank=True)
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
-        _say(f"llmtrain {command}: {interrupted}")
+        say(f"llmtrain {command}: {interrupted}", every_rank=True)
         raise typer.Exit(130) from None
     except (typer.Exit, typer.Abort):
         raise
@@ -139,7 +132,10 @@ def _run(command: str, work: Callable[[], Any], interrupted: str = "interrupted"
             traceback.print_exc()
             raise typer.Exit(1) from None
         message = " ".join(str(e).split()) or "(no message)"
-        _say(f"error: {type(e).__name__}: {message} (run with --debug for the traceback)")
+        say(
+            f"error: {type(e).__name__}: {message} (run with --debug for the traceback)",
+            every_rank=True,
+        )
         raise typer.Exit(1) from None
 
 
@@ -232,9 +228,9 @@ def fit(
         try:
             command.run(cfg, resume=resume, dry_run=dry_run, overwrite=overwrite)
         except Preempted as e:  # SIGTERM: not an error; say how to continue
-            _say(f"llmtrain fit: {e}")
+            say(f"llmtrain fit: {e}", every_rank=True)
             if e.checkpoint is not None:
-                _say(f"resume with: {_resume_command(config, set_, nproc)}")
+                say(f"resume with: {_resume_command(config, set_, nproc)}", every_rank=True)
             raise typer.Exit(e.exit_code) from None
 
     _run("fit", work, "interrupted; the last checkpoint is intact, continue with --resume auto")
@@ -262,13 +258,16 @@ def _confirm_overwrite(output_dir: str, yes: bool) -> None:
     doomed = run_outputs(Path(output_dir))
     if not doomed:
         return
-    _say(f"--overwrite deletes from {output_dir}: " + ", ".join(describe(p) for p in doomed))
+    say(
+        f"--overwrite deletes from {output_dir}: " + ", ".join(describe(p) for p in doomed),
+        every_rank=True,
+    )
     if yes:
         return
     if not _interactive():
         raise ConfigError(f"{output_dir}: --overwrite needs a confirmation; add --yes to delete")
     if not typer.confirm("Delete them and start the run over?", default=False, err=True):
-        _say("nothing deleted")
+        say("nothing deleted", every_rank=True)
         raise typer.Exit(1)
 
 

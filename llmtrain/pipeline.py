@@ -10,7 +10,6 @@ sees of the plan is the caller's business (`on_plan`: llmtrain.commands.fit prin
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from rich.console import Console
 from llmtrain import layout
 from llmtrain.config import Config, dump_config
 from llmtrain.console import console as default_console
-from llmtrain.console import err_console
+from llmtrain.console import is_rank_zero, say
 from llmtrain.data.batching import total_steps
 from llmtrain.data.store_cache import ensure_stores
 from llmtrain.data.tokenizer import load_tokenizer
@@ -94,10 +93,6 @@ def prepare(cfg: Config, dist: DistInfo, device: torch.device) -> tuple[Any, Any
     return tokenizer, train_store, eval_store, plan
 
 
-def _say(line: str) -> None:
-    err_console.print(line, markup=False, highlight=False)
-
-
 def fit(
     cfg: Config,
     *,
@@ -112,29 +107,27 @@ def fit(
     the outputs of an earlier run (rundir/provenance.py). Returns the TrainResult (None for
     a dry run)."""
     out = Path(cfg.run.output_dir)
-    main = int(os.environ.get("RANK", "0")) == 0  # the process group does not exist yet
+    main = is_rank_zero()  # the process group does not exist yet
     caller_threads = torch.get_num_threads()  # the run sets its own (host/threads.py)
     try:
-        with hold_run_dir(out, enabled=main, notice=_say), sigterm_guard():
+        with hold_run_dir(out, enabled=main, notice=say), sigterm_guard():
             if overwrite and main and not dry_run:
                 for path in clear_run(out):
-                    _say(f"--overwrite: removed {path}")
+                    say(f"--overwrite: removed {path}")
             return run_stages(cfg, resume=resume, dry_run=dry_run, console=console, on_plan=on_plan)
     finally:
         torch.set_num_threads(caller_threads)  # an in-process caller keeps its own setting
 
 
-def check_provenance(
-    cfg: Config, resume: str | None, main: bool, console: Console
-) -> Resume | None:
+def check_provenance(cfg: Config, resume: str | None, console: Console) -> Resume | None:
     """Before any work: may this config continue the run (rundir/provenance.py)? The safe
     changes are shown here and recorded in metrics.jsonl by the loop."""
     if resume is None:
         return None
-    found = check_resume(cfg, Path(cfg.run.output_dir), resume, _say if main else lambda _: None)
-    if found is not None and found.changes and main:
+    found = check_resume(cfg, Path(cfg.run.output_dir), resume, say)
+    if found is not None and found.changes:
         shown = "; ".join(f"{k} {old!r} → {new!r}" for k, (old, new) in found.changes.items())
-        console.print(f"resuming with changed settings (allowed: {shown})", markup=False)
+        say(f"resuming with changed settings (allowed: {shown})", out=console)
     return found
 
 
@@ -149,10 +142,10 @@ def run_stages(
     """tokenizer → stores → model → micro-batch → train; returns the TrainResult."""
     console = console or default_console
     out = Path(cfg.run.output_dir)
-    main = int(os.environ.get("RANK", "0")) == 0
+    main = is_rank_zero()
     if resume is None and not dry_run and main:
         find_start(out, None)  # refuse an earlier run's directory before any work is done
-    resumed = check_provenance(cfg, resume, main, console)  # before a store is rebuilt
+    resumed = check_provenance(cfg, resume, console)  # before a store is rebuilt
     device = resolve_device(cfg.run.device)
     dist = setup(device)
     if dist.enabled:

@@ -20,10 +20,10 @@ from rich.console import Console
 from rich.markup import escape
 
 from llmtrain.config import DataSourceConfig
-from llmtrain.console import human_console
+from llmtrain.console import human_console, say
 from llmtrain.data.corpus import ReadStats, iter_documents
 from llmtrain.errors import LLMTrainError
-from llmtrain.rundir.trained import TrainedRun, notice, open_run
+from llmtrain.rundir.trained import TrainedRun, open_run
 
 
 @dataclass
@@ -82,9 +82,10 @@ def generate_one(
     ids = prompt_ids(run, text)
     new, cut = fit_to_positions(run, len(ids), max_new_tokens)
     if cut:
-        notice(
+        say(
             f"--max-new-tokens {max_new_tokens} cut to {new}: the prompt is {len(ids)} tokens "
-            f"and the model reads at most {run.positions} positions"
+            f"and the model reads at most {run.positions} positions",
+            label="note",
         )
     inputs = torch.tensor([ids], device=run.device)
     tok = run.tokenizer

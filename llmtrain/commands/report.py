@@ -20,9 +20,9 @@ from rich.console import Console
 from rich.table import Table
 
 from llmtrain import layout
-from llmtrain.console import human_console
+from llmtrain.console import human_console, say
 from llmtrain.errors import LLMTrainError
-from llmtrain.rundir.trained import notice, read_run_metrics, run_name
+from llmtrain.rundir.trained import read_run_metrics, run_name
 from llmtrain.util.atomic import atomic_write
 
 DPI = 110
@@ -53,7 +53,7 @@ def load_runs(run_dirs: list[str]) -> list[RunMetrics]:
     for d in run_dirs:
         records, bad = read_run_metrics(d)
         if bad:
-            notice(f"skipped {len(bad)} unreadable line(s) of metrics.jsonl ({bad[0]})")
+            say(f"skipped {len(bad)} unreadable line(s) of metrics.jsonl ({bad[0]})", label="note")
         train = [r for r in records if r.get("split") == "train"]
         evals = [r for r in records if r.get("split") == "eval"]
         if not train and not evals:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from llmtrain import layout
 from llmtrain.config import Config
-from llmtrain.console import err_console
+from llmtrain.console import say
 from llmtrain.data.chunk_spec import resolve_spec
 from llmtrain.data.chunking import ChunkSpec
 from llmtrain.data.corpus import corpus_fingerprint
@@ -188,9 +187,6 @@ def _with_notes(
                 f"warning: {key}: {skipped:,} bad record{'s' * (skipped != 1)} skipped "
                 f"(on_error: skip), {split.get('documents', 0):,} documents kept in {name}"
             )
-    # Under torchrun every rank opens the stores; rank 0 alone speaks (RANK is torchrun's).
-    if notes and os.environ.get("RANK", "0") == "0":
-        out = console or err_console
-        for line in notes:
-            out.print(line, highlight=False, markup=False, soft_wrap=True)
+    for line in notes:  # under torchrun every rank opens the stores; rank 0 alone speaks
+        say(line, out=console)
     return report

@@ -34,12 +34,11 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from rich.markup import escape
 from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from llmtrain import layout
-from llmtrain.console import err_console
+from llmtrain.console import say
 from llmtrain.engine.faults import kill_point
 from llmtrain.engine.parallel import is_fsdp, load_full_state
 from llmtrain.engine.peft import is_peft, load_trainable, trainable_state
@@ -100,11 +99,6 @@ class Checkpoint:
     optimizer: dict[str, Any]  # optimizer.pt: optimizer.state_dict()
     train: TrainState
     parts: dict[str, Any] = field(default_factory=dict)  # state.pt's other keys, by component
-
-
-def _warn(text: str) -> None:
-    """One line on stderr, never wrapped (it names files), never read as markup."""
-    err_console.print(f"[yellow]warning:[/] {escape(text)}", soft_wrap=True)
 
 
 def checkpoint_dir(output_dir: Path) -> Path:
@@ -193,9 +187,11 @@ def verify_manifest(path: Path, required: Iterable[str] = FILES) -> None:
     of that time) has no manifest: it is read unverified, with a warning."""
     manifest = path / MANIFEST
     if not manifest.is_file():
-        _warn(
+        say(
             f"{path}: no {MANIFEST} (written before llmtrain kept checksums); its content "
-            "cannot be verified"
+            "cannot be verified",
+            label="warning",
+            every_rank=True,
         )
         return
     try:
@@ -472,5 +468,5 @@ def find_resume(output_dir: Path, resume: str) -> Checkpoint | None:
         try:
             return read_checkpoint(path)
         except LLMTrainError as e:
-            _warn(f"skipping {e}; trying the previous checkpoint")
+            say(f"skipping {e}; trying the previous checkpoint", label="warning", every_rank=True)
     return None

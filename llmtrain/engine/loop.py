@@ -27,7 +27,7 @@ from rich.console import Console
 from llmtrain import layout
 from llmtrain.config import Config
 from llmtrain.console import console as default_console
-from llmtrain.console import err_console
+from llmtrain.console import say
 from llmtrain.data.batching import (
     SequenceSource,
     epoch_order,
@@ -139,7 +139,7 @@ def setup_run(
     total = total_steps(n, global_batch, cfg.train.max_steps, cfg.train.epochs)
     # before wrapping: its check runs a forward, which would leave FSDP's root unsharded
     loss_chunk = resolve_loss_chunk(cfg.train.loss_chunk, model.to(device), cfg.model.task)
-    show_notice(loss_chunk, enabled=dist.is_main)
+    show_notice(loss_chunk)
     enable_tf32(device)
     wrapped = wrap_model(model, cfg, dist, device)
     raw_model = unwrap(wrapped)  # FSDP shards in place: the optimizer must see its parameters
@@ -431,8 +431,7 @@ def report_skipped(run: Run, state: LoopState, steps_run: int, log: TrainLog) ->
             f"{summary}: MOST OF THE RUN DID NOT TRAIN, final/ holds a barely trained model; "
             "lower optim.lr or check the data"
         )
-    if run.dist.is_main:
-        err_console.print(f"warning: {summary}", highlight=False, markup=False, soft_wrap=True)
+    say(f"warning: {summary}")
 
 
 def save_final(run: Run, tokenizer: Any) -> Path | None:

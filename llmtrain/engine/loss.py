@@ -47,7 +47,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from llmtrain.console import err_console
+from llmtrain.console import say
 from llmtrain.data.batching import IGNORE
 from llmtrain.engine.parallel import unwrap
 from llmtrain.engine.precision import autocast_context
@@ -403,11 +403,8 @@ def resolve_loss_chunk(setting: str | int, model: torch.nn.Module, task: str) ->
     )
 
 
-_SHOWN: set[str] = set()
-
-
-def show_notice(chunk: LossChunk, *, enabled: bool = True) -> None:
-    """Print a fallback notice once per process (the probe and the loop both resolve)."""
-    if enabled and chunk.notice and chunk.notice not in _SHOWN:
-        _SHOWN.add(chunk.notice)
-        err_console.print(chunk.notice, markup=False, highlight=False)
+def show_notice(chunk: LossChunk) -> None:
+    """Print a fallback notice once per process, on rank 0 (the probe and the loop both
+    resolve)."""
+    if chunk.notice:
+        say(chunk.notice, once=True)

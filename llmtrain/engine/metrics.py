@@ -11,10 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from rich.markup import escape
-
 from llmtrain import layout
-from llmtrain.console import err_console
+from llmtrain.console import say
 
 TIMING_FIELDS = ("tokens_per_s", "elapsed_s", "mfu")  # the only fields that differ between reruns
 # How to get the tensorboard package: the extra exists only for an install of this project.
@@ -60,11 +58,10 @@ class MetricsWriter:
 
                 self._tb = SummaryWriter(str(path.parent / layout.TENSORBOARD_DIR))
             except ImportError:
-                # escaped: rich would read "[tensorboard]" as markup and print nothing of it
-                err_console.print(
-                    "[yellow]warning:[/] log.tensorboard is on but the tensorboard package is not "
-                    + escape(TENSORBOARD_HINT)
-                    + "; only metrics.jsonl is written"
+                say(
+                    "log.tensorboard is on but the tensorboard package is not "
+                    f"{TENSORBOARD_HINT}; only {layout.METRICS_FILE} is written",
+                    label="warning",
                 )
 
     def write(self, record: dict[str, Any]) -> None:

@@ -47,7 +47,7 @@ def setup_from_config(
     loss normalization, (chunked) loss, clipping and seq_len. The CPU snapshot of the live
     state goes to the run's output directory (a disk, not a tmpfs that would hold it in RAM)."""
     loss_chunk = resolve_loss_chunk(cfg.train.loss_chunk, model, cfg.model.task)
-    show_notice(loss_chunk, enabled=rank == 0)
+    show_notice(loss_chunk)
     return TrialSetup(
         model=model,
         make_optimizer=lambda m: build_optimizer(cfg, m),

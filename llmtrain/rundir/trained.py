@@ -22,10 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from rich.markup import escape
 
 from llmtrain.config import Config, DataSourceConfig, load_config
-from llmtrain.console import err_console
+from llmtrain.console import say
 from llmtrain.data.chunk_spec import raw_backend, resolve_spec
 from llmtrain.data.chunking import ChunkSpec
 from llmtrain.data.corpus import Document, ReadStats, iter_documents
@@ -397,11 +396,6 @@ def encode_input(
     return InputStore(store, names, gold, label_ids, isolate_docs=packed_alone)
 
 
-def notice(message: str) -> None:
-    """A one-line notice on stderr (never on stdout: that may be JSON)."""
-    err_console.print(f"[yellow]note:[/] {escape(message)}", highlight=False, soft_wrap=True)
-
-
 def inference_batch(run: TrainedRun, batch: str | None) -> int:
     """Rows per forward: `--batch N`; `auto` probes (llmtrain.probe: training steps, so the
     answer leaves room to spare for inference); by default the run's own micro-batch."""
@@ -417,7 +411,7 @@ def inference_batch(run: TrainedRun, batch: str | None) -> int:
             run.cfg, run.model, run.device, use_cache=run.cfg.batch.probe.cache
         )
         run.model.eval()  # the trials train; the weights are unchanged
-        notice(f"--batch auto → {result.micro_batch} (the probe's measured micro-batch)")
+        say(f"--batch auto → {result.micro_batch} (the probe's measured micro-batch)", label="note")
         return result.micro_batch
     try:
         n = int(batch)
