@@ -127,7 +127,7 @@ def _run(command: str, work: Callable[[], Any], interrupted: str = "interrupted"
         raise typer.Exit(130) from None
     except (typer.Exit, typer.Abort):
         raise
-    except Exception as e:
+    except Exception as e:  # the last resort: any other failure is one line, not a traceback
         if _debug():
             traceback.print_exc()
             raise typer.Exit(1) from None

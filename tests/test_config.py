@@ -403,6 +403,21 @@ def test_unexpected_error_is_one_line_without_traceback(
     assert "Traceback" in result.stderr
 
 
+def test_debug_shows_the_cause_of_a_translated_error(workdir: Path, monkeypatch) -> None:
+    """A translated error keeps its one line; with --debug the traceback names its cause."""
+    monkeypatch.delenv("LLMTRAIN_DEBUG", raising=False)
+    (workdir / "cfg.yaml").write_text("model: [unclosed\n")
+    result = invoke("validate", "cfg.yaml")
+    assert result.exit_code == 2 and "Traceback" not in result.stderr
+    line = result.stderr.strip()
+    assert line.startswith("cfg.yaml") and "invalid YAML" in line and "\n" not in line
+    result = invoke("--debug", "validate", "cfg.yaml")
+    assert result.exit_code == 2
+    assert "yaml.parser.ParserError" in result.stderr
+    assert "direct cause of the following exception" in result.stderr
+    assert result.stderr.strip().endswith(line)
+
+
 def test_interrupt_exits_130_with_one_line(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import llmtrain.commands.fit as command
 

@@ -152,12 +152,12 @@ def _read_yaml(file: str) -> tuple[dict[str, Any], Positions]:
     """One YAML file → (mapping, positions). Raises ConfigError for anything but a mapping."""
     try:
         text = Path(file).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{file}: no such config file") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{file}: is a directory, expected a YAML config file") from None
+    except FileNotFoundError as e:
+        raise ConfigError(f"{file}: no such config file") from e
+    except IsADirectoryError as e:
+        raise ConfigError(f"{file}: is a directory, expected a YAML config file") from e
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{file}: cannot read config file ({e})") from None
+        raise ConfigError(f"{file}: cannot read config file ({e})") from e
     loader = _PositionLoader(text)
     positions: Positions = {(): Where(file)}
     problems: list[str] = []
@@ -172,9 +172,9 @@ def _read_yaml(file: str) -> tuple[dict[str, Any], Positions]:
         mark = e.problem_mark or e.context_mark
         where = f"{file}:{mark.line + 1}:{mark.column + 1}" if mark else file
         problem = " ".join(str(x) for x in (e.context, e.problem) if x)
-        raise ConfigError(f"{where}: invalid YAML: {problem}") from None
+        raise ConfigError(f"{where}: invalid YAML: {problem}") from e
     except yaml.YAMLError as e:
-        raise ConfigError(f"{file}: invalid YAML: {e}") from None
+        raise ConfigError(f"{file}: invalid YAML: {e}") from e
     finally:
         loader.dispose()
     if data is None:
@@ -256,7 +256,7 @@ def _parse_override(text: str) -> tuple[KeyPath, Any]:
         value = _load_value(raw, text) if raw.strip() else None
     except yaml.YAMLError as e:
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"--set {text}: the value is not valid YAML ({problem})") from None
+        raise ConfigError(f"--set {text}: the value is not valid YAML ({problem})") from e
     path: KeyPath = tuple(int(p) if p.isdigit() else p.strip() for p in parts)
     return path, value
 

@@ -193,7 +193,7 @@ class _Reader:
                 return None
             raise LLMTrainError(
                 f"{self.name}:{line}: invalid UTF-8 (set {self.key}.errors: replace to substitute)"
-            ) from None
+            ) from e
 
     def open(self) -> tuple[IO[bytes], IO[bytes]]:
         """(stream to read, underlying file whose tell() is the on-disk position)."""
@@ -219,7 +219,7 @@ class _Reader:
                         stats.bytes_read = base + pos
                     yield lineno, line
         except (OSError, EOFError, zlib.error) as e:
-            raise LLMTrainError(f"{self.name}: cannot read ({e})") from None
+            raise LLMTrainError(f"{self.name}: cannot read ({e})") from e
         stats.bytes_read = base + self.path.stat().st_size
 
     def read_all(self) -> bytes:
@@ -228,7 +228,7 @@ class _Reader:
             with raw, stream:
                 data = stream.read()
         except (OSError, EOFError, zlib.error) as e:
-            raise LLMTrainError(f"{self.name}: cannot read ({e})") from None
+            raise LLMTrainError(f"{self.name}: cannot read ({e})") from e
         self.stats.bytes_read = self.base + self.path.stat().st_size
         return data
 
@@ -452,7 +452,7 @@ def _read_csv(r: _Reader, delimiter: str) -> Iterator[Document]:
             if doc is not None:
                 yield doc
     except csv.Error as e:
-        raise LLMTrainError(f"{name}:{lineno}: malformed {r.source.format} row ({e})") from None
+        raise LLMTrainError(f"{name}:{lineno}: malformed {r.source.format} row ({e})") from e
 
 
 def check_label_type(doc: Document, first: Document) -> None:

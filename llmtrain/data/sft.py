@@ -87,7 +87,7 @@ def read_template(sft: SftConfig, tokenizer: Any) -> str | None:
         except OSError as e:
             raise ConfigError(
                 f"data.sft.chat_template: cannot read {sft.chat_template!r} ({e})"
-            ) from None
+            ) from e
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError(
             "data.sft.chat_template: is required: the tokenizer has no chat template; set "
@@ -140,10 +140,10 @@ class ChatEncoder:
         for turns in conversations:
             try:
                 rendered.append(self.spans(turns))
-            except ImportError:
+            except ImportError as e:
                 raise LLMTrainError(
                     "data.sft: chat templates need jinja2: pip install jinja2"
-                ) from None
+                ) from e
             except Exception as e:  # jinja's TemplateError, raise_exception() in templates
                 rendered.append(f"chat template: {' '.join(str(e).split())}")
         texts = [r[0] for r in rendered if not isinstance(r, str)]

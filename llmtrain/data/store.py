@@ -394,7 +394,7 @@ def _read_meta(path: Path) -> dict[str, Any]:
         if not isinstance(meta, dict):
             raise ValueError("not a JSON object")
     except (ValueError, UnicodeDecodeError) as e:
-        raise LLMTrainError(f"{meta_path}: not valid JSON ({e}); rebuild the store") from None
+        raise LLMTrainError(f"{meta_path}: not valid JSON ({e}); rebuild the store") from e
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         raise LLMTrainError(
@@ -416,7 +416,7 @@ def _meta_counts(meta_path: Path, meta: dict[str, Any]) -> tuple[int, int, int, 
         for name in ALL_FILES:
             int(files[name]["size"])
     except (KeyError, TypeError, ValueError) as e:
-        raise LLMTrainError(f"{meta_path}: malformed ({e!r} missing or invalid)") from None
+        raise LLMTrainError(f"{meta_path}: malformed ({e!r} missing or invalid)") from e
     if dtype not in (np.dtype(np.uint16), np.dtype(np.uint32)):
         raise LLMTrainError(f"{meta_path}: unsupported token dtype {dtype}")
     return n_chunks, n_tokens, n_starts, dtype
@@ -483,7 +483,7 @@ def _load_arrays(path: Path, n_chunks: int, n_starts: int) -> dict[str, np.ndarr
         try:
             arr = np.load(path / name, allow_pickle=False)
         except (ValueError, OSError, EOFError) as e:
-            raise LLMTrainError(f"{path / name}: unreadable ({e}); rebuild the store") from None
+            raise LLMTrainError(f"{path / name}: unreadable ({e}); rebuild the store") from e
         if arr.shape != shape:
             raise LLMTrainError(
                 f"{path / name}: shape {arr.shape}, meta.json implies {shape}; rebuild it"

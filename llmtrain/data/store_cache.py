@@ -103,7 +103,7 @@ def _reusable(root: Path, names: list[str], fp: str, verify: str) -> dict[str, T
         try:
             stores[name] = TokenStore.open(path, verify=verify)
         except LLMTrainError as e:
-            raise LLMTrainError(f"{e} (or run `llmtrain chunk --force` to rebuild)") from None
+            raise LLMTrainError(f"{e} (or run `llmtrain chunk --force` to rebuild)") from e
     return stores
 
 

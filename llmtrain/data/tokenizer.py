@@ -157,7 +157,7 @@ def _load_local(path: str) -> PreTrainedTokenizerFast:
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise LLMTrainError(
                 f"tokenizer.path '{path}': cannot load a tokenizer from this directory ({e})"
-            ) from None
+            ) from e
         if not hasattr(tok, "backend_tokenizer"):
             raise LLMTrainError(
                 f"tokenizer.path '{path}': not a fast tokenizer (no tokenizer.json); save one with "
@@ -170,7 +170,7 @@ def _load_local(path: str) -> PreTrainedTokenizerFast:
         except Exception as e:  # the Rust side raises plain Exception on a bad file
             raise LLMTrainError(
                 f"tokenizer.path '{path}': not a valid tokenizer.json ({e})"
-            ) from None
+            ) from e
         return _wrap(backend, _roles_from_added(backend))
     if _looks_like_hub_id(path):
         raise LLMTrainError(

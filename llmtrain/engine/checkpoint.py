@@ -34,7 +34,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from llmtrain import layout
@@ -201,7 +201,7 @@ def verify_manifest(path: Path, required: Iterable[str] = FILES) -> None:
             name: (int(files[name]["bytes"]), str(files[name]["sha256"])) for name in listed
         }
     except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointRejected(manifest, f"malformed ({type(e).__name__}: {e})") from None
+        raise CheckpointRejected(manifest, f"malformed ({type(e).__name__}: {e})") from e
     for name, (size, digest) in expected.items():
         file = path / name
         if not file.is_file():
@@ -315,7 +315,7 @@ def load_plain(file: Path) -> Any:
     try:
         with torch.serialization.safe_globals(_legacy_numpy_globals()):
             return torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:
+    except Exception as e:  # torch.load's failures share no base (pickle, zip, EOF, Runtime...)
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         if found or "Weights only load failed" in str(e):
             what = f" ({found[1]})" if found else ""
@@ -323,8 +323,8 @@ def load_plain(file: Path) -> Any:
                 file,
                 f"holds an object other than tensors and plain values{what}; refused unread "
                 "(torch.load weights_only=True), nothing in it was run",
-            ) from None
-        raise CheckpointRejected(file, f"{type(e).__name__}: {' '.join(str(e).split())}") from None
+            ) from e
+        raise CheckpointRejected(file, f"{type(e).__name__}: {' '.join(str(e).split())}") from e
 
 
 def check_state(state: Any, file: Path) -> dict[str, Any]:
@@ -362,8 +362,8 @@ def read_checkpoint(path: Path) -> Checkpoint:
     try:
         with safe_open(str(weights), framework="pt") as f:  # header + size
             list(f.keys())
-    except Exception as e:
-        raise CheckpointRejected(weights, f"{type(e).__name__}: {e}") from None
+    except (SafetensorError, OSError) as e:
+        raise CheckpointRejected(weights, f"{type(e).__name__}: {e}") from e
     train = TrainState.from_dict(state)
     parts = {k: v for k, v in state.items() if k not in train.to_dict() and k != "format"}
     return Checkpoint(path, optimizer, train, parts)
@@ -392,10 +392,10 @@ def apply_checkpoint(
         try:
             weights = load_file(str(path / "model.safetensors"))
             load_full_state(model, optimizer, weights, ckpt.optimizer)
-        except Exception as e:
+        except Exception as e:  # torch.distributed's state-dict APIs raise many types
             raise LLMTrainError(
                 f"{path}: cannot load into the sharded model ({_one_line(e)})"
-            ) from None
+            ) from e
         return _restore_parts(ckpt, parts)
     if is_peft(model):  # a PEFT checkpoint holds the trainable tensors only (save_checkpoint)
         _load_peft_weights(model, path / "model.safetensors")
@@ -403,11 +403,11 @@ def apply_checkpoint(
         try:
             file = str(path / "model.safetensors")
             missing, unexpected = load_model(model, file, device=str(device))
-        except Exception as e:
+        except (SafetensorError, OSError, RuntimeError) as e:  # damaged; shapes that differ
             raise LLMTrainError(
                 f"{path}/model.safetensors: does not fit this model ({_one_line(e)}); was it "
                 "written with another model config?"
-            ) from None
+            ) from e
         if missing or unexpected:
             raise LLMTrainError(
                 f"{path}: weights do not match the model (missing {missing[:3]}, unexpected "
@@ -415,19 +415,19 @@ def apply_checkpoint(
             )
     try:
         optimizer.load_state_dict(ckpt.optimizer)
-    except Exception as e:
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:  # groups, sizes, fields
         raise LLMTrainError(
             f"{path}/optimizer.pt: does not fit this optimizer ({type(e).__name__}: "
             f"{_one_line(e)}); was it written with another optim config?"
-        ) from None
+        ) from e
     return _restore_parts(ckpt, parts)
 
 
 def _load_peft_weights(model: torch.nn.Module, file: Path) -> None:
     try:
         weights = load_file(str(file))
-    except Exception as e:
-        raise LLMTrainError(f"{file}: cannot load ({type(e).__name__}: {e})") from None
+    except (SafetensorError, OSError) as e:
+        raise LLMTrainError(f"{file}: cannot load ({type(e).__name__}: {e})") from e
     load_trainable(model, weights, file)
 
 
@@ -441,10 +441,10 @@ def _restore_parts(ckpt: Checkpoint, parts: Mapping[str, Stateful]) -> TrainStat
             continue
         try:
             part.load_state_dict(saved)
-        except Exception as e:
+        except Exception as e:  # each component checks its own format, with its own errors
             raise LLMTrainError(
                 f"{ckpt.path}/state.pt: cannot restore {key} ({type(e).__name__}: {e})"
-            ) from None
+            ) from e
     return ckpt.train
 
 

@@ -82,7 +82,7 @@ def build_hf_config(cfg: Config, tokenizer: Any, num_labels: int | None, label_n
                 **extra,
             )
         except (ValueError, TypeError) as e:
-            raise LLMTrainError(f"model.arch / model.config: {e}") from None
+            raise LLMTrainError(f"model.arch / model.config: {e}") from e
     for key, value in m.config_overrides.items():
         setattr(hf, key, value)
     if m.pretrained:  # the tokenizer decides the special ids of the run
@@ -114,7 +114,7 @@ def build_model(
     except ValueError as e:
         raise LLMTrainError(
             f"model: cannot build {m.task} for {m.arch or m.pretrained}: {e}"
-        ) from None
+        ) from e
     if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     if m.gradient_checkpointing:

@@ -34,11 +34,11 @@ def _peft() -> Any:
     """The peft package, or a one-line install hint."""
     try:
         import peft
-    except ImportError:
+    except ImportError as e:
         raise LLMTrainError(
             "model.peft needs the peft package: pip install peft (or remove model.peft to "
             "fine-tune every weight)"
-        ) from None
+        ) from e
     return peft
 
 
@@ -75,7 +75,7 @@ def apply_peft(model: torch.nn.Module, p: PeftConfig, task: str) -> torch.nn.Mod
         try:
             wrapped = peft.get_peft_model(model, lora_config(p, task))
         except ValueError as e:
-            raise LLMTrainError(f"model.peft: {' '.join(str(e).split())}") from None
+            raise LLMTrainError(f"model.peft: {' '.join(str(e).split())}") from e
     if checkpointing and not hasattr(model, "_require_grads_hook"):
         model.enable_input_require_grads()  # peft did it, unless it saw no checkpointing
     return wrapped

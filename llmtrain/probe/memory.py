@@ -134,7 +134,7 @@ def reset_peak_rss() -> None:
         raise LLMTrainError(
             f"cannot reset the peak-memory counter (/proc/self/clear_refs: {e.strerror}); "
             "CPU probing needs Linux — set batch.micro_batch to an integer"
-        ) from None
+        ) from e
 
 
 class CpuMemory:

@@ -32,7 +32,7 @@ def memory_limit(cfg: Config) -> int | None:
     try:
         return parse_bytes(limit)
     except ValueError as e:
-        raise LLMTrainError(f"batch.probe.memory_limit: {e} (got {limit!r})") from None
+        raise LLMTrainError(f"batch.probe.memory_limit: {e} (got {limit!r})") from e
 
 
 def setup_from_config(

@@ -406,7 +406,7 @@ def run_trial(
     try:
         current = getattr(backend, "current", None)  # a backend that cannot tell: no guard
         times, measured = backend.measure(lambda: live_trial(setup, m, current, budget))
-    except Exception as e:
+    except Exception as e:  # OOM has several types (is_oom decides); any other is re-raised
         if not is_oom(e):
             raise
         error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]

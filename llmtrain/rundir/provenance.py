@@ -150,7 +150,7 @@ def read_resolved(path: Path) -> dict[str, Any]:
     try:
         tree = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as e:
-        raise LLMTrainError(f"{path}: cannot read the run's config ({e})") from None
+        raise LLMTrainError(f"{path}: cannot read the run's config ({e})") from e
     if not isinstance(tree, dict):
         raise LLMTrainError(f"{path}: not a config (a mapping was expected)")
     return tree

@@ -211,12 +211,13 @@ def _from_final(run_dir: Path, cfg: Config) -> torch.nn.Module:
     except (OSError, ValueError) as e:
         raise LLMTrainError(
             f"{final}: cannot load the model ({' '.join(str(e).split())})"
-        ) from None
+        ) from e
 
 
 def _from_checkpoint(path: Path, run_dir: Path, cfg: Config, tok: Any) -> torch.nn.Module:
     """The model `fit` builds, with the checkpoint's weights: all of them, or under PEFT the
     adapters (the base is model.pretrained, as on resume)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file, load_model
 
     weights = path / "model.safetensors"
@@ -235,8 +236,8 @@ def _from_checkpoint(path: Path, run_dir: Path, cfg: Config, tok: Any) -> torch.
         return model
     try:
         missing, unexpected = load_model(model, str(weights), strict=False)
-    except Exception as e:  # a damaged file: safetensors raises its own error types
-        raise LLMTrainError(f"{weights}: cannot load ({e})") from None
+    except (SafetensorError, OSError, RuntimeError) as e:  # damaged; shapes that differ
+        raise LLMTrainError(f"{weights}: cannot load ({e})") from e
     if missing or unexpected:
         raise LLMTrainError(
             f"{weights}: weights do not match the run's model (missing {missing[:3]}, "
@@ -288,7 +289,7 @@ def input_source(
     try:
         return DataSourceConfig.model_validate(base)
     except ValueError as e:
-        raise LLMTrainError(f"--input {path}: {' '.join(str(e).split())}") from None
+        raise LLMTrainError(f"--input {path}: {' '.join(str(e).split())}") from e
 
 
 def scoring_spec(run: TrainedRun) -> ChunkSpec:

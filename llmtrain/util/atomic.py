@@ -138,7 +138,7 @@ def atomic_dir(
     tmp.mkdir(parents=True)
     try:
         yield tmp
-    except Exception as e:
+    except Exception as e:  # whatever the block raised: clean up, then re-raise it (or disk full)
         wrote = _size(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
         if is_out_of_space(e):
