@@ -21,7 +21,8 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +52,36 @@ if TYPE_CHECKING:
 # and the per-call overhead vanishes, small enough that memory stays flat (~tens of MB).
 BATCH_DOCS = 1000
 BATCH_CHARS = 2 << 20
+
+
+def document_batches(
+    docs: Iterable[Document], max_docs: int = BATCH_DOCS, max_chars: int | None = None
+) -> Iterator[list[Document]]:
+    """Documents in lists of `max_docs` (or fewer once `max_chars` of text are in): the
+    tokenizer takes batches, which crosses into Rust less often. The chunk stage, the
+    tokenizer trainer and `encode_input` all batch through here."""
+    batch: list[Document] = []
+    chars = 0
+    for d in docs:
+        batch.append(d)
+        chars += len(d.text)
+        if len(batch) >= max_docs or (max_chars is not None and chars >= max_chars):
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+@dataclass
+class SplitBatch:
+    """The part of one encoded batch that goes to one split: its documents, their token ids,
+    label ids (classification) and loss masks (instruction data), in step."""
+
+    writer: SplitWriter
+    docs: list[Document] = field(default_factory=list)
+    ids: list[list[int]] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    masks: list[np.ndarray] | None = None
 
 
 # What the tokenizers library reads as "off" in TOKENIZERS_PARALLELISM (its utils/parallelism).
@@ -272,17 +303,9 @@ def _get(q: queue.Queue, stop: threading.Event) -> Any:
 def _read_batches(docs: Iterator[Document], out: queue.Queue, stop: threading.Event) -> None:
     """Pipeline stage 1 (thread): parse documents and group them into batches."""
     try:
-        batch: list[Document] = []
-        chars = 0
-        for d in docs:
-            batch.append(d)
-            chars += len(d.text)
-            if len(batch) >= BATCH_DOCS or chars >= BATCH_CHARS:
-                if not _put(out, batch, stop):
-                    return
-                batch, chars = [], 0
-        if batch and not _put(out, batch, stop):
-            return
+        for batch in document_batches(docs, BATCH_DOCS, BATCH_CHARS):
+            if not _put(out, batch, stop):
+                return
         _put(out, _DONE, stop)
     except BaseException as e:  # handed down the pipeline; the main thread re-raises it
         _put(out, e, stop)
@@ -458,22 +481,22 @@ class _Builder:
         masks: list[np.ndarray] | None = None,
     ) -> int:
         """Route one encoded batch's documents to their splits, chunk and write them."""
-        groups: dict[int, tuple[SplitWriter, list, list, list, list]] = {}
+        groups: dict[int, SplitBatch] = {}
         for i, (doc, x) in enumerate(zip(docs, ids, strict=True)):
             w = route(doc)
             g = groups.get(id(w))
             if g is None:
-                g = groups[id(w)] = (w, [], [], [], [])
+                g = groups[id(w)] = SplitBatch(w, masks=[] if masks is not None else None)
                 if id(w) not in seen:
                     seen[id(w)] = (w, w.tokens_in)
-            g[1].append(doc)
-            g[2].append(x)
+            g.docs.append(doc)
+            g.ids.append(x)
             if self.classify:
-                g[3].append(self._label_id(w, doc))
-            if masks is not None:
-                g[4].append(masks[i])
-        for w, gd, gx, gl, gm in groups.values():
-            w.add(gd, gx, gl, gm if masks is not None else None)
+                g.labels.append(self._label_id(w, doc))
+            if g.masks is not None and masks is not None:
+                g.masks.append(masks[i])
+        for g in groups.values():
+            g.writer.add(g.docs, g.ids, g.labels, g.masks)
         return sum(len(x) for x in ids)
 
     def _label_id(self, w: SplitWriter, doc: Document) -> int:

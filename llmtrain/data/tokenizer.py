@@ -35,6 +35,7 @@ from transformers import PreTrainedTokenizerFast
 from llmtrain import layout
 from llmtrain.config import Config, TokenizerTrainConfig
 from llmtrain.data.corpus import corpus_fingerprint, iter_documents
+from llmtrain.data.encode import document_batches
 from llmtrain.errors import LLMTrainError
 from llmtrain.util.atomic import atomic_dir
 
@@ -168,9 +169,7 @@ def _load_local(path: str) -> PreTrainedTokenizerFast:
         try:
             backend = Tokenizer.from_file(str(p))
         except Exception as e:  # the Rust side raises plain Exception on a bad file
-            raise LLMTrainError(
-                f"tokenizer.path '{path}': not a valid tokenizer.json ({e})"
-            ) from e
+            raise LLMTrainError(f"tokenizer.path '{path}': not a valid tokenizer.json ({e})") from e
         return _wrap(backend, _roles_from_added(backend))
     if _looks_like_hub_id(path):
         raise LLMTrainError(
@@ -252,16 +251,10 @@ def _save_atomic(tok: PreTrainedTokenizerFast, target: Path, fingerprint: dict) 
         (tmp / FINGERPRINT_FILE).write_text(json.dumps(fingerprint, indent=2, sort_keys=True))
 
 
-def _text_batches(cfg: Config, size: int = 1000) -> Iterator[list[str]]:
-    """Corpus texts in lists: the trainer takes batches, which crosses into Rust less often."""
-    batch: list[str] = []
-    for doc in iter_documents(cfg.data.train, key="data.train"):
-        batch.append(doc.text)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+def _text_batches(cfg: Config) -> Iterator[list[str]]:
+    """Corpus texts in lists (`document_batches`), as the trainer takes them."""
+    for batch in document_batches(iter_documents(cfg.data.train, key="data.train")):
+        yield [doc.text for doc in batch]
 
 
 def train_tokenizer(cfg: Config, train: TokenizerTrainConfig) -> PreTrainedTokenizerFast:

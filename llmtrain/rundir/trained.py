@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from llmtrain.console import say
 from llmtrain.data.chunk_spec import raw_backend, resolve_spec
 from llmtrain.data.chunking import ChunkSpec
 from llmtrain.data.corpus import Document, ReadStats, iter_documents
-from llmtrain.data.encode import SplitWriter
+from llmtrain.data.encode import SplitWriter, document_batches
 from llmtrain.data.store import TokenStore
 from llmtrain.data.store_cache import store_root
 from llmtrain.data.tokenizer import ensure_special_tokens, load_tokenizer
@@ -39,7 +38,6 @@ from llmtrain.engine.precision import param_dtype
 from llmtrain.errors import ConfigError, LLMTrainError
 from llmtrain.layout import CHECKPOINT_PREFIX, CHECKPOINTS_DIR, CONFIG_FILE, FINAL_DIR, METRICS_FILE
 
-ENCODE_BATCH = 1000  # documents per tokenizer call, as in the chunk stage
 # Config problems that do not matter to a command that never reads the run's corpora: the
 # corpus (or the tokenizer it was trained from) may have moved since the run.
 _MOVED_INPUT = re.compile(r"\b(data\.(train|eval)\.path|tokenizer\.path)(\.\d+)?: ")
@@ -209,9 +207,7 @@ def _from_final(run_dir: Path, cfg: Config) -> torch.nn.Module:
             **kwargs,
         )
     except (OSError, ValueError) as e:
-        raise LLMTrainError(
-            f"{final}: cannot load the model ({' '.join(str(e).split())})"
-        ) from e
+        raise LLMTrainError(f"{final}: cannot load the model ({' '.join(str(e).split())})") from e
 
 
 def _from_checkpoint(path: Path, run_dir: Path, cfg: Config, tok: Any) -> torch.nn.Module:
@@ -337,17 +333,6 @@ class InputStore:
         return np.bincount(self.doc_ids, minlength=len(self.names))
 
 
-def _batches(docs: Iterator[Document], size: int) -> Iterator[list[Document]]:
-    batch: list[Document] = []
-    for d in docs:
-        batch.append(d)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 def _label_index(run: TrainedRun, doc: Document, required: bool) -> int:
     """The class id of a document's label; unknown labels are an error when `required`."""
     names = run.label_names or []
@@ -381,7 +366,7 @@ def encode_input(
     try:
         with raw_backend(tok) as backend:
             encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
-            for batch in _batches(docs, ENCODE_BATCH):
+            for batch in document_batches(docs):
                 encodings = encode([d.text for d in batch], add_special_tokens=False)
                 writer.add(batch, [e.ids for e in encodings], [])
                 names += [d.doc_id for d in batch]
