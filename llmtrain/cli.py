@@ -92,10 +92,10 @@ def _debug() -> bool:
 
 
 def _delegate(command: str, *args: Any, **kwargs: Any) -> None:
-    """`llmtrain.commands.<command>.run(*args, **kwargs)` under `_run`, imported only when the
+    """`llmtrain.commands.<command>.execute(*args, **kwargs)` under `_guarded`, imported only when the
     command runs (so `--help` never imports torch)."""
     module = "llmtrain.commands." + command.replace("-", "_")
-    _run(command, lambda: importlib.import_module(module).run(*args, **kwargs))
+    _guarded(command, lambda: importlib.import_module(module).execute(*args, **kwargs))
 
 
 def _refuse(message: str) -> Callable[[], None]:
@@ -107,7 +107,7 @@ def _refuse(message: str) -> Callable[[], None]:
     return work
 
 
-def _run(command: str, work: Callable[[], Any], interrupted: str = "interrupted") -> None:
+def _guarded(command: str, work: Callable[[], Any], interrupted: str = "interrupted") -> None:
     """Run a command's work and map what it raises to a message and an exit code."""
     try:
         work()
@@ -226,14 +226,14 @@ def fit(
         from llmtrain.engine.signals import Preempted
 
         try:
-            command.run(cfg, resume=resume, dry_run=dry_run, overwrite=overwrite)
+            command.execute(cfg, resume=resume, dry_run=dry_run, overwrite=overwrite)
         except Preempted as e:  # SIGTERM: not an error; say how to continue
             say(f"llmtrain fit: {e}", every_rank=True)
             if e.checkpoint is not None:
                 say(f"resume with: {_resume_command(config, set_, nproc)}", every_rank=True)
             raise typer.Exit(e.exit_code) from None
 
-    _run("fit", work, "interrupted; the last checkpoint is intact, continue with --resume auto")
+    _guarded("fit", work, "interrupted; the last checkpoint is intact, continue with --resume auto")
 
 
 def _resume_command(config: str, set_: list[str] | None, nproc: int | None) -> str:
@@ -291,9 +291,9 @@ def chunk(
         cfg = _load(config, set_)
         from llmtrain.commands import chunk as command
 
-        command.run(cfg, force=force, workers=workers, as_json=as_json)
+        command.execute(cfg, force=force, workers=workers, as_json=as_json)
 
-    _run("chunk", work)
+    _guarded("chunk", work)
 
 
 @app.command("probe-batch")
@@ -318,9 +318,9 @@ def probe_batch(
             return
         from llmtrain.commands import probe as command
 
-        command.run(cfg, as_json=as_json, force=force)
+        command.execute(cfg, as_json=as_json, force=force)
 
-    _run("probe-batch", work)
+    _guarded("probe-batch", work)
 
 
 @app.command()
@@ -340,7 +340,7 @@ def validate(config: ConfigArg, set_: SetOpt = None, as_json: JsonOpt = False) -
 
         console.print(Syntax(dump_config(cfg), "yaml", background_color="default"))
 
-    _run("validate", work)
+    _guarded("validate", work)
 
 
 # ------------------------------------------------------------------ using a trained run
@@ -493,7 +493,7 @@ def generate(
     """Continue a prompt with a trained causal LM (transformers' generate)."""
 
     if (prompt is None) == (input_path is None):
-        _run("generate", _refuse("generate: give exactly one of --prompt TEXT or --input FILE"))
+        _guarded("generate", _refuse("generate: give exactly one of --prompt TEXT or --input FILE"))
     _delegate(
         "generate",
         run_dir,

@@ -390,7 +390,7 @@ def test_unexpected_error_is_one_line_without_traceback(
     def fail(*args, **kwargs):
         raise RuntimeError("disk on fire\nsecond line")
 
-    monkeypatch.setattr(command, "run", fail)
+    monkeypatch.setattr(command, "execute", fail)
     monkeypatch.delenv("LLMTRAIN_DEBUG", raising=False)
     (workdir / "cfg.yaml").write_text(BASE)
     result = invoke("chunk", "cfg.yaml")
@@ -424,7 +424,7 @@ def test_interrupt_exits_130_with_one_line(workdir: Path, monkeypatch: pytest.Mo
     def stop(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(command, "run", stop)
+    monkeypatch.setattr(command, "execute", stop)
     (workdir / "cfg.yaml").write_text(BASE)
     result = invoke("fit", "cfg.yaml")
     assert result.exit_code == 130

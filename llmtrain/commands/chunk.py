@@ -27,7 +27,7 @@ COLUMNS = (
 )
 
 
-def run(cfg: Config, *, force: bool, workers: int | None, as_json: bool) -> None:
+def execute(cfg: Config, *, force: bool, workers: int | None, as_json: bool) -> None:
     """`llmtrain chunk`: build or reuse the stores, then print a table or one JSON object."""
     # Imported here: loading a tokenizer needs transformers, which importing this must not.
     from llmtrain.data.tokenizer import load_tokenizer

@@ -164,7 +164,7 @@ def render(out: Console, result: dict[str, Any]) -> None:
     out.print(confusion)
 
 
-def run(
+def execute(
     run_dir: str,
     *,
     input_path: str | None = None,

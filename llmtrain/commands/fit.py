@@ -77,7 +77,7 @@ def _warmup_text(cfg: Config, steps: int) -> str:
     return text if cfg.optim.warmup_steps is not None else f"{text} (default: 5% of {steps} steps)"
 
 
-def run(cfg: Config, *, resume: str | None, dry_run: bool, overwrite: bool = False) -> None:
+def execute(cfg: Config, *, resume: str | None, dry_run: bool, overwrite: bool = False) -> None:
     """Entry point of `llmtrain fit` (called by llmtrain.cli after validation); the plan and
     the closing line are printed by rank 0 alone."""
 

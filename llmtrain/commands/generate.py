@@ -124,7 +124,7 @@ def show(out: Console, generations: list[Generation]) -> None:
         out.print(f"[bold]{escape(g.prompt)}[/]{escape(g.completion)}", highlight=False)
 
 
-def run(
+def execute(
     run_dir: str,
     *,
     prompt: str | None,

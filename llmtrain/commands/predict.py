@@ -195,7 +195,7 @@ def summary_line(summary: dict) -> str:
     return line
 
 
-def run(
+def execute(
     run_dir: str,
     *,
     input_path: str,

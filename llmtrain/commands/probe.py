@@ -117,7 +117,7 @@ def _print_summary(out: Console, cfg: Config, result: ProbeResult) -> None:
         out.print(_cap_line(cfg, result, cap), highlight=False)
 
 
-def run(cfg: Config, *, as_json: bool, force: bool = False) -> None:
+def execute(cfg: Config, *, as_json: bool, force: bool = False) -> None:
     """`llmtrain probe-batch`: on rank 0, the table and summary — or, with --json, exactly
     one JSON object (ProbeResult.to_dict, plus `capped_by`) on stdout and nothing else there.
     A matching cache entry is shown instead of measuring unless `force`."""

@@ -227,7 +227,7 @@ def render(out: Console, rows: list[dict[str, Any]], path: Path) -> None:
     out.print(f"wrote {path}", soft_wrap=True)
 
 
-def run(run_dirs: list[str], *, output: str | None = None, as_json: bool = False) -> Path:
+def execute(run_dirs: list[str], *, output: str | None = None, as_json: bool = False) -> Path:
     """Entry point of `llmtrain report`; returns the PNG's path."""
     if not run_dirs:
         raise LLMTrainError("report: give at least one run directory")

@@ -3,7 +3,7 @@
 `train()` reads top to bottom like nanoGPT's train.py; each piece it calls does one job:
 
   restore_or_start   the one place that decides: a fresh run, a resume, or a refusal
-  run_window         the window's forward/backward passes (engine/step.py), re-cut with a
+  backward_window    the window's forward/backward passes (engine/step.py), re-cut with a
                      halved micro-batch on out-of-memory: same data, same N, same update
   take_step          the exact window loss, then stepped, skipped-non-finite or fp16-retry
   after_step         log, eval, checkpoint and the kill point, on every path that advances
@@ -236,7 +236,7 @@ def schedule_lr(run: Run, step: int) -> float:
     return lr
 
 
-def run_window(
+def backward_window(
     run: Run, state: LoopState, indices: np.ndarray, log: TrainLog
 ) -> tuple[Window, torch.Tensor]:
     """Forward/backward the window; on out-of-memory halve `state.micro` and redo the same
@@ -371,7 +371,8 @@ def save(run: Run, state: LoopState) -> None:
     barrier()  # no rank reads a checkpoint that is still being written
 
 
-def run_eval(run: Run, state: LoopState, log: TrainLog) -> None:
+def eval_now(run: Run, state: LoopState, log: TrainLog) -> None:
+    """fit's eval of the weights at `state.step`, logged as an eval record."""
     if run.eval_store is None or len(run.eval_store) == 0:
         return
     cfg = run.cfg
@@ -394,7 +395,7 @@ def after_step(run: Run, state: LoopState, log: TrainLog) -> None:
     was skipped, so the last step always ends with a final eval and checkpoint."""
     step, t = state.step, run.cfg.train
     if (t.eval_every and step % t.eval_every == 0) or step == run.total:
-        run_eval(run, state, log)
+        eval_now(run, state, log)
     saved = bool(t.save_every and step % t.save_every == 0) or step == run.total
     if saved:
         save(run, state)
@@ -530,7 +531,7 @@ def train(
             indices = window_at(run, state)
             lr = schedule_lr(run, state.step)
             torch.manual_seed(step_seed(cfg.run.seed, state.step, dist.rank))
-            win, loss_sum = run_window(run, state, indices, log)
+            win, loss_sum = backward_window(run, state, indices, log)
             outcome, loss, grad_norm = take_step(run, state, win, loss_sum, log)
             if outcome == "retry":
                 continue
