@@ -92,8 +92,8 @@ def _debug() -> bool:
 
 
 def _delegate(command: str, *args: Any, **kwargs: Any) -> None:
-    """`llmtrain.commands.<command>.execute(*args, **kwargs)` under `_guarded`, imported only when the
-    command runs (so `--help` never imports torch)."""
+    """`llmtrain.commands.<command>.execute(*args, **kwargs)` under `_guarded`, imported only
+    when the command runs (so `--help` never imports torch)."""
     module = "llmtrain.commands." + command.replace("-", "_")
     _guarded(command, lambda: importlib.import_module(module).execute(*args, **kwargs))
 
