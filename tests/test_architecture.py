@@ -94,6 +94,22 @@ def test_no_module_imports_another_modules_private_names():
     assert not offenders, offenders
 
 
+def test_engine_imports_neither_the_run_directory_nor_the_commands():
+    """engine/ holds training only: opening, comparing and clearing run directories (rundir/),
+    tuning the process (host/), and what drives it (probe, pipeline, commands, cli) sit above
+    it. llmtrain.layout, the names under output_dir, is a leaf every layer may use."""
+    above = ("llmtrain.rundir", "llmtrain.commands", "llmtrain.host", "llmtrain.probe")
+    above += ("llmtrain.pipeline", "llmtrain.cli")
+    offenders = []
+    for name, tree in _trees().items():
+        if not name.startswith("llmtrain.engine"):
+            continue
+        for target, _ in _imports(name, tree):
+            hit = next((a for a in above if target == a or target.startswith(a + ".")), None)
+            offenders += [f"{name} imports {target}"] if hit else []
+    assert not offenders, offenders
+
+
 def test_no_function_is_a_god_function():
     long = []
     for name, tree in _trees().items():
