@@ -33,9 +33,9 @@ def is_rank_zero() -> bool:
 def say(
     message: str,
     *,
-    label: str | None = None,
     once: bool = False,
     every_rank: bool = False,
+    label: str | None = None,
     out: Console | None = None,
 ) -> None:
     """One line on stderr (or `out`), never wrapped (it names files) and never read as markup.

@@ -19,6 +19,7 @@ LOCK_FILE = "llmtrain.lock"
 STORE_DIR = "store"  # the token stores, one folder per split (data.store overrides it)
 TOKENIZER_DIR = "tokenizer"  # a tokenizer trained for the run (tokenizer.train)
 PROBE_CACHE_FILE = "probe-cache.json"
+PROBE_SNAPSHOT_FILE = "probe-snapshot.safetensors"  # the CPU probe's snapshot, while it runs
 REPORT_FILE = "report.png"
 
 # What `fit --overwrite` removes; the token stores, the trained tokenizer and

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import torch
 from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
     GPT2Config,
     GPT2LMHeadModel,
 )
@@ -33,28 +31,6 @@ def gpt2(n_layer=2, n_embd=64, vocab=1024, n_positions=128, dropout=0.0) -> GPT2
         attn_pdrop=dropout,
     )
     return GPT2LMHeadModel(cfg)
-
-
-def bert_cls(vocab=1024) -> BertForSequenceClassification:
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        num_hidden_layers=2,
-        hidden_size=64,
-        num_attention_heads=2,
-        intermediate_size=256,
-        vocab_size=vocab,
-        max_position_embeddings=128,
-        num_labels=3,
-        pad_token_id=0,
-    )
-    return BertForSequenceClassification(cfg)
-
-
-def checkpointing(model: torch.nn.Module) -> None:
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
-        model.activation_checkpointing_enable({"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def adamw(model: torch.nn.Module) -> torch.optim.Optimizer:

@@ -14,7 +14,6 @@ import torch
 from probe_helpers import (
     CPU,
     adamw,
-    checkpointing,
     gpt2,
     make_setup,
     probe_config,
@@ -32,6 +31,13 @@ from llmtrain.probe import search
 from llmtrain.probe.memory import CpuMemory, rss_bytes
 
 pytestmark = pytest.mark.usefixtures("probe_measurement")
+
+
+def checkpointing(model: torch.nn.Module) -> None:
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 # ------------------------------------------------------------------------ the search alone

@@ -50,6 +50,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from llmtrain import layout
 from llmtrain.data.batching import collate, supervised_count
 from llmtrain.engine.checkpoint import rng_state, set_rng_state
 from llmtrain.engine.distributed import DistInfo
@@ -65,7 +66,6 @@ TRIAL_STEPS = 2  # step 1 creates the optimizer state, step 2 runs with it in pl
 PROBE_NUM_LABELS = 2
 # A small initial fp16 loss scale: an overflow-skipped step would skip creating the Adam state.
 TRIAL_INIT_SCALE = 2.0**8
-SNAPSHOT_NAME = "probe-snapshot.safetensors"
 PLAIN_STEP = StepSpec("causal-lm", "tokens", "fp32", grad_clip=1.0)  # TrialSetup's default
 
 
@@ -166,7 +166,9 @@ class LiveState:
     @staticmethod
     def _write(tensors: dict[str, torch.Tensor], directory: Path) -> Path:
         directory.mkdir(parents=True, exist_ok=True)
-        path = temp_sibling(directory / SNAPSHOT_NAME)  # swept by remove_stale_temps on a crash
+        path = temp_sibling(
+            directory / layout.PROBE_SNAPSHOT_FILE
+        )  # swept by remove_stale_temps on a crash
         ensure_space(directory, sum(map(_tensor_bytes, tensors.values())), "the probe snapshot")
         save_file(tensors, str(path))  # written from the tensors' memory, no copy
         return path
