@@ -22,7 +22,7 @@ def lm(tmp_path_factory):
 
 def _gen(run_dir, **kw):
     kw = {"prompt": "the cat", "input_path": None, "max_new_tokens": 12, **kw}
-    (g,) = generate_cmd.run(str(run_dir), **kw)
+    (g,) = generate_cmd.execute(str(run_dir), **kw)
     return g
 
 

@@ -36,7 +36,7 @@ def _eval_file(run_dir):
 
 def test_predict_doc_accuracy_equals_fits_last_eval(clf, tmp_path):
     out = tmp_path / "pred.jsonl"
-    summary = predict_cmd.run(str(clf), input_path=str(_eval_file(clf)), output=str(out))
+    summary = predict_cmd.execute(str(clf), input_path=str(_eval_file(clf)), output=str(out))
     logged = records(clf, "eval")[-1]["doc_accuracy"]
     assert abs(summary["doc_accuracy"] - logged) <= 1e-9
     rows = [json.loads(x) for x in out.read_text().splitlines()]
@@ -58,7 +58,7 @@ def test_a_3000_word_document_goes_through_several_windows(clf, tmp_path):
     path = tmp_path / "long.jsonl"
     path.write_text(json.dumps({"id": "long", "text": doc}) + "\n", encoding="utf-8")
     out = tmp_path / "pred.jsonl"
-    predict_cmd.run(str(clf), input_path=str(path), output=str(out))
+    predict_cmd.execute(str(clf), input_path=str(path), output=str(out))
     (row,) = [json.loads(x) for x in out.read_text().splitlines()]
     run = open_run(clf)
     spec = scoring_spec(run)
@@ -77,7 +77,7 @@ def test_causal_lm_per_document_loss(lm, tmp_path):
     texts = ["the cat sat on a mat.", "birds sang while the dog ran.", "red ball"]
     path.write_text("\n\n".join(texts) + "\n", encoding="utf-8")  # paragraphs, as the run
     out = tmp_path / "pred.jsonl"
-    summary = predict_cmd.run(str(lm), input_path=str(path), output=str(out))
+    summary = predict_cmd.execute(str(lm), input_path=str(path), output=str(out))
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     run = open_run(lm)
     docs = list(iter_documents(input_source(str(path), like=run.cfg.data.train)))
@@ -124,7 +124,7 @@ def test_batch_auto_probes_and_leaves_the_model_alone(lm):
 
 
 def test_evaluate_equals_the_logged_eval(clf):
-    result = evaluate_cmd.run(str(clf))
+    result = evaluate_cmd.execute(str(clf))
     logged = records(clf, "eval")[-1]
     for key in ("loss", "accuracy", "doc_accuracy"):
         assert result[key] == pytest.approx(logged[key], rel=1e-12, abs=1e-12), key
@@ -141,13 +141,13 @@ def test_evaluate_equals_the_logged_eval(clf):
 
 def test_evaluate_a_checkpoint_and_an_input_file(clf):
     at_5 = next(r for r in records(clf, "eval") if r["step"] == 5)
-    result = evaluate_cmd.run(str(clf), checkpoint=str(clf / "checkpoints" / "step-00000005"))
+    result = evaluate_cmd.execute(str(clf), checkpoint=str(clf / "checkpoints" / "step-00000005"))
     assert result["step"] == 5
     for key in ("loss", "accuracy", "doc_accuracy"):
         assert result[key] == pytest.approx(at_5[key], rel=1e-12, abs=1e-12), key
     final = records(clf, "eval")[-1]
     assert final["loss"] != at_5["loss"]  # the two weights really differ
-    from_file = evaluate_cmd.run(str(clf), input_path=str(_eval_file(clf)))
+    from_file = evaluate_cmd.execute(str(clf), input_path=str(_eval_file(clf)))
     for key in ("loss", "accuracy", "doc_accuracy"):
         assert from_file[key] == pytest.approx(final[key], rel=1e-12, abs=1e-12), key
 
@@ -193,7 +193,7 @@ def test_a_moved_corpus_does_not_stop_predict(clf, tmp_path):
     old = str(clf.parent / "data")
     config.write_text(config.read_text().replace(old, str(tmp_path / "gone")))
     out = tmp_path / "pred.jsonl"
-    summary = predict_cmd.run(str(run), input_path=str(_eval_file(clf)), output=str(out))
+    summary = predict_cmd.execute(str(run), input_path=str(_eval_file(clf)), output=str(out))
     assert summary["doc_accuracy"] == pytest.approx(records(clf, "eval")[-1]["doc_accuracy"])
     res = CliRunner().invoke(app, ["evaluate", str(run)])
     assert res.exit_code == 2 and "data.train.path" in res.output and "gone" in res.output

@@ -28,7 +28,7 @@ def _image(path):
 
 def test_one_run_writes_a_png_into_the_run(runs, tmp_path):
     clf, _ = runs
-    path = report_cmd.run([str(clf)])
+    path = report_cmd.execute([str(clf)])
     assert path == clf / "report.png"
     image = _image(path)
     assert image.ndim == 3 and image.shape[0] > 300 and image.shape[1] > 600
