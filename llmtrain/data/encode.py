@@ -123,6 +123,7 @@ class SplitWriter:
         self.dropped = 0
         self.seconds = 0.0
         self.skipped_records = 0  # bad records of this split's corpus dropped (on_error: skip)
+        self.skipped_entries: list[str] = []  # corpus entries not read: not regular files
         self.label_type: str | None = None  # "string" | "integer" once a label was written
 
     def add(
@@ -232,6 +233,7 @@ class SplitWriter:
             "overlap": spec.overlap if spec.mode == "window" else 0,
             "seconds": round(self.seconds, 3),
             "skipped_records": self.skipped_records,
+            "skipped_entries": self.skipped_entries,
             **({"conversations_cut": self.cut} if self.sft else {}),
             "length_p50": int(np.percentile(lengths, 50)),
             "length_p90": int(np.percentile(lengths, 90)),
@@ -448,6 +450,7 @@ class _Builder:
         for w, before in seen.values():
             w.seconds += dt * (w.tokens_in - before) / total
         owner.skipped_records += stats.skipped
+        owner.skipped_entries += stats.skipped_entries
 
     def _batch(
         self,

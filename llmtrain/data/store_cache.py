@@ -180,9 +180,16 @@ def _with_notes(
     if threads_note:
         notes.append(threads_note)
     for name, split in report.splits.items():
+        key = "data.eval" if name == "eval" and cfg.data.eval is not None else "data.train"
+        entries = split.get("skipped_entries") or []
+        if entries:
+            shown = ", ".join(entries[:3]) + (" ..." if len(entries) > 3 else "")
+            notes.append(
+                f"warning: {key}: {len(entries):,} corpus entr{'ies' if len(entries) > 1 else 'y'}"
+                f" skipped, not regular files (FIFOs, sockets, devices): {shown}"
+            )
         skipped = int(split.get("skipped_records") or 0)
         if skipped:
-            key = "data.eval" if name == "eval" and cfg.data.eval is not None else "data.train"
             notes.append(
                 f"warning: {key}: {skipped:,} bad record{'s' * (skipped != 1)} skipped "
                 f"(on_error: skip), {split.get('documents', 0):,} documents kept in {name}"
