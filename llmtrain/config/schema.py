@@ -249,6 +249,14 @@ class ChunkConfig(Section):
 class SftConfig(Section):
     """Instruction data (chats or prompt/response pairs): which tokens carry the loss."""
 
+    template: Literal["chat", "none"] = Field(
+        "chat",
+        description="chat: render records with the chat template | none (prompt/response "
+        "pairs only, e.g. a base model without a template): prompt + response + EOS tokenized "
+        "as one text, the loss on the response and the EOS; a token straddling the boundary "
+        "is a target.",
+    )
+
     train_on: Literal["assistant", "all"] = Field(
         "assistant",
         description="assistant: loss on assistant turns (end-of-turn token included) only | "

@@ -40,7 +40,7 @@ from llmtrain.data.chunking import (
     in_eval,
 )
 from llmtrain.data.corpus import Document, ReadStats, iter_documents, label_kind
-from llmtrain.data.sft import ChatEncoder
+from llmtrain.data.sft import ChatEncoder, conversation_encoder
 from llmtrain.data.store import TokenStore, TokenStoreWriter
 from llmtrain.errors import LLMTrainError
 
@@ -360,7 +360,7 @@ class _Builder:
         if all(s is None or s.records == "text" for s in (d.train, d.eval)):
             return None
         max_len = self.spec.seq_len if self.spec.mode == "truncate" else None
-        return ChatEncoder(self.tok, backend, d.sft, max_len=max_len)
+        return conversation_encoder(self.tok, backend, d.sft, max_len=max_len)
 
     def _run(self) -> tuple[dict[str, TokenStore], dict[str, dict]]:
         d = self.cfg.data

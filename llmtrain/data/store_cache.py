@@ -25,6 +25,7 @@ from llmtrain.data.chunk_spec import resolve_spec
 from llmtrain.data.chunking import ChunkSpec
 from llmtrain.data.corpus import corpus_fingerprint
 from llmtrain.data.encode import build_stores, set_workers
+from llmtrain.data.sft import sft_fingerprint
 from llmtrain.data.store import FORMAT_VERSION, TokenStore
 from llmtrain.errors import LLMTrainError
 from llmtrain.util.atomic import remove_stale_temps
@@ -78,6 +79,9 @@ def stores_fingerprint(cfg: Config, tok_fp: str) -> str:
         "tokenizer": tok_fp,
         "chunk": chunk,
     }
+    sft = sft_fingerprint(d)
+    if sft is not None:  # only instruction data: a text store's fingerprint stays as it was
+        payload["sft"] = sft
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
