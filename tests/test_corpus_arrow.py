@@ -145,6 +145,22 @@ def test_on_error_skip_drops_and_counts_bad_rows() -> None:
     assert [d.text for d in got] == ["a", "c"] and stats.skipped == 2
 
 
+@pytest.mark.parametrize("ext", ["parquet", "arrow"])
+def test_invalid_utf8_names_the_row_and_honours_errors_replace(ext: str) -> None:
+    raw = pa.array([b"ok", b"bad \xff", b"fine"], pa.binary())
+    text = pa.Array.from_buffers(pa.string(), len(raw), raw.buffers())  # unchecked UTF-8
+    name = f"c.{ext}"
+    if ext == "parquet":
+        write_parquet(name, {"text": text})
+    else:
+        write_arrow(name, {"text": text})
+    with pytest.raises(LLMTrainError) as e:
+        docs(name)
+    assert str(e.value).startswith(f"{name}:row 2: invalid UTF-8 (set data.train.errors: replace")
+    assert [d.text for d in docs(name, errors="replace")] == ["ok", "bad \ufffd", "fine"]
+    assert [d.text for d in docs(name, on_error="skip")] == ["ok", "fine"]
+
+
 def test_unreadable_file_is_one_line() -> None:
     Path("bad.parquet").write_bytes(b"not parquet at all")
     with pytest.raises(LLMTrainError, match=r"^bad\.parquet: cannot read as parquet \(") as e:

@@ -88,13 +88,21 @@ class ColumnarFile:
             for batch in self.stream:
                 yield batch.select(columns)
 
-    def rows(self, columns: list[str], progress: Progress) -> Iterator[tuple[int, dict]]:
-        """(row number from 1, {column: value}) over the file, only `columns` converted."""
+    def rows(
+        self, columns: list[str], progress: Progress, *, replace: bool = False
+    ) -> Iterator[tuple[int, dict | None]]:
+        """(row number from 1, {column: value}) over the file, only `columns` converted; the
+        record is None for a row holding invalid UTF-8 (`replace`: substituted instead)."""
         n = 0
         try:
             for batch in self._batches(columns):
                 for start in range(0, batch.num_rows, BATCH_ROWS):  # IPC batches can be large
-                    for rec in batch.slice(start, BATCH_ROWS).to_pylist():
+                    part = batch.slice(start, BATCH_ROWS)
+                    try:
+                        records = part.to_pylist()
+                    except UnicodeDecodeError:  # rare: find the row, one at a time
+                        records = [self._row(part.slice(i, 1), replace) for i in range(len(part))]
+                    for rec in records:
                         n += 1
                         yield n, rec
                 progress(self._fraction(n))
@@ -105,6 +113,25 @@ class ColumnarFile:
                 self.parquet.close()
             else:
                 self.source.close()
+
+    def _row(self, row: Any, replace: bool) -> dict | None:
+        """One row as a dict; None when it holds invalid UTF-8, unless `replace` substitutes
+        U+FFFD in its top-level string columns (nested ones stay an error)."""
+        try:
+            return row.to_pylist()[0]
+        except UnicodeDecodeError:
+            if not replace:
+                return None
+        types, out = self.pa.types, {}
+        for name, col in zip(row.schema.names, row.columns, strict=True):
+            try:
+                out[name] = col.to_pylist()[0]
+            except UnicodeDecodeError:
+                if not (types.is_string(col.type) or types.is_large_string(col.type)):
+                    return None
+                raw = col.cast(self.pa.large_binary()).to_pylist()[0]
+                out[name] = raw.decode("utf-8", "replace")
+        return out
 
     def _fraction(self, rows_done: int) -> float:
         if self.num_rows:

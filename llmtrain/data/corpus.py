@@ -577,7 +577,11 @@ def _read_columnar(r: _Reader, fmt: str) -> Iterator[Document]:
     def progress(fraction: float) -> None:
         r.stats.bytes_read = r.base + int(size * fraction)
 
-    for n, rec in table.rows(list(dict.fromkeys(wanted)), progress):
+    replace = src.errors == "replace"
+    for n, rec in table.rows(list(dict.fromkeys(wanted)), progress, replace=replace):
+        if rec is None:
+            r.bad(n, f"invalid UTF-8 (set {r.key}.errors: replace to substitute)")
+            continue
         if src.records == "text":
             doc = _record(r, n, rec.get, src.text_field, src.label_field, src.id_field, name)
         else:
