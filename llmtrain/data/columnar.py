@@ -18,6 +18,7 @@ from llmtrain.errors import LLMTrainError
 # Rows per converted batch: enough that the per-batch overhead vanishes, few enough that a
 # batch of long documents stays a few MB.
 BATCH_ROWS = 1024
+_READ_BUFFER = 1 << 20
 # The first bytes of an Arrow IPC *file* (random access, "Feather v2"); anything else with
 # an .arrow name is read as an IPC *stream*, the format datasets.save_to_disk writes.
 _FILE_MAGIC = b"ARROW1"
@@ -60,7 +61,11 @@ class ColumnarFile:
         pa = self.pa
         self.parquet = self.stream = self.ipc_file = None
         if self.fmt == "parquet":
-            self.parquet = pa.parquet.ParquetFile(self.path)
+            # Buffered page reads: without them a whole row group's column chunk (hundreds of
+            # MB in some files) is read into memory before the first row comes out.
+            self.parquet = pa.parquet.ParquetFile(
+                self.path, buffer_size=_READ_BUFFER, pre_buffer=False
+            )
             self.schema = self.parquet.schema_arrow
             self.num_rows = self.parquet.metadata.num_rows
             return
