@@ -22,10 +22,11 @@ _READ_BUFFER = 1 << 20
 # The first bytes of an Arrow IPC *file* (random access, "Feather v2"); anything else with
 # an .arrow name is read as an IPC *stream*, the format datasets.save_to_disk writes.
 _FILE_MAGIC = b"ARROW1"
-# What datasets.save_to_disk writes beside its shards; none of it is a corpus of its own.
+# What datasets.save_to_disk writes beside its shards (none of it a corpus of its own); a
+# folder holding both of the first two is a saved Dataset.
 DATASET_STATE = "state.json"
+DATASET_INFO = "dataset_info.json"
 DATASET_DICT = "dataset_dict.json"
-DATASET_FILES = frozenset({DATASET_STATE, "dataset_info.json", DATASET_DICT})
 
 Progress = Callable[[float], None]  # called after each batch with the fraction of the file read
 
@@ -150,7 +151,7 @@ def dataset_files(folder: Path) -> list[Path] | None:
     """The Arrow shards of a `datasets.save_to_disk` folder in dataset order (its state.json
     lists them), or None when `folder` is not one."""
     state = folder / DATASET_STATE
-    if not state.is_file():
+    if not (state.is_file() and (folder / DATASET_INFO).is_file()):
         return None
     try:
         entries = json.loads(state.read_text(encoding="utf-8"))["_data_files"]
@@ -173,7 +174,6 @@ def dataset_dict_splits(folder: Path) -> list[str] | None:
 
 
 __all__ = [
-    "DATASET_FILES",
     "DATASET_STATE",
     "ColumnarFile",
     "dataset_dict_splits",

@@ -28,7 +28,6 @@ from typing import IO
 from llmtrain.config import DataSourceConfig
 from llmtrain.config.messages import kind_of, show_value
 from llmtrain.data.columnar import (
-    DATASET_FILES,
     DATASET_STATE,
     ColumnarFile,
     dataset_dict_splits,
@@ -169,7 +168,7 @@ def _known_files(folder: Path, key: str, skipped: list[str] | None) -> list[Path
             continue
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         for f in files:
-            if f.startswith(".") or f in DATASET_FILES or not _is_corpus_name(f):
+            if f.startswith(".") or not _is_corpus_name(f):
                 continue
             if _regular(Path(root, f), key, skipped):
                 found.append(Path(root, f))
