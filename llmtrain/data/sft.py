@@ -172,11 +172,13 @@ class ChatEncoder:
                     f"data.chunk.seq_len={self.max_len} (mode: truncate); use mode: pack"
                 )
                 continue
-            if self.assistant_only:
-                mask = np.concatenate([self._mask(enc.offsets, r[1]), np.ones(len(self.suffix))])
-                out.append((ids, mask.astype(bool)))
-            else:
+            if not self.assistant_only:
                 out.append((ids, np.ones(len(ids), dtype=bool)))
+                continue
+            mask = self._mask(enc.offsets, r[1])
+            if self.suffix:
+                mask = np.concatenate([mask, np.ones(len(self.suffix), dtype=bool)])
+            out.append((ids, mask))
         return out
 
     @staticmethod
