@@ -20,6 +20,7 @@ baseline's worker processes count too.
 
   python scripts/bench_chunk.py [--shared ../shared] [--sizes 40 160] [--hf-sizes 40]
   python scripts/bench_chunk.py --sizes 0.5 --hf-sizes --repeat 1   # a quick check that it runs
+  python scripts/bench_chunk.py --profile ...   # also the cost of each stage, run alone
 """
 
 from __future__ import annotations
@@ -158,6 +159,78 @@ print(json.dumps(best))
 """
 
 
+# Where a chunk's time goes, stage by stage, in one process and one thread at a time: the
+# reader (JSON parsing or Parquet decoding), the Rust encode (all cores, outside the GIL), the
+# Python lists of ids (inside the GIL), packing; and the imports a `chunk` process pays
+# before any of it (torch comes in through the config's model checks; pyarrow only for
+# Parquet/Arrow). CPU seconds are what each stage costs whatever else runs; the pipeline
+# overlaps the stages, so its wall time is bounded by the encode on all cores and by the sum
+# of the GIL-holding stages on one.
+PROFILE = r"""
+import json, sys, time
+t = time.perf_counter(); import transformers; from transformers import PreTrainedTokenizerFast
+imports = {"transformers": time.perf_counter() - t}
+t = time.perf_counter(); import torch; imports["torch"] = time.perf_counter() - t
+t = time.perf_counter(); import pyarrow.parquet; imports["pyarrow"] = time.perf_counter() - t
+import numpy as np
+from tokenizers import Tokenizer
+from llmtrain.config import DataSourceConfig
+from llmtrain.data.chunking import Packer
+from llmtrain.data.corpus import iter_documents
+tok = Tokenizer.from_file(sys.argv[1]); tok.no_truncation(); tok.no_padding()
+def stage(fn):
+    w, c = time.perf_counter(), time.process_time()
+    out = fn()
+    wall, cpu = time.perf_counter() - w, time.process_time() - c
+    return out, {"wall_s": round(wall, 3), "cpu_s": round(cpu, 3)}
+res = {"imports_wall_s": {k: round(v, 3) for k, v in imports.items()}}
+for name, path in zip(("jsonl", "parquet"), sys.argv[2:]):
+    docs, res["read_" + name] = stage(lambda: list(iter_documents(DataSourceConfig(path=path))))
+texts = [d.text for d in docs]
+batches = [texts[i:i + 1000] for i in range(0, len(texts), 1000)]
+tok.encode_batch_fast(batches[0], add_special_tokens=False)
+encode = lambda b: tok.encode_batch_fast(b, add_special_tokens=False)
+encs, res["encode"] = stage(lambda: [encode(b) for b in batches])
+ids, res["ids_lists"] = stage(lambda: [[e.ids for e in b] for b in encs])
+def pack():
+    p = Packer(512)
+    for b in ids:
+        flat = []
+        for x in b:
+            flat += x
+            flat.append(0)
+        lens = np.fromiter((len(x) + 1 for x in b), dtype=np.int64, count=len(b))
+        p.add(np.array(flat, dtype=np.int64), lens, np.arange(len(b)))
+_, res["pack"] = stage(pack)
+res["tokens"] = sum(len(x) for b in ids for x in b)
+print(json.dumps(res))
+"""
+
+
+def run_profile(tok: Path, corpus: Path, parquet: Path | None) -> None:
+    """Print PROFILE's stage costs for one corpus (see the comment above PROFILE)."""
+    paths = [str(corpus)] + ([str(parquet)] if parquet is not None else [])
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run(
+        [sys.executable, "-c", PROFILE, str(tok / "tokenizer.json"), *paths],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+    ).stdout
+    res = json.loads(out.strip().splitlines()[-1])
+    print(f"\nprofile of {corpus.name} ({res['tokens']:,} tokens), one stage at a time:")
+    print(f"  imports (wall): {res.pop('imports_wall_s')}")
+    encode_cpu = res["encode"]["cpu_s"]
+    for name, r in res.items():
+        if isinstance(r, dict):
+            share = r["cpu_s"] / encode_cpu if encode_cpu else 0.0
+            print(
+                f"  {name:13s} wall {r['wall_s']:7.3f} s  CPU {r['cpu_s']:7.3f} s  "
+                f"({share:.1%} of the encode's CPU)"
+            )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--shared", type=Path, default=REPO.parent / "shared")
@@ -175,6 +248,9 @@ def main() -> None:
     )
     ap.add_argument("--repeat", type=int, default=2, help="interleaved runs per tool; best kept")
     ap.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder")
+    ap.add_argument(
+        "--profile", action="store_true", help="also print where a chunk's time goes, by stage"
+    )
     args = ap.parse_args()
 
     src = args.shared / "data" / "bbc" / "train.jsonl"
@@ -213,6 +289,8 @@ def main() -> None:
                 "2",
                 str(corpus),
             ]
+        if args.profile:
+            run_profile(tok, corpus, None if args.no_parquet else pq_corpus)
         row: dict = {"corpus_mb": round(size / 1e6, 1), "documents": docs, "runs": []}
         row["parquet_mb"] = parquet_mb
         # Interleaved repeats, best of each: on a shared machine the fastest run is the one
