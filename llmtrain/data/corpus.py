@@ -375,7 +375,7 @@ def _read_txt(r: _Reader) -> Iterator[Document]:
 
 
 def _read_jsonl(r: _Reader) -> Iterator[Document]:
-    src, name = r.source, r.name
+    src = r.source
     text_field, label_field, id_field = src.text_field, src.label_field, src.id_field
     loads = json.loads
     for lineno, raw in r.lines():
@@ -393,7 +393,7 @@ def _read_jsonl(r: _Reader) -> Iterator[Document]:
             r.bad(lineno, f"expected a JSON object, got {type(rec).__name__}")
             continue
         if src.records == "text":
-            doc = _record(r, lineno, rec.get, text_field, label_field, id_field, name)
+            doc = _record(r, lineno, rec.get, text_field, label_field, id_field)
         else:
             doc = _sft_record(r, lineno, rec.get)
         if doc is not None:
@@ -445,7 +445,6 @@ def _record(
     text_field: str,
     label_field: str | None,
     id_field: str | None,
-    name: str,
 ) -> Document | None:
     """A Document from one record's fields (`get(field, default)`), or None when skipped."""
     text = get(text_field, _MISSING)
@@ -546,7 +545,7 @@ def _read_csv(r: _Reader, delimiter: str) -> Iterator[Document]:
                 return default if i is None else row[i]
 
             if src.records == "text":
-                doc = _record(r, start, get, src.text_field, src.label_field, src.id_field, name)
+                doc = _record(r, start, get, src.text_field, src.label_field, src.id_field)
             else:
                 doc = _sft_record(r, start, get)
             if doc is not None:
@@ -582,7 +581,7 @@ def _read_columnar(r: _Reader, fmt: str) -> Iterator[Document]:
             r.bad(n, f"invalid UTF-8 (set {r.key}.errors: replace to substitute)")
             continue
         if src.records == "text":
-            doc = _record(r, n, rec.get, src.text_field, src.label_field, src.id_field, name)
+            doc = _record(r, n, rec.get, src.text_field, src.label_field, src.id_field)
         else:
             doc = _sft_record(r, n, rec.get)
         if doc is not None:
