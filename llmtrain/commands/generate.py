@@ -39,8 +39,8 @@ def chat_prompt(run: TrainedRun, text: str) -> str:
     """The prompt as the model saw prompts in training: an SFT run's chat template around
     one user turn (with the assistant's generation prompt); any other run, the text."""
     data = run.cfg.data
-    if not getattr(data, "is_sft", False):
-        return text
+    if not getattr(data, "is_sft", False) or data.sft.template == "none":
+        return text  # template: none trained on prompt + response as plain text
     from llmtrain.data.sft import read_template
 
     template = read_template(data.sft, run.tokenizer)

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from llmtrain.config.messages import KeyPath, Problem, did_you_mean, dotted, kind_of, show_value
-from llmtrain.config.schema import Config, SftConfig, parse_bytes
+from llmtrain.config.schema import Config, DataConfig, SftConfig, parse_bytes
 
 # A rule gets the config and the user's mapping (to tell a value set in the file from a default).
 Rule = Callable[[Config, dict[str, Any]], Iterator[Problem]]
@@ -332,6 +332,7 @@ def _sft_data(cfg: Config, raw: dict[str, Any]) -> Iterator[Problem]:
             ("data", "chunk", "mode"),
             "window cuts documents for classification; use pack or truncate with instruction data",
         )
+    yield from _plain_pairs(d)
     template = d.sft.chat_template
     if template is not None and not os.path.isfile(template):
         yield (
@@ -341,10 +342,39 @@ def _sft_data(cfg: Config, raw: dict[str, Any]) -> Iterator[Problem]:
         )
 
 
+# The refusal when instruction data has no chat template, with both ways out (said at
+# validate here, and by data.sft when the tokenizer is loaded).
+NO_TEMPLATE = (
+    "has no chat template; set data.sft.chat_template to a Jinja file (e.g. "
+    "configs/chat-template.jinja), or data.sft.template: none to join prompt and response as "
+    "plain text (pairs only)"
+)
+
+
+def _plain_pairs(d: DataConfig) -> Iterator[Problem]:
+    """template: none joins a prompt and a response: pairs only, and no template file."""
+    if d.sft.template != "none":
+        return
+    for split in ("train", "eval"):
+        source = getattr(d, split)
+        if source is not None and source.records == "chat":
+            yield (
+                ("data", "sft", "template"),
+                f"none joins prompt_field and response_field, but data.{split} holds "
+                "conversations (format: chat), which need a chat template",
+            )
+    if d.sft.chat_template is not None:
+        yield (
+            ("data", "sft", "chat_template"),
+            "is unused with data.sft.template: none; remove one of the two",
+        )
+
+
 @rule("data", "tokenizer")
 def _sft_template(cfg: Config, raw: dict[str, Any]) -> Iterator[Problem]:
     """Instruction data needs a chat template: data.sft.chat_template or the tokenizer's own."""
-    if not cfg.data.is_sft or cfg.data.sft.chat_template is not None:
+    sft = cfg.data.sft
+    if not cfg.data.is_sft or sft.chat_template is not None or sft.template == "none":
         return
     path = cfg.tokenizer.path
     if path is not None and not os.path.exists(path):
@@ -352,11 +382,7 @@ def _sft_template(cfg: Config, raw: dict[str, Any]) -> Iterator[Problem]:
     if path is not None and _has_chat_template(path):
         return
     whose = f"the tokenizer at {path!r}" if path else "a tokenizer trained by tokenizer.train"
-    yield (
-        ("data", "sft", "chat_template"),
-        f"is required: {whose} has no chat template; set data.sft.chat_template to a Jinja "
-        "file (e.g. configs/chat-template.jinja)",
-    )
+    yield ("data", "sft", "chat_template"), f"is required: {whose} {NO_TEMPLATE}"
 
 
 def _has_chat_template(path: str) -> bool:

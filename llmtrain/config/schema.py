@@ -153,15 +153,20 @@ class TokenizerConfig(Section):
 
 # -------------------------------------------------------------------------------------- data
 class DataSourceConfig(Section):
-    """One corpus: files, folders or globs of .txt / .jsonl / .csv / .tsv (optionally .gz)."""
+    """One corpus: files, folders or globs of .txt / .jsonl / .csv / .tsv (optionally .gz),
+    .parquet, or Arrow (.arrow, a datasets.save_to_disk folder)."""
 
     path: str | list[str] = Field(
-        ..., description="File, folder (recursive, sorted) or glob; or a list of them."
+        ...,
+        description="File, folder (recursive, sorted; a datasets.save_to_disk folder reads its "
+        "Arrow shards) or glob; or a list of them. Regular files only: FIFOs and sockets in a "
+        "folder are skipped with a warning.",
     )
-    format: Literal["auto", "txt", "jsonl", "csv", "tsv", "chat"] = Field(
+    format: Literal["auto", "txt", "jsonl", "csv", "tsv", "parquet", "arrow", "chat"] = Field(
         "auto",
-        description="File format; auto decides from the extension. chat: JSON Lines whose "
-        "messages_field holds a conversation.",
+        description="File format; auto decides from the extension (.parquet, .arrow included). "
+        "chat: records are conversations in messages_field, read from JSON Lines, or from "
+        ".parquet/.arrow files (a list-of-structs column).",
     )
     messages_field: str = Field(
         "messages",
@@ -174,15 +179,19 @@ class DataSourceConfig(Section):
     response_field: str | None = Field(
         None, description="Instruction pairs: the field holding the response (with prompt_field)."
     )
-    text_field: str = Field("text", description="jsonl/csv: the column holding the text.")
+    text_field: str = Field(
+        "text", description="jsonl/csv/parquet/arrow: the column holding the text."
+    )
     label_field: str | None = Field(
         "label",
-        description="jsonl/csv: the column holding the label (classification): a string or an "
-        'integer, one type per corpus (1 and "1" are not one class; lists, booleans and '
-        "floats are refused).",
+        description="jsonl/csv/parquet/arrow: the column holding the label (classification): "
+        'a string or an integer, one type per corpus (1 and "1" are not one class; lists, '
+        "booleans and floats are refused).",
     )
     id_field: str | None = Field(
-        None, description="jsonl/csv: a column holding a document id; default file:line."
+        None,
+        description="jsonl/csv/parquet/arrow: a column holding a document id; default file:line "
+        "(file:row N in parquet/arrow).",
     )
     split: Literal["file", "lines", "paragraphs"] = Field(
         "file", description="txt: one document per file, per line, or per blank-line paragraph."
@@ -239,6 +248,14 @@ class ChunkConfig(Section):
 
 class SftConfig(Section):
     """Instruction data (chats or prompt/response pairs): which tokens carry the loss."""
+
+    template: Literal["chat", "none"] = Field(
+        "chat",
+        description="chat: render records with the chat template | none (prompt/response "
+        "pairs only, e.g. a base model without a template): prompt + response + EOS tokenized "
+        "as one text, the loss on the response and the EOS; a token straddling the boundary "
+        "is a target.",
+    )
 
     train_on: Literal["assistant", "all"] = Field(
         "assistant",

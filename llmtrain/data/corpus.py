@@ -1,8 +1,12 @@
-"""Stream documents out of a corpus: .txt / .jsonl / .csv / .tsv files, folders, globs, and .gz.
+"""Stream documents out of a corpus: .txt / .jsonl / .csv / .tsv files (and .gz), .parquet
+files and Arrow files (`datasets.save_to_disk` folders); single files, folders, globs.
 
-Files are read in binary, one line at a time, and decoded per line: that keeps memory flat on
-any corpus size and lets every error name the exact `file:line`. Nothing here tokenizes; the
-tokenizer trainer and the chunk stage both consume `iter_documents`.
+Text files are read in binary, one line at a time, and decoded per line: that keeps memory
+flat on any corpus size and lets every error name the exact `file:line`. Parquet and Arrow
+files are read a record batch at a time (llmtrain.data.columnar) and errors name `file:row N`.
+Only regular files are read: a FIFO or socket inside a corpus folder is skipped and counted
+(opening it would block forever). Nothing here tokenizes; the tokenizer trainer and the chunk
+stage both consume `iter_documents`.
 """
 
 from __future__ import annotations
@@ -13,15 +17,22 @@ import gzip
 import hashlib
 import json
 import os
+import stat
 import sys
 import zlib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
 from llmtrain.config import DataSourceConfig
 from llmtrain.config.messages import kind_of, show_value
+from llmtrain.data.columnar import (
+    DATASET_STATE,
+    ColumnarFile,
+    dataset_dict_splits,
+    dataset_files,
+)
 from llmtrain.data.sft import conversation_problem, parse_conversation
 from llmtrain.errors import LLMTrainError
 
@@ -36,7 +47,10 @@ _FORMATS = {
     ".json": "jsonl",
     ".csv": "csv",
     ".tsv": "tsv",
+    ".parquet": "parquet",
+    ".arrow": "arrow",
 }
+_COLUMNAR = ("parquet", "arrow")
 _GLOB_CHARS = frozenset("*?[")
 # How often (in lines) a .gz reader asks the compressed file for its position: tell() is a
 # syscall, and the ETA needs nothing finer.
@@ -65,6 +79,8 @@ class ReadStats:
     bytes_read: int = 0
     documents: int = 0
     skipped: int = 0
+    # Corpus entries that are not regular files (FIFOs, sockets, devices), skipped unread.
+    skipped_entries: list[str] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------------ files
@@ -77,67 +93,139 @@ def _display(path: Path) -> str:
 
 
 def file_format(path: Path, source: DataSourceConfig) -> str | None:
-    """The reader for `path`: `source.format` when set, else by extension (None: unknown)."""
-    if source.format != "auto":
-        return source.format
+    """The reader for `path`: `source.format` when set, else by extension (None: unknown).
+    `format: chat` says what a record is; a .parquet/.arrow file keeps its own reader."""
     name = path.name.lower()
     if name.endswith(".gz"):
         name = name[:-3]
-    return _FORMATS.get(os.path.splitext(name)[1])
+    by_extension = _FORMATS.get(os.path.splitext(name)[1])
+    if source.format == "chat" and by_extension in _COLUMNAR:
+        return by_extension
+    if source.format != "auto":
+        return source.format
+    return by_extension
 
 
-def _known_files(folder: Path) -> list[Path]:
-    """Files under `folder` (recursive) with a corpus extension, skipping hidden entries."""
+def _is_corpus_name(name: str) -> bool:
+    name = name.lower()[:-3] if name.lower().endswith(".gz") else name.lower()
+    return os.path.splitext(name)[1] in _FORMATS
+
+
+def _regular(path: Path, key: str, skipped: list[str] | None) -> bool:
+    """True for a regular file (through symlinks). A dangling symlink is an error naming the
+    entry; anything else that is not a regular file (FIFO, socket, device) is refused when
+    named directly (`skipped` None), else skipped and recorded: opening a FIFO blocks."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        if path.is_symlink():
+            raise LLMTrainError(
+                f"{key}.path: corpus entry '{_display(path)}' is a symlink to a missing file; "
+                "remove the link or restore its target"
+            ) from e
+        raise LLMTrainError(f"{key}.path: cannot read '{_display(path)}' ({e.strerror})") from e
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return stat.S_ISREG(mode)
+    if skipped is None:
+        raise LLMTrainError(
+            f"{key}.path: '{_display(path)}' is not a regular file ({_kind(mode)}); a corpus "
+            "is read from regular files only"
+        )
+    skipped.append(_display(path))
+    return False
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a file"
+
+
+def _folder_entries(folder: Path, key: str) -> list[Path] | None:
+    """A `datasets.save_to_disk` folder's shards; None for an ordinary folder. A DatasetDict
+    folder (several splits) is refused: silently training on its test split would be worse."""
+    splits = dataset_dict_splits(folder)
+    if splits is not None:
+        shown = ", ".join(f"'{_display(folder / s)}'" for s in splits)
+        raise LLMTrainError(
+            f"{key}.path: '{_display(folder)}' is a DatasetDict folder with the splits "
+            f"{', '.join(splits) or '(none)'}; name one of them: {shown}"
+        )
+    return dataset_files(folder)
+
+
+def _known_files(folder: Path, key: str, skipped: list[str] | None) -> list[Path]:
+    """Regular files under `folder` (recursive) with a corpus extension, skipping hidden
+    entries; a `datasets.save_to_disk` folder contributes its Arrow shards."""
     found = []
     for root, dirs, files in os.walk(folder, followlinks=True):
+        shards = _folder_entries(Path(root), key)
+        if shards is not None:
+            dirs[:] = []
+            found.extend(s for s in shards if _regular(s, key, skipped))
+            continue
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         for f in files:
-            if f.startswith("."):
+            if f.startswith(".") or not _is_corpus_name(f):
                 continue
-            name = f.lower()[:-3] if f.lower().endswith(".gz") else f.lower()
-            if os.path.splitext(name)[1] in _FORMATS:
+            if _regular(Path(root, f), key, skipped):
                 found.append(Path(root, f))
     return found
 
 
-def corpus_files(source: DataSourceConfig, *, key: str = "data.train") -> list[Path]:
+def _expand(entry: str, key: str, skipped: list[str] | None) -> list[Path]:
+    """The files one `path` entry names: a file, a folder, or a glob."""
+    expanded = os.path.expanduser(entry)
+    if _GLOB_CHARS & set(expanded):
+        hits: list[Path] = []
+        for m in sorted(Path(m) for m in glob.glob(expanded, recursive=True)):
+            if m.is_dir():
+                hits.extend(_known_files(m, key, skipped))
+            elif _regular(m, key, skipped):
+                hits.append(m)
+        if not hits:
+            raise LLMTrainError(f"{key}.path: '{entry}' matches no files")
+        return hits
+    p = Path(expanded)
+    if p.is_dir():
+        hits = _known_files(p, key, skipped)
+        if not hits:
+            raise LLMTrainError(
+                f"{key}.path: folder '{entry}' holds no .txt/.jsonl/.csv/.tsv(.gz), .parquet "
+                "or .arrow files"
+            )
+        return hits
+    if not p.exists() and not p.is_symlink():
+        raise LLMTrainError(f"{key}.path: '{entry}' does not exist")
+    _regular(p, key, None)
+    return [p]
+
+
+def corpus_files(
+    source: DataSourceConfig, *, key: str = "data.train", skipped: list[str] | None = None
+) -> list[Path]:
     """The corpus files of `source`: every file, folder and glob expanded, resolved, sorted.
 
-    `key` names the config section in messages (`data.train` or `data.eval`).
+    `key` names the config section in messages (`data.train` or `data.eval`). Entries of a
+    folder or glob that are not regular files are appended to `skipped` (when given).
     """
     entries = [source.path] if isinstance(source.path, str) else list(source.path)
     if not entries:
         raise LLMTrainError(f"{key}.path: empty list; give a file, folder or glob")
     files: set[Path] = set()
+    sink = skipped if skipped is not None else []
     for entry in entries:
-        expanded = os.path.expanduser(entry)
-        if _GLOB_CHARS & set(expanded):
-            matches = [Path(m) for m in glob.glob(expanded, recursive=True)]
-            hits = [m for m in matches if m.is_file()]
-            for m in matches:
-                if m.is_dir():
-                    hits.extend(_known_files(m))
-            if not hits:
-                raise LLMTrainError(f"{key}.path: '{entry}' matches no files")
-        else:
-            p = Path(expanded)
-            if p.is_file():
-                hits = [p]
-            elif p.is_dir():
-                hits = _known_files(p)
-                if not hits:
-                    raise LLMTrainError(
-                        f"{key}.path: folder '{entry}' holds no .txt/.jsonl/.csv/.tsv(.gz) files"
-                    )
-            else:
-                raise LLMTrainError(f"{key}.path: '{entry}' does not exist")
-        files.update(h.resolve() for h in hits)
+        files.update(h.resolve() for h in _expand(entry, key, sink))
     for f in files:
         if file_format(f, source) is None:
             raise LLMTrainError(
                 f"{key}.path: cannot tell the format of '{_display(f)}' from its extension; "
-                f"set {key}.format to txt, jsonl, csv or tsv"
+                f"set {key}.format to txt, jsonl, csv, tsv, parquet or arrow"
             )
+    # Sorted by path: a save_to_disk folder's shards (data-00000-of-00002.arrow...) sort by
+    # their zero-padded number, which is the dataset's own order.
     return sorted(files)
 
 
@@ -150,7 +238,10 @@ def corpus_fingerprint(source: DataSourceConfig, *, key: str = "data.train") -> 
     h = hashlib.sha256()
     settings = source.model_dump(exclude={"path"})
     h.update(json.dumps(settings, sort_keys=True).encode())
-    for f in corpus_files(source, key=key):
+    files = corpus_files(source, key=key)
+    # A save_to_disk folder is its shards plus the state.json that orders them.
+    states = {f.parent / DATASET_STATE for f in files if f.suffix == ".arrow"}
+    for f in [*files, *sorted(s for s in states if s.is_file())]:
         st = f.stat()
         h.update(f"\0{f}\0{st.st_size}\0{st.st_mtime_ns}".encode())
     return h.hexdigest()
@@ -171,15 +262,21 @@ class _Reader:
         # Set by iter_documents when the task needs labels: they keep their type and are
         # checked (label_type) instead of turned into strings.
         self.strict_labels = False
+        self.rows = False  # a columnar file: records are rows, not lines
+
+    def at(self, n: int) -> str:
+        """Where record `n` is: `file:line`, or `file:row N` in a Parquet/Arrow file."""
+        return f"{self.name}:row {n}" if self.rows else f"{self.name}:{n}"
 
     def bad(self, lineno: int, message: str) -> None:
         """A bad record: raise, or (on_error: skip) count it so the caller drops it."""
+        self.bad_at(self.at(lineno), message)
+
+    def bad_at(self, where: str, message: str) -> None:
         if self.source.on_error == "skip":
             self.stats.skipped += 1
             return
-        raise LLMTrainError(
-            f"{self.name}:{lineno}: {message} (or set {self.key}.on_error: skip to drop it)"
-        )
+        raise LLMTrainError(f"{where}: {message} (or set {self.key}.on_error: skip to drop it)")
 
     def decode(self, raw: bytes, lineno: int) -> str | None:
         """Decode one line; None (after counting a skip) when it is invalid UTF-8 and skipped."""
@@ -278,7 +375,7 @@ def _read_txt(r: _Reader) -> Iterator[Document]:
 
 
 def _read_jsonl(r: _Reader) -> Iterator[Document]:
-    src, name = r.source, r.name
+    src = r.source
     text_field, label_field, id_field = src.text_field, src.label_field, src.id_field
     loads = json.loads
     for lineno, raw in r.lines():
@@ -296,7 +393,7 @@ def _read_jsonl(r: _Reader) -> Iterator[Document]:
             r.bad(lineno, f"expected a JSON object, got {type(rec).__name__}")
             continue
         if src.records == "text":
-            doc = _record(r, lineno, rec.get, text_field, label_field, id_field, name)
+            doc = _record(r, lineno, rec.get, text_field, label_field, id_field)
         else:
             doc = _sft_record(r, lineno, rec.get)
         if doc is not None:
@@ -331,14 +428,14 @@ def _sft_record(r: _Reader, lineno: int, get) -> Document | None:
     if problem is not None:
         r.bad(lineno, problem)
         return None
-    doc_id = f"{r.name}:{lineno}"
+    doc_id = r.at(lineno)
     if src.id_field is not None:
         if get(src.id_field, None) is None:
             r.bad(lineno, f"missing field '{src.id_field}' ({r.key}.id_field)")
             return None
         doc_id = str(get(src.id_field, None))
     text = "\n".join(content for _, content in turns)
-    return Document(doc_id, text, None, f"{r.name}:{lineno}", messages=tuple(turns))
+    return Document(doc_id, text, None, r.at(lineno), messages=tuple(turns))
 
 
 def _record(
@@ -348,7 +445,6 @@ def _record(
     text_field: str,
     label_field: str | None,
     id_field: str | None,
-    name: str,
 ) -> Document | None:
     """A Document from one record's fields (`get(field, default)`), or None when skipped."""
     text = get(text_field, _MISSING)
@@ -356,7 +452,8 @@ def _record(
         r.bad(lineno, f"missing field '{text_field}' ({r.key}.text_field)")
         return None
     if type(text) is not str:
-        r.bad(lineno, f"field '{text_field}' is {type(text).__name__}, expected a string")
+        got = "null" if text is None else type(text).__name__
+        r.bad(lineno, f"field '{text_field}' is {got}, expected a string")
         return None
     if id_field is not None:
         doc_id = get(id_field, None)
@@ -365,7 +462,7 @@ def _record(
             return None
         doc_id = str(doc_id)
     else:
-        doc_id = f"{name}:{lineno}"
+        doc_id = r.at(lineno)
     label = get(label_field, None) if label_field is not None else None
     if label is not None and r.strict_labels:
         problem = label_problem(label)
@@ -374,7 +471,7 @@ def _record(
             return None
     elif label is not None:
         label = str(label)
-    return Document(doc_id, text, label, f"{name}:{lineno}")
+    return Document(doc_id, text, label, r.at(lineno))
 
 
 def label_problem(label: object) -> str | None:
@@ -398,6 +495,8 @@ def _required_columns(src: DataSourceConfig) -> list[tuple[str, str | None]]:
     """(config key, column) pairs a csv/tsv header must have."""
     if src.records == "text":
         return [("text_field", src.text_field)]
+    if src.records == "chat":
+        return [("messages_field", src.messages_field)]
     return [("prompt_field", src.prompt_field), ("response_field", src.response_field)]
 
 
@@ -446,13 +545,47 @@ def _read_csv(r: _Reader, delimiter: str) -> Iterator[Document]:
                 return default if i is None else row[i]
 
             if src.records == "text":
-                doc = _record(r, start, get, src.text_field, src.label_field, src.id_field, name)
+                doc = _record(r, start, get, src.text_field, src.label_field, src.id_field)
             else:
                 doc = _sft_record(r, start, get)
             if doc is not None:
                 yield doc
     except csv.Error as e:
         raise LLMTrainError(f"{name}:{lineno}: malformed {r.source.format} row ({e})") from e
+
+
+def _read_columnar(r: _Reader, fmt: str) -> Iterator[Document]:
+    """Rows of a .parquet/.arrow file, checked as JSON Lines records are; a required column
+    the file lacks is an error listing the columns it has (on_error cannot skip a file)."""
+    src, name = r.source, r.name
+    table = ColumnarFile(r.path, fmt, name)
+    present = table.columns
+    required = [*_required_columns(src), ("id_field", src.id_field)]
+    wanted = [column for _, column in required if column is not None]
+    for key, column in required:
+        if column is not None and column not in present:
+            raise LLMTrainError(
+                f"{name}: no column '{column}' ({r.key}.{key}); columns are: {', '.join(present)}"
+            )
+    if src.records == "text" and src.label_field in present:
+        wanted.append(src.label_field)
+    r.rows = True
+    size = r.path.stat().st_size
+
+    def progress(fraction: float) -> None:
+        r.stats.bytes_read = r.base + int(size * fraction)
+
+    replace = src.errors == "replace"
+    for n, rec in table.rows(list(dict.fromkeys(wanted)), progress, replace=replace):
+        if rec is None:
+            r.bad(n, f"invalid UTF-8 (set {r.key}.errors: replace to substitute)")
+            continue
+        if src.records == "text":
+            doc = _record(r, n, rec.get, src.text_field, src.label_field, src.id_field)
+        else:
+            doc = _sft_record(r, n, rec.get)
+        if doc is not None:
+            yield doc
 
 
 def check_label_type(doc: Document, first: Document) -> None:
@@ -485,8 +618,8 @@ def iter_documents(
     classification task). A corpus that yields no document at all is an error, raised after
     the last file.
     """
-    files = corpus_files(source, key=key)
     stats = stats if stats is not None else ReadStats()
+    files = corpus_files(source, key=key, skipped=stats.skipped_entries)
     sizes = [f.stat().st_size for f in files]
     stats.total_bytes = sum(sizes)
     if require_label and source.label_field is None:
@@ -507,13 +640,14 @@ def iter_documents(
             docs = _read_txt(r)
         elif fmt in ("jsonl", "chat"):
             docs = _read_jsonl(r)
+        elif fmt in _COLUMNAR:
+            docs = _read_columnar(r, fmt)
         else:
             docs = _read_csv(r, "\t" if fmt == "tsv" else ",")
         for doc in docs:
             if require_label and doc.label is None:
-                r.bad(
-                    int(doc.where.rsplit(":", 1)[1]),
-                    f"missing label field '{source.label_field}' ({key}.label_field)",
+                r.bad_at(
+                    doc.where, f"missing label field '{source.label_field}' ({key}.label_field)"
                 )
                 continue
             if require_label:

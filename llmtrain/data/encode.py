@@ -41,7 +41,7 @@ from llmtrain.data.chunking import (
     in_eval,
 )
 from llmtrain.data.corpus import Document, ReadStats, iter_documents, label_kind
-from llmtrain.data.sft import ChatEncoder
+from llmtrain.data.sft import ChatEncoder, conversation_encoder
 from llmtrain.data.store import TokenStore, TokenStoreWriter
 from llmtrain.errors import LLMTrainError
 
@@ -154,6 +154,7 @@ class SplitWriter:
         self.dropped = 0
         self.seconds = 0.0
         self.skipped_records = 0  # bad records of this split's corpus dropped (on_error: skip)
+        self.skipped_entries: list[str] = []  # corpus entries not read: not regular files
         self.label_type: str | None = None  # "string" | "integer" once a label was written
 
     def add(
@@ -263,6 +264,7 @@ class SplitWriter:
             "overlap": spec.overlap if spec.mode == "window" else 0,
             "seconds": round(self.seconds, 3),
             "skipped_records": self.skipped_records,
+            "skipped_entries": self.skipped_entries,
             **({"conversations_cut": self.cut} if self.sft else {}),
             "length_p50": int(np.percentile(lengths, 50)),
             "length_p90": int(np.percentile(lengths, 90)),
@@ -381,7 +383,7 @@ class _Builder:
         if all(s is None or s.records == "text" for s in (d.train, d.eval)):
             return None
         max_len = self.spec.seq_len if self.spec.mode == "truncate" else None
-        return ChatEncoder(self.tok, backend, d.sft, max_len=max_len)
+        return conversation_encoder(self.tok, backend, d.sft, max_len=max_len)
 
     def _run(self) -> tuple[dict[str, TokenStore], dict[str, dict]]:
         d = self.cfg.data
@@ -471,6 +473,7 @@ class _Builder:
         for w, before in seen.values():
             w.seconds += dt * (w.tokens_in - before) / total
         owner.skipped_records += stats.skipped
+        owner.skipped_entries += stats.skipped_entries
 
     def _batch(
         self,

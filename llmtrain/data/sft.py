@@ -1,5 +1,6 @@
 """Instruction data: conversations rendered by the chat template into token ids and a loss mask
-(docs/architecture.md, "Instruction data").
+(docs/architecture.md, "Instruction data"); or, with `data.sft.template: none`, prompt/response
+pairs joined as plain text (`PairEncoder`).
 
 A record is a conversation (`format: chat`: a list of `{role, content}`) or a prompt/response
 pair (a user turn and an assistant turn). `ChatEncoder` renders it with
@@ -15,6 +16,12 @@ write (the content and the end of its turn) is target. Tokens overlapping a span
 (transformers' own rule for `return_assistant_tokens_mask`). A template that does not render
 a conversation as the concatenation of its turns cannot be masked this way: an error says so.
 
+Without a template (`PairEncoder`, TRL's prompt-completion format) a pair is the text
+`prompt + response`, tokenized as one, then the EOS id: the target span is the response's
+characters [len(prompt), len(prompt + response)), plus the EOS. The same overlap rule makes a
+token that straddles the boundary (its characters partly prompt, partly response) a target:
+the model must learn to write the response's first characters, which that token carries.
+
 Invariant: `len(mask) == len(ids)` for every encoded conversation; with `train_on: all` the
 mask is all True.
 """
@@ -29,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from llmtrain.config.messages import kind_of
+from llmtrain.config.rules import NO_TEMPLATE
 from llmtrain.config.schema import DataConfig, SftConfig
 from llmtrain.errors import ConfigError, LLMTrainError
 
@@ -71,6 +79,8 @@ def sft_fingerprint(data: DataConfig) -> dict[str, str] | None:
     template file's content; None for a text corpus."""
     if not data.is_sft:
         return None
+    if data.sft.template == "none":
+        return {"train_on": data.sft.train_on, "template": "none"}
     template = data.sft.chat_template
     digest = None
     if template is not None and Path(template).is_file():
@@ -89,10 +99,7 @@ def read_template(sft: SftConfig, tokenizer: Any) -> str | None:
                 f"data.sft.chat_template: cannot read {sft.chat_template!r} ({e})"
             ) from e
     if not getattr(tokenizer, "chat_template", None):
-        raise ConfigError(
-            "data.sft.chat_template: is required: the tokenizer has no chat template; set "
-            "data.sft.chat_template to a Jinja file (e.g. configs/chat-template.jinja)"
-        )
+        raise ConfigError(f"data.sft.chat_template: is required: the tokenizer {NO_TEMPLATE}")
     return None
 
 
@@ -103,9 +110,13 @@ class ChatEncoder:
     def __init__(self, tokenizer: Any, backend: Any, sft: SftConfig, max_len: int | None = None):
         self.tokenizer = tokenizer
         self.backend = backend
-        self.template = read_template(sft, tokenizer)
+        self.template = self.load_template(sft)
         self.assistant_only = sft.train_on == "assistant"
         self.max_len = max_len  # truncate mode: a longer conversation is a bad record
+        self.suffix: tuple[int, ...] = ()  # ids appended after the rendering, all targets
+
+    def load_template(self, sft: SftConfig) -> str | None:
+        return read_template(sft, self.tokenizer)
 
     def render(self, turns: Sequence[Turn], *, prompt: bool = False) -> str:
         messages = [{"role": role, "content": content} for role, content in turns]
@@ -154,15 +165,20 @@ class ChatEncoder:
                 out.append(r)
                 continue
             enc = next(encodings)
-            ids = list(enc.ids)
+            ids = [*enc.ids, *self.suffix]
             if self.max_len is not None and len(ids) > self.max_len:
                 out.append(
                     f"the conversation renders to {len(ids)} tokens, above "
                     f"data.chunk.seq_len={self.max_len} (mode: truncate); use mode: pack"
                 )
                 continue
-            mask = self._mask(enc.offsets, r[1]) if self.assistant_only else None
-            out.append((ids, mask if mask is not None else np.ones(len(ids), dtype=bool)))
+            if not self.assistant_only:
+                out.append((ids, np.ones(len(ids), dtype=bool)))
+                continue
+            mask = self._mask(enc.offsets, r[1])
+            if self.suffix:
+                mask = np.concatenate([mask, np.ones(len(self.suffix), dtype=bool)])
+            out.append((ids, mask))
         return out
 
     @staticmethod
@@ -174,3 +190,32 @@ class ChatEncoder:
         for a, b in spans:
             mask |= (starts < b) & (ends > a)
         return mask
+
+
+class PairEncoder(ChatEncoder):
+    """`data.sft.template: none`: a prompt/response pair as the text `prompt + response`, then
+    the EOS id; the response's characters and the EOS are the targets (module docstring)."""
+
+    def __init__(self, tokenizer: Any, backend: Any, sft: SftConfig, max_len: int | None = None):
+        super().__init__(tokenizer, backend, sft, max_len)
+        if tokenizer.eos_token_id is None:
+            raise ConfigError(
+                "data.sft.template: none ends each pair with the EOS token, and the tokenizer "
+                "has none; use a tokenizer with an eos_token"
+            )
+        self.suffix = (int(tokenizer.eos_token_id),)
+
+    def load_template(self, sft: SftConfig) -> str | None:
+        return None
+
+    def spans(self, turns: Sequence[Turn]) -> tuple[str, list[tuple[int, int]]]:
+        (_, prompt), (_, response) = turns  # a pair: user, assistant (corpus._sft_record)
+        return prompt + response, [(len(prompt), len(prompt) + len(response))]
+
+
+def conversation_encoder(
+    tokenizer: Any, backend: Any, sft: SftConfig, max_len: int | None = None
+) -> ChatEncoder:
+    """The encoder `data.sft.template` asks for."""
+    kind = PairEncoder if sft.template == "none" else ChatEncoder
+    return kind(tokenizer, backend, sft, max_len)

@@ -25,6 +25,7 @@ from llmtrain.data.chunk_spec import resolve_spec
 from llmtrain.data.chunking import ChunkSpec
 from llmtrain.data.corpus import corpus_fingerprint
 from llmtrain.data.encode import build_stores, set_workers
+from llmtrain.data.sft import sft_fingerprint
 from llmtrain.data.store import FORMAT_VERSION, TokenStore
 from llmtrain.errors import LLMTrainError
 from llmtrain.util.atomic import remove_stale_temps
@@ -78,6 +79,9 @@ def stores_fingerprint(cfg: Config, tok_fp: str) -> str:
         "tokenizer": tok_fp,
         "chunk": chunk,
     }
+    sft = sft_fingerprint(d)
+    if sft is not None:  # only instruction data: a text store's fingerprint stays as it was
+        payload["sft"] = sft
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -180,9 +184,16 @@ def _with_notes(
     if threads_note:
         notes.append(threads_note)
     for name, split in report.splits.items():
+        key = "data.eval" if name == "eval" and cfg.data.eval is not None else "data.train"
+        entries = split.get("skipped_entries") or []
+        if entries:
+            shown = ", ".join(entries[:3]) + (" ..." if len(entries) > 3 else "")
+            notes.append(
+                f"warning: {key}: {len(entries):,} corpus entr{'ies' if len(entries) > 1 else 'y'}"
+                f" skipped, not regular files (FIFOs, sockets, devices): {shown}"
+            )
         skipped = int(split.get("skipped_records") or 0)
         if skipped:
-            key = "data.eval" if name == "eval" and cfg.data.eval is not None else "data.train"
             notes.append(
                 f"warning: {key}: {skipped:,} bad record{'s' * (skipped != 1)} skipped "
                 f"(on_error: skip), {split.get('documents', 0):,} documents kept in {name}"
