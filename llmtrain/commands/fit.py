@@ -8,7 +8,7 @@ from llmtrain.config import Config
 from llmtrain.console import console
 from llmtrain.data.batching import grad_accum, steps_per_epoch, total_steps
 from llmtrain.engine.model import count_parameters, total_parameters
-from llmtrain.engine.optim import effective_lr, resolve_warmup
+from llmtrain.engine.optim import effective_lr, optimizer_state_bytes, resolve_warmup
 from llmtrain.pipeline import Plan, fit
 
 
@@ -52,6 +52,7 @@ def banner(plan: Plan) -> Table:
         ("data", f"{plan.n_train:,} train sequences, {per_epoch} steps/epoch"),
         ("steps", f"{steps:,} ({cfg.optim.schedule}, {_warmup_text(cfg, steps)})"),
         ("effective LR", lr_text),
+        ("optimizer", optimizer_text(cfg, plan.model)),
     ]
     table = Table(title="llmtrain fit", show_header=False, title_justify="left")
     table.add_column(style="bold cyan")
@@ -59,6 +60,14 @@ def banner(plan: Plan) -> Table:
     for key, value in rows:
         table.add_row(key, value)
     return table
+
+
+def optimizer_text(cfg: Config, model) -> str:
+    """The optimizer and its state's bytes on this rank (an estimate from the kind and the
+    trainable parameters: engine.optim.optimizer_state_bytes)."""
+    o = cfg.optim
+    est = optimizer_state_bytes(o.name, model, o.momentum)
+    return f"{o.name}, state ≈ {est / 2**20:,.1f} MiB (estimate from the trainable parameters)"
 
 
 def host_rows(plan: Plan) -> list[tuple[str, str]]:
