@@ -121,8 +121,11 @@ def is_isolated(cfg: Config) -> bool:
     return chunk.mode == "pack" and (not chunk.cross_doc_attention or cfg.data.is_sft)
 
 
-def step_spec(cfg: Config, loss_chunk: int | None = None) -> StepSpec:
-    """`loss_chunk`: `train.loss_chunk` as resolved for the model (`engine.loss`)."""
+def step_spec(
+    cfg: Config, loss_chunk: int | None = None, device: torch.device | None = None
+) -> StepSpec:
+    """`loss_chunk`: `train.loss_chunk` as resolved for the model (`engine.loss`);
+    `model.activation_offload` applies on CUDA only (host memory is where CPU tensors are)."""
     return StepSpec(
         task=cfg.model.task,
         normalization=cfg.train.loss_normalization,
@@ -130,7 +133,24 @@ def step_spec(cfg: Config, loss_chunk: int | None = None) -> StepSpec:
         grad_clip=cfg.optim.grad_clip,
         isolate_docs=is_isolated(cfg),
         loss_chunk=loss_chunk,
+        activation_offload=offloads(cfg, device),
     )
+
+
+def offloads(cfg: Config, device: torch.device | None) -> bool:
+    """Whether `model.activation_offload` takes effect: set, and training on CUDA."""
+    return cfg.model.activation_offload and device is not None and device.type == "cuda"
+
+
+def show_offload_notice(cfg: Config, device: torch.device, enabled: bool) -> None:
+    """One line when model.activation_offload is set but has nothing to do (CPU)."""
+    if enabled and cfg.model.activation_offload and not offloads(cfg, device):
+        err_console.print(
+            f"notice: model.activation_offload has no effect on {device.type} (activations "
+            "already live in host memory); it applies on CUDA",
+            highlight=False,
+            markup=False,
+        )
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -159,6 +179,7 @@ def setup_run(
     # before wrapping: its check runs a forward, which would leave FSDP's root unsharded
     loss_chunk = resolve_loss_chunk(cfg.train.loss_chunk, model.to(device), cfg.model.task)
     show_notice(loss_chunk, enabled=dist.is_main)
+    show_offload_notice(cfg, device, enabled=dist.is_main)
     enable_tf32(device)
     wrapped = wrap_model(model, cfg, dist, device)
     raw_model = unwrap(wrapped)  # FSDP shards in place: the optimizer must see its parameters
@@ -170,7 +191,7 @@ def setup_run(
         raw_model=raw_model,
         optimizer=build_optimizer(cfg, raw_model),
         scaler=make_scaler(cfg.train.precision, device),
-        spec=step_spec(cfg, loss_chunk.tokens),
+        spec=step_spec(cfg, loss_chunk.tokens, device),
         train_store=train_store,
         eval_store=eval_store,
         pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,

@@ -13,6 +13,7 @@ from llmtrain.config import Config, parse_bytes
 from llmtrain.console import err_console
 from llmtrain.data.batching import grad_accum
 from llmtrain.engine.distributed import DistInfo, all_reduce_min
+from llmtrain.engine.loop import offloads
 from llmtrain.engine.loss import resolve_loss_chunk, show_notice
 from llmtrain.engine.optim import build_optimizer
 from llmtrain.errors import LLMTrainError
@@ -61,6 +62,7 @@ def setup_from_config(
         seed=cfg.run.seed,
         loss_chunk=loss_chunk.tokens,
         scratch_dir=cfg.run.output_dir,
+        activation_offload=offloads(cfg, device),
     )
 
 
@@ -79,7 +81,9 @@ def probe_for_config(
     limit = memory_limit(cfg)
     key = cache_key(cfg, model, device, dist.world_size, memory_limit=limit)
     # the loss changes the memory; "live": trials on the live model (no shadow copy to discount)
-    key.update(loss_chunk=cfg.train.loss_chunk, trial="live")
+    key.update(
+        loss_chunk=cfg.train.loss_chunk, trial="live", activation_offload=offloads(cfg, device)
+    )
     cached = load_cached(cfg, key) if use_cache else None
     # all ranks must take the same branch, or some would wait in the probe's collective
     hit = all_reduce_min(torch.tensor([int(cached is not None)], device=device))

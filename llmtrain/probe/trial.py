@@ -88,6 +88,7 @@ class TrialSetup:
     micro_batches: int = 2
     loss_chunk: int | None = None  # causal LM: the chunked loss fit will use; None = full logits
     scratch_dir: str | None = None  # CPU snapshot file's directory; None: the system temp dir
+    activation_offload: bool = False  # as fit trains (StepSpec.activation_offload)
 
     def step_spec(self) -> StepSpec:
         return StepSpec(
@@ -96,6 +97,7 @@ class TrialSetup:
             precision=self.precision,
             grad_clip=self.grad_clip,
             loss_chunk=self.loss_chunk,
+            activation_offload=self.activation_offload,
         )
 
 
