@@ -103,3 +103,17 @@ def test_missing_bitsandbytes_gets_the_install_hint(tmp_path, monkeypatch):
     cfg["optim"]["name"] = "adamw8bit"
     out = refused_by_validate(write_config(tmp_path / "c.yaml", cfg))
     assert "optim.name" in out and "pip install 'llmtrain[qlora]'" in out
+
+
+def test_dry_run_shows_the_optimizer_state_and_the_loss_path(tmp_path):
+    from typer.testing import CliRunner
+
+    from llmtrain.cli import app
+
+    cfg = lm_config(tmp_path)
+    cfg["optim"]["name"] = "adamw8bit"  # fp32 (lm_config): torch's chunked loss runs
+    res = CliRunner().invoke(app, ["fit", str(write_config(tmp_path / "c.yaml", cfg)), "--dry-run"])
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.replace("│", " ").split())
+    assert "adamw8bit, state ≈" in text and "estimated" in text
+    assert "torch's F.linear_cross_entropy" in text

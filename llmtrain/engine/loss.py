@@ -263,14 +263,18 @@ def own_loss_reason(
 
 
 def describe_loss(
-    chunk: int | None, model: torch.nn.Module, precision: str, normalization: str
+    setting: str | int, model: torch.nn.Module, task: str, precision: str, normalization: str
 ) -> str:
-    """Which loss a causal LM trains with, for fit's banner."""
-    if chunk is None:
-        return "full logits (train.loss_chunk: off)"
+    """Which loss trains, for fit's banner (before `resolve_loss_chunk`'s check, whose rare
+    fallback prints its own notice)."""
+    if task != "causal-lm":
+        return "cross-entropy of the classification head"
+    linear = output_linear(model)
+    if setting == "off" or linear is None:
+        return "full logits" + (" (train.loss_chunk: off)" if setting == "off" else "")
+    chunk = auto_chunk(linear.out_features) if setting == "auto" else int(setting)
     compute = AUTOCAST_DTYPES.get(precision, param_dtype(precision))
-    weight = output_linear(model)
-    w_dtype = weight.weight.dtype if weight is not None else compute
+    w_dtype = linear.weight.dtype
     reason = own_loss_reason(
         compute, w_dtype, w_dtype, normalization == "sequences", _softcap(model)
     )
