@@ -425,3 +425,21 @@ def test_search_is_exact_and_short_for_every_limit(failure):
         truth = min(limit, 256)
         assert answer == truth, (limit, [t.micro_batch for t in trials])
         assert len(trials) <= 2 * math.log2(max(truth, 2)) + 4, (limit, len(trials))
+
+
+def test_static_bytes_count_each_tensor_at_its_real_size():
+    """Frozen bf16 weights count 2 bytes and no gradient or state; trainable fp32 ones 4 + 4
+    for the gradient + the optimizer's state (adamw: 8; adamw8bit: 2 + block scales)."""
+    from llmtrain.engine.optim import optimizer_state_bytes
+    from llmtrain.probe.trial import static_bytes
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Linear(128, 64))
+    model[0].requires_grad_(False)
+    model[0].to(torch.bfloat16)
+    frozen = sum(p.numel() for p in model[0].parameters())
+    trained = sum(p.numel() for p in model[1].parameters())
+    assert static_bytes(model, "adamw") == 2 * frozen + (4 + 4 + 8) * trained
+    w, b = 128 * 64, 64  # adamw8bit: the 8192-element weight in 8 bits, the bias in fp32
+    state8 = 2 * (w + 4 * (w // 256)) + 2 * 4 * b
+    assert optimizer_state_bytes("adamw8bit", model) == state8
+    assert static_bytes(model, "adamw8bit") == 2 * frozen + 8 * trained + state8

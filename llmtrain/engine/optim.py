@@ -144,10 +144,10 @@ def optimizer_state_bytes(name: str, model: torch.nn.Module, momentum: float = 0
         if not p.requires_grad:
             continue
         n, size = p.numel(), p.element_size()
-        if name in ("adamw", "adam"):
-            total += 2 * n * size
-        elif name == "sgd":
+        if name == "sgd":
             total += n * size if momentum > 0 else 0
+        elif not name.endswith("adamw8bit"):  # adamw, adam
+            total += 2 * n * size
         elif n >= MIN_8BIT_SIZE:
             total += 2 * (n + 4 * math.ceil(n / _BNB_BLOCK))
         else:
