@@ -117,3 +117,11 @@ def test_dry_run_shows_the_optimizer_state_and_the_loss_path(tmp_path):
     text = " ".join(res.output.replace("│", " ").split())
     assert "adamw8bit, state ≈" in text and "estimated" in text
     assert "torch's F.linear_cross_entropy" in text
+
+
+def test_8bit_with_fsdp_is_refused(tmp_path):
+    cfg = lm_config(tmp_path)
+    cfg["optim"]["name"] = "adamw8bit"
+    cfg["train"]["parallel"] = "fsdp"
+    out = refused_by_validate(write_config(tmp_path / "c.yaml", cfg))
+    assert "optim.name" in out and "fsdp" in out

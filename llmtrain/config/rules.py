@@ -212,7 +212,7 @@ def _lr_scaling(cfg: Config, raw: dict[str, Any]) -> Iterator[Problem]:
         )
 
 
-@rule("run", "optim")
+@rule("run", "optim", "train")
 def _optim_8bit(cfg: Config, raw: dict[str, Any]) -> Iterator[Problem]:
     # find_spec looks for the package without importing it (bitsandbytes imports torch).
     name = cfg.optim.name
@@ -229,6 +229,14 @@ def _optim_8bit(cfg: Config, raw: dict[str, Any]) -> Iterator[Problem]:
             ("optim", "name"),
             "paged_adamw8bit pages optimizer state between GPU and host memory, so it needs "
             "CUDA; with run.device: cpu use adamw8bit",
+        )
+    if cfg.train.parallel == "fsdp":
+        # bitsandbytes quantizes whole tensors in blocks; FSDP2's sharded DTensor parameters
+        # are not what it expects, and nothing here tests the combination.
+        yield (
+            ("optim", "name"),
+            f"{name} is not supported with train.parallel: fsdp; use train.parallel: ddp, or "
+            "optim.name: adamw",
         )
 
 
