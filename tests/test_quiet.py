@@ -61,3 +61,17 @@ def test_debug_lets_everything_through(config):
     res = _cli("--debug", "fit", str(config), "--overwrite", "--yes")
     assert res.returncode == 0, res.stderr
     assert any("kernels-community" in ln for ln in _third_party(res.stderr)), res.stderr
+
+
+def test_what_matters_is_said_once_in_our_words(capsys):
+    import logging
+
+    from llmtrain.util import quiet
+
+    quiet.apply(debug=False)  # what the CLI does first (idempotent)
+    log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    log.warning("Failed to load CPU gemm_4bit_forward from kernels-community: offline")
+    for _ in range(2):
+        logging.getLogger("bitsandbytes.cextension").error("bitsandbytes library load error: x")
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: bitsandbytes could not load")
