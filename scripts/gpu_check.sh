@@ -105,7 +105,7 @@ else
   BENCH=(--device cuda --loss-chunk off auto --steps 3 --max-verify 2)
   BENCH_LIMIT=300
   # saving the 16 GB model ~1-2 min, then four children (each loads it from the page cache)
-  SCALE=(--child-limit 100 --steps 3)
+  SCALE=(--child-limit 120 --steps 3)
   SCALE_LIMIT=560
   PYTEST=(-m cuda -p no:cacheprovider -x)
   PYTEST_LIMIT=240  # includes one torch.compile of a tiny model
