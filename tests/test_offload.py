@@ -64,3 +64,14 @@ def test_offload_without_checkpointing_is_refused(tmp_path):
     cfg["model"]["activation_offload"] = True
     out = refused_by_validate(write_config(tmp_path / "c.yaml", cfg))
     assert "model.activation_offload" in out and "gradient_checkpointing" in out
+
+
+def test_cpu_says_once_that_offload_does_nothing(tmp_path, capsys):
+    from llmtrain.engine.loop import show_offload_notice
+
+    cfg = make_cfg(tmp_path, model={"gradient_checkpointing": True, "activation_offload": True})
+    show_offload_notice(cfg, torch.device("cpu"), enabled=True)
+    err = capsys.readouterr().err
+    assert "model.activation_offload has no effect on cpu" in " ".join(err.split())
+    show_offload_notice(cfg, torch.device("cuda"), enabled=True)  # applies there: silent
+    assert capsys.readouterr().err == ""
