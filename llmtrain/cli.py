@@ -178,6 +178,9 @@ def _main(
     ] = False,
 ) -> None:
     _state["debug"] = debug
+    from llmtrain.util.quiet import apply as quiet_third_party
+
+    quiet_third_party(debug=_debug())
 
 
 @app.command()

@@ -30,6 +30,17 @@ the benchmark never pushes a shared machine into swap or the OOM killer.
     python scripts/bench_memory.py                          # CPU, seqs 1024 4096, 6 GiB
     python scripts/bench_memory.py --device cuda --loss-chunk off   # the same on a GPU
     python scripts/bench_memory.py --tiny                   # seconds: the CPU-safe smoke run
+    python scripts/bench_memory.py --lce                    # the loss head alone: ours vs torch
+
+`--lce` compares the output projection + cross-entropy alone on the same shape's head
+(hidden 256 × vocab 128,256; tokens = micro × each seq), each variant in its own subprocess:
+`ours` (llmtrain.engine.loss.linear_cross_entropy, chunk = `loss_chunk: auto`), `torch`
+(torch 2.13's F.linear_cross_entropy with LinearCrossEntropyOptions(batch_chunk_size=the same
+chunk)), `torch-auto` (its own chunking heuristic) and `plain` (F.linear then F.cross_entropy).
+Peak = the child's VmHWM minus its VmHWM once the inputs exist (CPU), or
+max_memory_allocated minus the inputs (CUDA); tokens/s over the steps after the first; and, in
+the parent, fp64 exactness of the loss and of the gradients of hidden, weight and bias against
+`plain` (max |a − b| / max |b|).
 
 Prints a table (stderr) and one JSON object (stdout; also `--json-out FILE`).
 """
@@ -129,6 +140,139 @@ def cuda_peaks(device: Any) -> dict[str, Any]:
         "cuda_allocated": torch.cuda.max_memory_allocated(device),
         "gpu": torch.cuda.get_device_name(device),
     }
+
+
+# ------------------------------------------------------------------ --lce: the loss head alone
+LCE_VARIANTS = ("ours", "torch", "torch-auto", "plain")
+
+
+def lce_fn(variant: str, chunk: int):
+    """loss(hidden, weight, bias, targets), summed over tokens, for one variant."""
+    import torch
+    import torch.nn.functional as F
+
+    from llmtrain.engine.loss import linear_cross_entropy
+
+    if variant == "ours":
+        return lambda h, w, b, t: linear_cross_entropy(h, w, b, t, chunk=chunk, own=True)
+    if variant == "plain":
+        return lambda h, w, b, t: F.cross_entropy(F.linear(h, w, b), t, reduction="sum")
+    opts = (
+        torch.nn.LinearCrossEntropyOptions(batch_chunk_size=chunk, chunking_method=None)
+        if variant == "torch"
+        else torch.nn.LinearCrossEntropyOptions()
+    )
+    return lambda h, w, b, t: F.linear_cross_entropy(
+        h, w, t, linear_bias=b, reduction="sum", options=opts
+    )
+
+
+def lce_inputs(tokens: int, hidden: int, vocab: int, dtype: Any, device: Any, bias: bool):
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(tokens, hidden, generator=gen, dtype=dtype).to(device).requires_grad_()
+    w = (torch.randn(vocab, hidden, generator=gen, dtype=dtype) * hidden**-0.5).to(device)
+    b = torch.randn(vocab, generator=gen, dtype=dtype).to(device) if bias else None
+    t = torch.randint(0, vocab, (tokens,), generator=gen).to(device)
+    w.requires_grad_()
+    if b is not None:
+        b.requires_grad_()
+    return h, w, b, t
+
+
+def vm_hwm() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def child_lce(args: argparse.Namespace) -> dict[str, Any]:
+    """One variant's forward + backward, `args.steps` times, on the head's shape."""
+    import torch
+
+    from llmtrain.engine.loss import auto_chunk
+
+    shape, device = json.loads(args.shape), torch.device(args.device)
+    vocab = shape["vocab_size"]
+    h, w, b, t = lce_inputs(
+        args.micro * args.seq, shape["hidden_size"], vocab, torch.float32, device, bias=False
+    )
+    fn = lce_fn(args.child.split(":", 1)[1], auto_chunk(vocab))
+    base = torch.cuda.memory_allocated(device) if device.type == "cuda" else vm_hwm()
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        fn(h, w, b, t).backward()
+        h.grad = w.grad = None
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    steady = times[1:] or times
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else vm_hwm()
+    return {"tokens_per_s": h.shape[0] / statistics.median(steady), "loss_peak_bytes": peak - base}
+
+
+def lce_exactness(tokens: int = 96, hidden: int = 32, vocab: int = 1000) -> dict[str, Any]:
+    """fp64: each variant's loss and gradients against `plain` (relative max difference)."""
+    import torch
+
+    out: dict[str, Any] = {}
+    grads: dict[str, tuple] = {}
+    for variant in LCE_VARIANTS[::-1]:  # plain first: the reference
+        h, w, b, t = lce_inputs(tokens, hidden, vocab, torch.float64, torch.device("cpu"), True)
+        loss = lce_fn(variant, 16)(h, w, b, t)
+        grads[variant] = (loss.detach(), *torch.autograd.grad(loss, (h, w, b)))
+        ref = grads["plain"]
+        diffs = [
+            float((a - r).abs().max() / r.abs().max())
+            for a, r in zip(grads[variant], ref, strict=True)
+        ]
+        out[variant] = dict(zip(("loss", "hidden", "weight", "bias"), diffs, strict=True))
+    return out
+
+
+def run_lce(args: argparse.Namespace) -> None:
+    """The --lce mode's parent: exactness here, each variant's peak and speed in a child."""
+    bench = Bench(args, Path(tempfile.gettempdir()))
+    result: dict[str, Any] = {"fp64_rel_diff_vs_plain": lce_exactness(), "runs": []}
+    for seq in sorted(args.seqs):
+        for variant in LCE_VARIANTS:
+            argv = [
+                "--child",
+                f"lce:{variant}",
+                "--seq",
+                str(seq),
+                "--micro",
+                str(args.micro),
+                "--steps",
+                str(args.steps),
+                "--shape",
+                args.shape,
+                "--device",
+                args.device,
+            ]
+            child, maxrss, seconds = bench.spawn(argv)
+            result["runs"].append(
+                {
+                    "variant": variant,
+                    "tokens": args.micro * seq,
+                    **child,
+                    "maxrss_bytes": maxrss,
+                    "seconds": round(seconds, 2),
+                }
+            )
+            say(
+                f"lce {variant:>10} tokens {args.micro * seq:>6}: loss peak "
+                f"{child['loss_peak_bytes'] / 2**20:8.1f} MiB, {child['tokens_per_s']:,.0f} tok/s"
+            )
+    for variant, d in result["fp64_rel_diff_vs_plain"].items():
+        say(f"lce {variant:>10} fp64 vs plain: " + ", ".join(f"{k} {v:.1e}" for k, v in d.items()))
+    text = json.dumps(result)
+    if args.json_out:
+        Path(args.json_out).write_text(text + "\n")
+    print(text)
 
 
 # ------------------------------------------------------------------------------ the parent
@@ -416,8 +560,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--tiny", action="store_true", help="small shapes: a smoke run in seconds")
     p.add_argument("--json-out", default=None)
+    p.add_argument("--lce", action="store_true", help="the loss head alone: ours, torch's, plain")
     # the child's side
-    p.add_argument("--child", choices=["plain", "llmtrain"], default=None, help=argparse.SUPPRESS)
+    children = ["plain", "llmtrain", *(f"lce:{v}" for v in LCE_VARIANTS)]
+    p.add_argument("--child", choices=children, default=None, help=argparse.SUPPRESS)
     p.add_argument("--seq", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--config", default=None, help=argparse.SUPPRESS)
     p.add_argument("--shape", default=None, help=argparse.SUPPRESS)
@@ -438,12 +584,15 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main() -> None:
     args = parse()
     if args.child is None:
-        run_parent(args)
+        run_lce(args) if args.lce else run_parent(args)
         return
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    result = child_plain(args) if args.child == "plain" else child_llmtrain(args)
+    if args.child.startswith("lce:"):
+        result = child_lce(args)
+    else:
+        result = child_plain(args) if args.child == "plain" else child_llmtrain(args)
     # the child's own peak resident memory (Linux: kB), over its whole life
     result["maxrss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     sys.stdout.write("\n" + json.dumps(result) + "\n")

@@ -7,9 +7,27 @@
 #      tokens/s and MFU = 6 · N · tokens/s / the chip's peak bf16 FLOP/s (llmtrain/engine/flops.py
 #      table: H100 SXM and H200 989e12, A100 312e12, L4 121e12 ...; else --peak-flops)
 #   4. scripts/bench_memory.py on CUDA with train.loss_chunk off and on (auto)
+#   5. scripts/gpu_scale.py: a Llama-3.1-8B-shaped model (random bf16 weights saved on the
+#      device, no download) with LoRA and QLoRA at seq 2048 and 4096, micro 2: llmtrain fit
+#      against the plain transformers + peft loop in the same run, peak GiB and tokens/s (vs
+#      torchtune's 16.2 / 7.4 GiB), and the longest sequence under 24 GiB
+#
+# The GPU machine reaches no package registry: bitsandbytes (and the pure-python packages its
+# image lacks or has older) travel as wheels. Prepare them once, here, in the repo root:
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+#     --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+#     --platform manylinux2014_x86_64 -d .whl bitsandbytes==0.50.2 peft==0.21.2 \
+#     pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
+# and start the run with (carry .whl):
+#   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+#     && PYTHONPATH=/tmp/site scripts/gpu_check.sh --out $OUT/check
+# Without bitsandbytes the QLoRA rows record the ImportError; the rest still runs.
 #
 #   scripts/gpu_check.sh [--out DIR] [--peak-flops F]
-#   scripts/gpu_check.sh --dry-run       # the CPU-safe parts here: tiny shapes, CPU, no compile
+#   scripts/gpu_check.sh --scale [--out DIR]   # step 5 alone: the 8B run (under 10 minutes)
+#   scripts/gpu_check.sh --dry-run [--scale]   # the CPU-safe parts here: tiny shapes, CPU
 #
 # Every step runs under its own time limit; a failed step is recorded in the JSON (and the exit
 # status is 1) but does not stop the others.
@@ -20,12 +38,14 @@ cd "$REPO"
 OUT="runs/gpu-check"
 PEAK=""
 DRY=0
+SCALE_ONLY=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --dry-run) DRY=1 ;;
+    --scale) SCALE_ONLY=1 ;;
     --out) OUT="$2"; shift ;;
     --peak-flops) PEAK="$2"; shift ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,36p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -74,6 +94,8 @@ if [[ $DRY -eq 1 ]]; then
   PEAK="${PEAK:-1e11}"  # a CPU has no table entry: any number exercises the MFU path
   BENCH=(--device cpu --tiny --seqs 64 --loss-chunk off auto --max-verify 0)
   BENCH_LIMIT=420  # four child processes; each imports torch and transformers (slow on a busy CPU)
+  SCALE=(--dry-run)
+  SCALE_LIMIT=400
   PYTEST=(-m cuda -p no:cacheprovider)
   PYTEST_LIMIT=150
 else
@@ -82,11 +104,15 @@ else
   COMPILE=true
   BENCH=(--device cuda --loss-chunk off auto --steps 3 --max-verify 2)
   BENCH_LIMIT=300
+  # saving the 16 GB model ~1-2 min, then four children (each loads it from the page cache)
+  SCALE=(--child-limit 120 --steps 3)
+  SCALE_LIMIT=560
   PYTEST=(-m cuda -p no:cacheprovider -x)
   PYTEST_LIMIT=240  # includes one torch.compile of a tiny model
 fi
 [[ -n "$PEAK" ]] && SETS+=(--set "run.peak_flops=$PEAK")
 
+if [[ $SCALE_ONLY -eq 0 ]]; then
 step pytest "$PYTEST_LIMIT" "$PY" -m pytest "${PYTEST[@]}"
 step probe 150 "$PY" -m llmtrain probe-batch configs/gpt2-124m.yaml "${SETS[@]}" --json
 step fit 300 "$PY" -m llmtrain fit configs/gpt2-124m.yaml "${SETS[@]}" \
@@ -94,6 +120,9 @@ step fit 300 "$PY" -m llmtrain fit configs/gpt2-124m.yaml "${SETS[@]}" \
   --set train.eval_every=null --set train.save_every=null --set train.log_every=1 \
   --set train.eval_max_batches=2 --set model.attn_implementation=sdpa --set train.precision=bf16
 step bench_memory "$BENCH_LIMIT" "$PY" scripts/bench_memory.py "${BENCH[@]}" --json-out "$RESULTS/bench_memory.json"
+fi
+step gpu_scale "$SCALE_LIMIT" "$PY" scripts/gpu_scale.py "${SCALE[@]}" --out "$OUT/scale" \
+  --json-out "$RESULTS/gpu_scale.json"
 
 "$PY" - "$OUT" "$DEVICE" "$DRY" "$PEAK" <<'EOF'
 """Collect the steps into <out>/gpu_check.json and print the summary."""
@@ -116,7 +145,7 @@ def last_json(path):
     return json.loads(lines[-1]) if lines else None
 
 
-report = {"device": device, "dry_run": dry, "steps": {n: status(n) for n in ("pytest", "probe", "fit", "bench_memory")}}
+report = {"device": device, "dry_run": dry, "steps": {n: status(n) for n in ("pytest", "probe", "fit", "bench_memory", "gpu_scale")}}
 tail = (steps / "pytest.out").read_text().strip().splitlines() if (steps / "pytest.out").is_file() else []
 report["pytest"] = tail[-1] if tail else None
 probe = last_json(steps / "probe.out")
@@ -167,6 +196,9 @@ if bench.is_file():
         "longest": b["longest"],
         "file": str(bench),
     }
+scale = steps / "gpu_scale.json"
+if scale.is_file():
+    report["gpu_scale"] = json.loads(scale.read_text())
 (out / "gpu_check.json").write_text(json.dumps(report, indent=1) + "\n")
 print(f"gpu_check ({'dry run, ' if dry else ''}{device}): {out / 'gpu_check.json'}")
 for name, st in report["steps"].items():
@@ -184,6 +216,12 @@ if "fit" in report:
     print(f"  fit MFU logged by llmtrain (median of steady train records): {logged}")
 for row in report.get("bench_memory", {}).get("rows", []):
     print(f"  bench seq {row['seq']}: " + ", ".join(f"{k} {v:.2f}" for k, v in row.items() if k != "seq" and v))
+for tool, r in report.get("gpu_scale", {}).get("tools", {}).items():
+    first = next((v for k, v in r.items() if k.isdigit()), None)
+    if first:
+        print(f"  {tool:<15} {first['peak_gib']:.1f} GiB, {first['tokens_per_s']:,.0f} tokens/s, longest under cap {r.get('longest_seq_under_cap')}")
+    else:
+        print(f"  {tool:<15} {r.get('skipped') or r.get('error', '')[:200]}")
 EOF
 [[ $? -ne 0 ]] && FAILED=1
 exit $FAILED

@@ -11,6 +11,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from fit_helpers import FakeTokenizer, make_cfg, max_rel_diff, params, random_store, run_train
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import (
@@ -301,3 +302,47 @@ def test_a_peft_wrapped_model_is_chunked_and_exact():
     assert abs(loss_c - loss) <= TOL * abs(loss)
     assert grads.keys() == grads_c.keys() and all("lora_" in k for k in grads)
     assert max_rel_diff(grads, grads_c) < TOL
+
+
+# ------------------------------------------------------------- torch's linear_cross_entropy
+@pytest.mark.skipif(not hasattr(torch.nn, "LinearCrossEntropyOptions"), reason="torch < 2.13")
+@pytest.mark.parametrize("bias", [True, False])
+def test_torch_linear_cross_entropy_equals_ours_in_fp64(bias):
+    """torch 2.13's chunked F.linear_cross_entropy against llmtrain's, same chunk, fp64: the
+    loss and the gradients of hidden, weight and bias. Both sum the same fp64 terms in another
+    order, so they agree to rounding: 1e-12 relative (fp64 eps 2.2e-16 × a few hundred terms,
+    with margin); a wrong chunk, a missed row or a dropped bias gradient is off by far more."""
+    from llmtrain.engine.loss import linear_cross_entropy
+
+    gen = torch.Generator().manual_seed(0)
+    n, hidden, vocab = 203, 24, 517  # a short last chunk
+    h = torch.randn(n, hidden, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(vocab, hidden, generator=gen, dtype=torch.float64).requires_grad_()
+    b = torch.randn(vocab, generator=gen, dtype=torch.float64).requires_grad_() if bias else None
+    t = torch.randint(0, vocab, (n,), generator=gen)
+    inputs = (h, w, b) if bias else (h, w)
+    ours = linear_cross_entropy(h, w, b, t, chunk=32, own=True)
+    g_ours = torch.autograd.grad(ours, inputs)
+    opts = torch.nn.LinearCrossEntropyOptions(batch_chunk_size=32, chunking_method=None)
+    theirs = F.linear_cross_entropy(h, w, t, linear_bias=b, reduction="sum", options=opts)
+    g_theirs = torch.autograd.grad(theirs, inputs)
+    ours, theirs = ours.detach(), theirs.detach()
+    assert abs(float(ours - theirs)) <= 1e-12 * abs(float(ours))
+    for a, c in zip(g_ours, g_theirs, strict=True):
+        assert float((a - c).abs().max()) <= 1e-12 * float(c.abs().max())
+    # and the dispatch takes torch's here (fp64, no weights, no softcap): the same value
+    auto = linear_cross_entropy(h, w, b, t, chunk=32)
+    assert abs(float(auto.detach() - theirs)) <= 1e-12 * abs(float(theirs))
+
+
+def test_which_chunked_loss_runs():
+    from llmtrain.engine.loss import TORCH_LCE, own_loss_reason
+
+    f32, bf16 = torch.float32, torch.bfloat16
+    expect_torch = None if TORCH_LCE is not None else own_loss_reason(f32, f32, f32, False, None)
+    assert own_loss_reason(f32, f32, f32, False, None) == expect_torch
+    assert "sequences" in own_loss_reason(f32, f32, f32, True, None)
+    assert "final_logit_softcapping" in own_loss_reason(f32, f32, f32, False, 30.0)
+    if TORCH_LCE is not None:
+        assert "mixed precision" in own_loss_reason(bf16, f32, f32, False, None)
+        assert "mixed precision" in own_loss_reason(bf16, bf16, bf16, False, None)

@@ -350,3 +350,41 @@ def test_cli_probe_batch_json_prints_one_object_with_the_contract_keys(tmp_path,
     assert out["seq_len"] == 32 and out["capacity_bytes"] == 2**40
     for t in out["trials"]:
         assert {"micro_batch", "ok", "peak_bytes", "seconds", "tokens_per_s"} <= t.keys()
+
+
+@pytest.mark.parametrize("failure", ["oom", "over_budget"])
+def test_search_is_exact_and_short_for_every_limit(failure):
+    """Every limit 1..300 with global 256 (cap 256): the answer is the true maximum, in at most
+    2·log2(answer) + 4 trials. "oom": failures carry no peak and the budget is far away (the
+    limit is an OOM the peaks do not explain: LLMTRAIN_FAULT_OOM_MICRO); the old search walked
+    down from the bracket's edge (limit 13: 12 trials, 1 2 256 255 22 21 6 20 10 19 14 13)."""
+    for limit in range(1, 301):
+        budget = 10**12 if failure == "oom" else 1000 + 37 * limit + 20
+
+        def trial(m: int, limit=limit, budget=budget) -> P.Trial:
+            peak = 1000 + 37 * m
+            ok = m <= limit if failure == "oom" else peak <= budget
+            return P.Trial(m, ok, peak if ok else None, 0.0)
+
+        answer, trials = P.search_micro_batch(trial, cap=256, budget=budget)
+        truth = min(limit, 256)
+        assert answer == truth, (limit, [t.micro_batch for t in trials])
+        assert len(trials) <= 2 * math.log2(max(truth, 2)) + 4, (limit, len(trials))
+
+
+def test_static_bytes_count_each_tensor_at_its_real_size():
+    """Frozen bf16 weights count 2 bytes and no gradient or state; trainable fp32 ones 4 + 4
+    for the gradient + the optimizer's state (adamw: 8; adamw8bit: 2 + block scales)."""
+    from llmtrain.engine.optim import optimizer_state_bytes
+    from llmtrain.probe.trial import static_bytes
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Linear(128, 64))
+    model[0].requires_grad_(False)
+    model[0].to(torch.bfloat16)
+    frozen = sum(p.numel() for p in model[0].parameters())
+    trained = sum(p.numel() for p in model[1].parameters())
+    assert static_bytes(model, "adamw") == 2 * frozen + (4 + 4 + 8) * trained
+    w, b = 128 * 64, 64  # adamw8bit: the 8192-element weight in 8 bits, the bias in fp32
+    state8 = 2 * (w + 4 * (w // 256)) + 2 * 4 * b
+    assert optimizer_state_bytes("adamw8bit", model) == state8
+    assert static_bytes(model, "adamw8bit") == 2 * frozen + 8 * trained + state8

@@ -7,9 +7,11 @@ from rich.table import Table
 from llmtrain.config import Config
 from llmtrain.console import console
 from llmtrain.data.batching import grad_accum, steps_per_epoch, total_steps
+from llmtrain.engine.loss import describe_loss
 from llmtrain.engine.model import count_parameters, total_parameters
-from llmtrain.engine.optim import effective_lr, resolve_warmup
+from llmtrain.engine.optim import effective_lr, optimizer_state_bytes, resolve_warmup
 from llmtrain.pipeline import Plan, fit
+from llmtrain.probe.memory import fmt_bytes
 
 
 def trainable_text(plan: Plan) -> str:
@@ -33,6 +35,7 @@ def banner(plan: Plan) -> Table:
         lr_text += f" ({cfg.optim.lr:.3g} × {cfg.optim.lr_scaling}({global_batch}/{base}))"
     device = f"{plan.device} × {dist.world_size}" if dist.enabled else str(plan.device)
     per_epoch = steps_per_epoch(plan.n_train, global_batch)
+    t = cfg.train
     rows = [
         ("run", f"{cfg.run.name} → {cfg.run.output_dir}"),
         (
@@ -52,6 +55,13 @@ def banner(plan: Plan) -> Table:
         ("data", f"{plan.n_train:,} train sequences, {per_epoch} steps/epoch"),
         ("steps", f"{steps:,} ({cfg.optim.schedule}, {_warmup_text(cfg, steps)})"),
         ("effective LR", lr_text),
+        ("optimizer", optimizer_text(cfg, plan.model)),
+        (
+            "loss",
+            describe_loss(
+                t.loss_chunk, plan.model, cfg.model.task, t.precision, t.loss_normalization
+            ),
+        ),
     ]
     table = Table(title="llmtrain fit", show_header=False, title_justify="left")
     table.add_column(style="bold cyan")
@@ -59,6 +69,14 @@ def banner(plan: Plan) -> Table:
     for key, value in rows:
         table.add_row(key, value)
     return table
+
+
+def optimizer_text(cfg: Config, model) -> str:
+    """The optimizer and its state's bytes on this rank (an estimate from the kind and the
+    trainable parameters: engine.optim.optimizer_state_bytes)."""
+    o = cfg.optim
+    est = optimizer_state_bytes(o.name, model, o.momentum)
+    return f"{o.name}, state ≈ {fmt_bytes(est)} (estimated from the trainable parameters)"
 
 
 def host_rows(plan: Plan) -> list[tuple[str, str]]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import glob
+import importlib.util
 import inspect
 import json
 import os
@@ -208,6 +209,46 @@ def _lr_scaling(cfg: Config, raw: dict[str, Any]) -> Iterator[Problem]:
                 f"is required with lr_scaling: {o.lr_scaling} (the global batch that optim.lr was "
                 "tuned for)"
             ),
+        )
+
+
+@rule("run", "optim", "train")
+def _optim_8bit(cfg: Config, raw: dict[str, Any]) -> Iterator[Problem]:
+    # find_spec looks for the package without importing it (bitsandbytes imports torch).
+    name = cfg.optim.name
+    if not name.endswith("adamw8bit"):
+        return
+    if importlib.util.find_spec("bitsandbytes") is None:
+        yield (
+            ("optim", "name"),
+            f"{name} needs bitsandbytes, which is not installed: pip install 'llmtrain[qlora]' "
+            "(or use optim.name: adamw)",
+        )
+    if name == "paged_adamw8bit" and cfg.run.device == "cpu":
+        yield (
+            ("optim", "name"),
+            "paged_adamw8bit pages optimizer state between GPU and host memory, so it needs "
+            "CUDA; with run.device: cpu use adamw8bit",
+        )
+    if cfg.train.parallel == "fsdp":
+        # bitsandbytes quantizes whole tensors in blocks; FSDP2's sharded DTensor parameters
+        # are not what it expects, and nothing here tests the combination.
+        yield (
+            ("optim", "name"),
+            f"{name} is not supported with train.parallel: fsdp; use train.parallel: ddp, or "
+            "optim.name: adamw",
+        )
+
+
+@rule("model", "train")
+def _activation_offload(cfg: Config, raw: dict[str, Any]) -> Iterator[Problem]:
+    # Without checkpointing every activation of every layer crosses PCIe twice per step,
+    # which costs more time than recomputing them: offload is the step after checkpointing.
+    if cfg.model.activation_offload and not cfg.model.gradient_checkpointing:
+        yield (
+            ("model", "activation_offload"),
+            "needs model.gradient_checkpointing: true (offloading moves the checkpointed layer "
+            "inputs to host memory; without checkpointing every activation would cross PCIe)",
         )
 
 

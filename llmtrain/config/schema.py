@@ -122,6 +122,12 @@ class ModelConfig(Section):
         "auto", description="Attention kernel; auto lets transformers pick (SDPA when available)."
     )
     compile: bool = Field(False, description="Wrap the model in torch.compile (CUDA speed-up).")
+    activation_offload: bool = Field(
+        False,
+        description="CUDA: keep the activations saved for backward in pinned host memory "
+        "(torch.autograd.graph.save_on_cpu); with gradient_checkpointing only the layer inputs "
+        "move. No effect on CPU (a notice says so).",
+    )
     peft: PeftConfig | None = Field(
         None,
         description="Parameter-efficient fine-tuning of model.pretrained with peft (LoRA/DoRA); "
@@ -341,7 +347,12 @@ class BatchConfig(Section):
 class OptimConfig(Section):
     """Optimizer and learning-rate schedule (counted in optimizer steps)."""
 
-    name: Literal["adamw", "adam", "sgd"] = Field("adamw", description="adamw | adam | sgd.")
+    name: Literal["adamw", "adam", "sgd", "adamw8bit", "paged_adamw8bit"] = Field(
+        "adamw",
+        description="adamw | adam | sgd | adamw8bit (bitsandbytes: Adam's two moments in 8 bits, "
+        "2 bytes per parameter instead of 8) | paged_adamw8bit (the same, paged to host memory "
+        "under pressure; CUDA only).",
+    )
     lr: float = Field(3.0e-4, gt=0.0, description="Peak learning rate (before lr_scaling).")
     weight_decay: float = Field(
         0.1, ge=0.0, description="Decoupled weight decay (not on biases/norms)."

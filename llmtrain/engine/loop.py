@@ -57,7 +57,14 @@ from llmtrain.engine.peft import is_peft, save_adapter_then_merge
 from llmtrain.engine.precision import make_scaler
 from llmtrain.engine.prefetch import Prefetcher
 from llmtrain.engine.progress import LogInterval, TrainLog
-from llmtrain.engine.step import StepSpec, Window, forward_backward, make_window, optimizer_step
+from llmtrain.engine.step import (
+    StepSpec,
+    Window,
+    forward_backward,
+    make_window,
+    offloads,
+    optimizer_step,
+)
 from llmtrain.errors import LLMTrainError
 from llmtrain.util.atomic import atomic_dir
 
@@ -114,6 +121,17 @@ class LoopState:
     log_interval: LogInterval = field(default_factory=LogInterval)
 
 
+def show_offload_notice(cfg: Config, device: torch.device) -> None:
+    """One line when model.activation_offload is set but has nothing to do (CPU)."""
+    if cfg.model.activation_offload and not offloads(cfg, device):
+        say(
+            f"model.activation_offload has no effect on {device.type} (activations already "
+            "live in host memory); it applies on CUDA",
+            once=True,
+            label="notice",
+        )
+
+
 def step_seed(seed: int, step: int, rank: int) -> int:
     """The torch seed of one optimizer step on one rank: dropout masks are then a function of
     (seed, step, rank) only, so a resumed run — on any rank, any world size — draws exactly
@@ -140,6 +158,7 @@ def setup_run(
     # before wrapping: its check runs a forward, which would leave FSDP's root unsharded
     loss_chunk = resolve_loss_chunk(cfg.train.loss_chunk, model.to(device), cfg.model.task)
     show_notice(loss_chunk)
+    show_offload_notice(cfg, device)
     enable_tf32(device)
     wrapped = wrap_model(model, cfg, dist, device)
     raw_model = unwrap(wrapped)  # FSDP shards in place: the optimizer must see its parameters
@@ -151,7 +170,7 @@ def setup_run(
         raw_model=raw_model,
         optimizer=build_optimizer(cfg, raw_model),
         scaler=make_scaler(cfg.train.precision, device),
-        spec=StepSpec.from_config(cfg, loss_chunk.tokens),
+        spec=StepSpec.from_config(cfg, loss_chunk.tokens, device),
         train_store=train_store,
         eval_store=eval_store,
         pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,

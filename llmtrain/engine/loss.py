@@ -27,12 +27,15 @@ Apple's Cut Cross-Entropy without the fused kernel) costs a fourth — and with 
 vocabulary the head is most of a small model's compute. The price is a weight-sized gradient
 buffer held from the end of the forward to the start of the backward (a few hundred MB at a
 128k vocabulary; the logits it replaces are ~tokens/hidden times larger). torch 2.13's own
-`F.linear_cross_entropy(options=...)` has no per-token weights (`loss_normalization:
-sequences`) and no soft-capping, so it is not used. Soft-capping (`final_logit_softcapping`,
-Gemma 2) is applied inside the chunk, and the config's value is cleared for the call so the model
-does not apply it again. Any model whose output embedding is not a plain `nn.Linear`, or whose
-forward does anything else with the head's output (checked once on a tiny input,
-`check_chunked_head`), falls back to `off` with a one-line notice.
+`F.linear_cross_entropy(options=...)` does the same (gradients in the forward, chunk by chunk)
+and runs instead of ours where it computes the same thing: fp32 or fp64 compute, no per-token
+weights (`loss_normalization: sequences`) and no soft-capping; under bf16/fp16 autocast it
+would return the loss and the head's gradients in bf16/fp16, so ours runs (`own_loss_reason`).
+Soft-capping (`final_logit_softcapping`, Gemma 2) is applied inside the chunk, and the
+config's value is cleared for the call so the model does not apply it again. Any model whose
+output embedding is not a plain `nn.Linear`, or whose forward does anything else with the
+head's output (checked once on a tiny input, `check_chunked_head`), falls back to `off` with a
+one-line notice.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ import torch.nn.functional as F
 from llmtrain.console import say
 from llmtrain.data.batching import IGNORE
 from llmtrain.engine.parallel import unwrap
-from llmtrain.engine.precision import autocast_context
+from llmtrain.engine.precision import AUTOCAST_DTYPES, autocast_context, param_dtype
 
 # `loss_chunk: auto`: the largest power of two of tokens whose fp32 logits fit in this many bytes,
 # within [AUTO_MIN, AUTO_MAX] tokens (128k vocabulary: 512 tokens, 262 MB; 50k: 1,024; 32k:
@@ -206,19 +209,77 @@ def linear_cross_entropy(
     *,
     chunk: int,
     softcap: float | None = None,
+    own: bool = False,
 ) -> torch.Tensor:
     """sum_i w_i · cross_entropy(softcap(hidden_i · weightᵀ + bias), targets_i), never holding
     more than `chunk` rows of logits. Under autocast the matmuls run in the autocast dtype, as
-    `F.linear` would; logits, loss and the weight gradient accumulate in fp32 (fp64 for fp64)."""
+    `F.linear` would; logits, loss and the weight gradient accumulate in fp32 (fp64 for fp64).
+    torch's own chunked op runs where it computes the same thing (`own_loss_reason`), unless
+    `own` (the comparisons in tests and scripts/bench_memory.py)."""
     device = hidden.device.type
     dtype = weight.dtype
     if torch.is_autocast_enabled(device):
         dtype = torch.get_autocast_dtype(device)
     chunk = max(1, int(chunk))
+    weighted = token_weights is not None
+    if not own and own_loss_reason(dtype, hidden.dtype, weight.dtype, weighted, softcap) is None:
+        options = torch.nn.LinearCrossEntropyOptions(batch_chunk_size=chunk, chunking_method=None)
+        return F.linear_cross_entropy(
+            hidden, weight, targets, linear_bias=bias, reduction="sum", options=options
+        )
     grad = torch.is_grad_enabled()
     return _LinearCrossEntropy.apply(
         hidden, weight, bias, targets, token_weights, chunk, softcap, dtype, grad
     )
+
+
+# torch 2.13's chunked linear + cross-entropy (None on an older torch)
+TORCH_LCE = getattr(torch.nn, "LinearCrossEntropyOptions", None)
+
+
+def own_loss_reason(
+    dtype: torch.dtype,
+    hidden_dtype: torch.dtype,
+    weight_dtype: torch.dtype,
+    weighted: bool,
+    softcap: float | None,
+) -> str | None:
+    """Why llmtrain's chunked loss runs rather than torch's `F.linear_cross_entropy` with
+    `LinearCrossEntropyOptions(batch_chunk_size=chunk)`; None: torch's runs. Both compute the
+    gradients in the forward chunk by chunk, and measured the same peak at the same chunk
+    (docs/benchmarks.md, "The chunked loss against torch's"); torch's lacks the rest."""
+    if TORCH_LCE is None:
+        return "this torch has no chunked F.linear_cross_entropy (2.13 or later has)"
+    if softcap is not None:
+        return "soft-capped logits (final_logit_softcapping)"
+    if weighted:
+        return "per-token weights (train.loss_normalization: sequences)"
+    if not dtype == hidden_dtype == weight_dtype or dtype not in (torch.float32, torch.float64):
+        return (
+            f"mixed precision: torch's returns the loss and the head's gradients in "
+            f"{str(dtype).removeprefix('torch.')}, llmtrain's accumulates them in fp32"
+        )
+    return None
+
+
+def describe_loss(
+    setting: str | int, model: torch.nn.Module, task: str, precision: str, normalization: str
+) -> str:
+    """Which loss trains, for fit's banner (before `resolve_loss_chunk`'s check, whose rare
+    fallback prints its own notice)."""
+    if task != "causal-lm":
+        return "cross-entropy of the classification head"
+    linear = output_linear(model)
+    if setting == "off" or linear is None:
+        return "full logits" + (" (train.loss_chunk: off)" if setting == "off" else "")
+    chunk = auto_chunk(linear.out_features) if setting == "auto" else int(setting)
+    compute = AUTOCAST_DTYPES.get(precision, param_dtype(precision))
+    w_dtype = linear.weight.dtype
+    reason = own_loss_reason(
+        compute, w_dtype, w_dtype, normalization == "sequences", _softcap(model)
+    )
+    which = "torch's F.linear_cross_entropy" if reason is None else f"llmtrain's ({reason})"
+    return f"chunked, {chunk} tokens per chunk: {which}"
 
 
 # ------------------------------------------------------------------------ the swapped head

@@ -92,10 +92,67 @@ def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimize
     lr = effective_lr(o, cfg.batch.global_batch)
     if o.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=o.momentum)
+    if o.name.endswith("adamw8bit"):
+        return _bnb_adamw8bit(o, groups, lr, model)
     cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
     # The fused kernel updates every tensor in one pass (CPU and CUDA): the per-tensor loop
     # costs ~5x more per step on CPU. Same math, so exactness between runs is unaffected.
     return cls(groups, lr=lr, betas=tuple(o.betas), eps=o.eps, fused=_fused_ok(model))
+
+
+def _bnb_adamw8bit(
+    o: OptimConfig, groups: list[dict], lr: float, model: torch.nn.Module
+) -> torch.optim.Optimizer:
+    """bitsandbytes' AdamW8bit / PagedAdamW8bit. Tensors under MIN_8BIT_SIZE elements keep
+    fp32 moments (bitsandbytes' rule: block-wise quantization gains nothing on them). Its
+    state_dict is tensors and ints only, so checkpoints stay `weights_only` loadable."""
+    paged = o.name == "paged_adamw8bit"
+    if paged and not any(p.device.type == "cuda" for g in groups for p in g["params"]):
+        raise LLMTrainError(
+            "optim.name: paged_adamw8bit needs the model on CUDA (it pages optimizer state "
+            "between GPU and host memory); use optim.name: adamw8bit on CPU"
+        )
+    bnb = import_bitsandbytes("optim.name: " + o.name)
+    cls = bnb.optim.PagedAdamW8bit if paged else bnb.optim.AdamW8bit
+    return cls(groups, lr=lr, betas=tuple(o.betas), eps=o.eps, min_8bit_size=MIN_8BIT_SIZE)
+
+
+def import_bitsandbytes(needed_by: str):
+    """bitsandbytes, or one line naming what needs it and how to install it."""
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise LLMTrainError(
+            f"{needed_by} needs bitsandbytes, which is not installed: pip install 'llmtrain[qlora]'"
+        ) from None
+    return bitsandbytes
+
+
+# bitsandbytes' default: smaller tensors keep 32-bit moments.
+MIN_8BIT_SIZE = 4096
+# bitsandbytes' block size for 8-bit optimizer state: one fp32 absmax per block per moment.
+_BNB_BLOCK = 256
+
+
+def optimizer_state_bytes(name: str, model: torch.nn.Module, momentum: float = 0.0) -> int:
+    """An estimate of the optimizer's state, from its kind and the trainable parameters (their
+    count and element size): Adam(W) two moments in the parameter's dtype, adamw8bit one byte
+    per moment plus one fp32 scale per 256-element block (fp32 under MIN_8BIT_SIZE), SGD a
+    momentum buffer when momentum > 0. Step counters and quantization maps are left out."""
+    total = 0
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        n, size = p.numel(), p.element_size()
+        if name == "sgd":
+            total += n * size if momentum > 0 else 0
+        elif not name.endswith("adamw8bit"):  # adamw, adam
+            total += 2 * n * size
+        elif n >= MIN_8BIT_SIZE:
+            total += 2 * (n + 4 * math.ceil(n / _BNB_BLOCK))
+        else:
+            total += 2 * n * 4
+    return total
 
 
 def _fused_ok(model: torch.nn.Module) -> bool:

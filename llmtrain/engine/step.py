@@ -18,6 +18,7 @@ collated into micro-batches of at most `micro`, with N counted over all ranks.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,12 +49,16 @@ class StepSpec:
     grad_clip: float | None  # max global gradient norm; None = no clipping
     isolate_docs: bool = False  # pack mode with attention kept inside documents
     loss_chunk: int | None = None  # causal LM: tokens per chunk of the loss; None = full logits
+    activation_offload: bool = False  # saved activations in host memory (`offload_context`)
 
     @classmethod
-    def from_config(cls, cfg: Config, loss_chunk: int | None = None) -> StepSpec:
+    def from_config(
+        cls, cfg: Config, loss_chunk: int | None = None, device: torch.device | None = None
+    ) -> StepSpec:
         """The one mapping from a Config to its step, for `fit`, its eval, the probe's trials
         and the commands that score a run. `loss_chunk`: `train.loss_chunk` as resolved for
-        the model (`engine.loss.resolve_loss_chunk`)."""
+        the model (`engine.loss.resolve_loss_chunk`); `device`: where it trains (activation
+        offload applies on CUDA only)."""
         return cls(
             task=cfg.model.task,
             normalization=cfg.train.loss_normalization,
@@ -61,7 +66,14 @@ class StepSpec:
             grad_clip=cfg.optim.grad_clip,
             isolate_docs=cfg.data.is_isolated,
             loss_chunk=loss_chunk,
+            activation_offload=offloads(cfg, device),
         )
+
+
+def offloads(cfg: Config, device: torch.device | None) -> bool:
+    """Whether `model.activation_offload` takes effect: set, and training on CUDA (on a CPU the
+    activations already live in host memory)."""
+    return cfg.model.activation_offload and device is not None and device.type == "cuda"
 
 
 @dataclass
@@ -108,6 +120,18 @@ def make_window(
     return Window(batches, n_total, len(indices), tokens, padding)
 
 
+def offload_context(spec: StepSpec, device: torch.device) -> contextlib.AbstractContextManager:
+    """Around a training forward with `spec.activation_offload`: every tensor autograd saves
+    for backward is copied to host memory (pinned on CUDA, so the copies are asynchronous) and
+    copied back when backward needs it. Under non-reentrant gradient checkpointing the saved
+    tensors are each layer's inputs (the checkpoint saves them through the same hooks), so
+    device memory holds one layer's recomputed activations at a time. Same values either way:
+    a copy, not a cast."""
+    if not spec.activation_offload:
+        return contextlib.nullcontext()
+    return torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")
+
+
 def forward_backward(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -131,16 +155,17 @@ def forward_backward(
         inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         labels = inputs.pop("labels")
         with no_sync_context(model, last=i == len(win.batches) - 1):
-            summed = model_loss(
-                model,
-                inputs,
-                labels,
-                task=spec.task,
-                normalization=spec.normalization,
-                precision=spec.precision,
-                device=device,
-                loss_chunk=spec.loss_chunk,
-            )
+            with offload_context(spec, device):
+                summed = model_loss(
+                    model,
+                    inputs,
+                    labels,
+                    task=spec.task,
+                    normalization=spec.normalization,
+                    precision=spec.precision,
+                    device=device,
+                    loss_chunk=spec.loss_chunk,
+                )
             del inputs, labels  # the graph holds what backward needs, nothing else does
             scaler.scale(summed * weight).backward()
         if i < real:

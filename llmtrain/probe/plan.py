@@ -15,7 +15,7 @@ from llmtrain.data.batching import grad_accum
 from llmtrain.engine.distributed import DistInfo, all_reduce_min
 from llmtrain.engine.loss import resolve_loss_chunk, show_notice
 from llmtrain.engine.optim import build_optimizer
-from llmtrain.engine.step import StepSpec
+from llmtrain.engine.step import StepSpec, offloads
 from llmtrain.errors import LLMTrainError
 from llmtrain.probe.cache import cache_key, load_cached, store_cached
 from llmtrain.probe.memory import backend_for
@@ -53,7 +53,7 @@ def setup_from_config(
         make_optimizer=lambda m: build_optimizer(cfg, m),
         seq_len=cfg.data.chunk.seq_len,
         device=device,
-        spec=StepSpec.from_config(cfg, loss_chunk.tokens),
+        spec=StepSpec.from_config(cfg, loss_chunk.tokens, device),
         optimizer=optimizer,
         rank=rank,
         seed=cfg.run.seed,
@@ -76,7 +76,9 @@ def probe_for_config(
     limit = memory_limit(cfg)
     key = cache_key(cfg, model, device, dist.world_size, memory_limit=limit)
     # the loss changes the memory; "live": trials on the live model (no shadow copy to discount)
-    key.update(loss_chunk=cfg.train.loss_chunk, trial="live")
+    key.update(
+        loss_chunk=cfg.train.loss_chunk, trial="live", activation_offload=offloads(cfg, device)
+    )
     cached = load_cached(cfg, key) if use_cache else None
     # all ranks must take the same branch, or some would wait in the probe's collective
     hit = all_reduce_min(torch.tensor([int(cached is not None)], device=device))

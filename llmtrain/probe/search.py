@@ -3,9 +3,8 @@ a device (docs/architecture.md, "Probing").
 
 The true maximum M* is the largest m whose trial is ok (trial.py's pass rule; what a
 brute-force scan finds with the same measurement). Guarantee, for peaks that grow with m:
-0.9·M* ≤ answer ≤ M* — the answer is always an m whose own trial passed, and the search stops
-only when the first failing m is within 1/16 of it. The margin is headroom *on top*: it
-shrinks the budget, not the search tolerance.
+answer = M* — the answer is always an m whose own trial passed, and the search stops only
+when m + 1 failed (or m is the cap). The margin is headroom *on top*: it shrinks the budget.
 
 Search (`search_micro_batch`): m=1 and m=2 are measured; their difference is the activation
 memory of one sample, which with the measured intercept predicts the largest m under the
@@ -13,8 +12,11 @@ budget (the analytic weights + grads + optimizer-state bytes are computed too, t
 once a model that cannot fit at all). That guess is verified by a trial; from there the search
 gallops outwards (steps doubling, from 1/16 of the guess) until it brackets the answer, then
 narrows the bracket by interpolating measured peaks, falling back to bisection (geometric while
-the bracket spans more than ×2). Capped by `max_micro` and by ceil(global_batch / world). At
-most 2·ceil(log2(cap)) + 4 trials; typically 4–6.
+the bracket spans more than ×2) when a prediction lands outside the bracket (the peaks do not
+explain the failure: an OOM below the budget) or a predicted m failed. Capped by `max_micro`
+and by ceil(global_batch / world). At most 2·ceil(log2(cap)) + 4 trials; typically 4–6, and
+within 2·log2(M*) + 4 when only OOMs mark the limit (tests/test_probe.py checks every limit
+1..300).
 
 Distributed: each rank searches locally (an OOM is caught inside its own trial, so a rank
 never leaves the search early), then *every* rank reaches one `all_reduce_min`, so all ranks
@@ -38,7 +40,7 @@ from llmtrain.probe.memory import MemoryBackend, device_name, fmt_bytes
 from llmtrain.probe.result import ProbeResult, Trial
 from llmtrain.probe.trial import TrialSetup, live_state, run_trial, static_bytes
 
-SEARCH_TOLERANCE = 1 / 16  # stop when the first failing m is within this fraction of the answer
+GALLOP_START = 1 / 16  # the first step up from a passing guess, as a fraction of it
 
 
 def trial_bound(cap: int) -> int:
@@ -61,7 +63,7 @@ def _fit_line(ok: list[Trial]) -> tuple[float, float] | None:
 def search_micro_batch(
     trial: Callable[[int], Trial], *, cap: int, budget: int, max_trials: int | None = None
 ) -> tuple[int, list[Trial]]:
-    """The largest m in [1, cap] whose trial passes, within SEARCH_TOLERANCE; 0 if m=1 fails.
+    """The largest m in [1, cap] whose trial passes; 0 if m=1 fails.
 
     `trial(m)` runs and judges one trial (ok ⇔ no OOM and peak ≤ budget); `budget` is used
     here only to predict where the answer lies from measured peaks.
@@ -83,9 +85,7 @@ def search_micro_batch(
         return t.ok
 
     def done() -> bool:
-        return (
-            lo >= cap or hi - lo <= max(1, int(lo * SEARCH_TOLERANCE)) or len(trials) >= max_trials
-        )
+        return lo >= cap or hi - lo <= 1 or len(trials) >= max_trials
 
     def predicted() -> int | None:
         line = _fit_line([t for t in by_m.values() if t.ok])
@@ -93,6 +93,15 @@ def search_micro_batch(
             return None
         intercept, slope = line
         return int((budget - intercept) // slope)
+
+    def interpolated() -> int | None:
+        """Where the budget lies between the bracket's measured peaks, else on the line
+        through the passing ones."""
+        p_hi = by_m[hi].peak_bytes if hi in by_m else None
+        p_lo = by_m[lo].peak_bytes
+        if p_hi is not None and p_lo is not None and p_hi > p_lo:
+            return lo + int((budget - p_lo) * (hi - lo) // (p_hi - p_lo))
+        return predicted()
 
     if not run(1) or done():
         return lo, trials
@@ -102,31 +111,28 @@ def search_micro_batch(
     # the analytic guess, verified
     guess = predicted() or 2 * lo
     run(min(max(guess, lo + 1), hi - 1))
-    step = max(1, math.ceil(lo * SEARCH_TOLERANCE))
+    step = max(1, math.ceil(lo * GALLOP_START))
     interpolate = True
     while not done():
         if hi > cap:  # nothing failed yet: gallop upwards
             m = min(cap, lo + step)
             step *= 2
             run(m)
-        else:  # bracketed: interpolate measured peaks, else bisect
-            width = hi - lo
-            m = None
-            if interpolate:
-                p_hi = by_m[hi].peak_bytes if hi in by_m else None
-                p_lo = by_m[lo].peak_bytes
-                if p_hi is not None and p_lo is not None and p_hi > p_lo:
-                    m = lo + int((budget - p_lo) * (hi - lo) // (p_hi - p_lo))
-                else:
-                    m = predicted()
-            if m is not None:  # a prediction outside the bracket still tests its near edge
-                m = min(max(m, lo + 1), hi - 1)
-            else:
-                m = math.isqrt(lo * hi) if hi > 2 * lo else (lo + hi) // 2
-                m = min(max(m, lo + 1), hi - 1)
-            run(m)
-            # interpolation that failed to halve the bracket gives way to bisection once
-            interpolate = (hi - lo) <= width // 2 or not interpolate
+            continue
+        width = hi - lo
+        m = interpolated() if interpolate else None
+        # A prediction at or past hi is contradicted by hi's own failure: the peaks it rests on
+        # do not explain the limit (a simulated or allocator OOM, fragmentation), so testing
+        # the edge below hi would creep down one m at a time. Bisect instead.
+        guessed = m is not None and lo < m < hi
+        if not guessed:
+            m = math.isqrt(lo * hi) if hi > 2 * lo else (lo + hi) // 2
+            m = min(max(m, lo + 1), hi - 1)
+        ok = run(m)
+        # a guess that failed, or did not halve the bracket, gives way to bisection once
+        interpolate = not guessed or (ok and (hi - lo) <= width // 2)
+    return lo, trials
+
     return lo, trials
 
 

@@ -54,6 +54,7 @@ from llmtrain import layout
 from llmtrain.data.batching import collate, supervised_count
 from llmtrain.engine.checkpoint import rng_state, set_rng_state
 from llmtrain.engine.distributed import DistInfo
+from llmtrain.engine.optim import optimizer_state_bytes
 from llmtrain.engine.parallel import unwrap
 from llmtrain.engine.step import StepSpec, Window, forward_backward, optimizer_step
 from llmtrain.probe.memory import MemoryBackend, OverBudget, fmt_bytes, is_oom
@@ -248,17 +249,14 @@ def live_state(setup: TrialSetup) -> Iterator[LiveState]:
 
 
 def static_bytes(model: torch.nn.Module, optimizer_name: str, momentum: float = 0.0) -> int:
-    """Analytic weights + grads + optimizer state: parameters × bytes per parameter."""
-    per_param_state = {"adamw": 2, "adam": 2, "sgd": 1 if momentum > 0 else 0}.get(
-        optimizer_name, 2
-    )
+    """Analytic weights + grads + optimizer state, each tensor at its real element size: frozen
+    bf16 or quantized (packed uint8) weights count what they hold, gradients exist for trainable
+    parameters only, and the optimizer's state is `engine.optim.optimizer_state_bytes` (8-bit
+    moments at about 1 byte each)."""
     total = 0
     for p in {id(p): p for p in model.parameters()}.values():
-        n = _tensor_bytes(p)
-        total += n * (
-            1 + (1 if p.requires_grad else 0) + (per_param_state if p.requires_grad else 0)
-        )
-    return total
+        total += _tensor_bytes(p) * (2 if p.requires_grad else 1)
+    return total + optimizer_state_bytes(optimizer_name, model, momentum)
 
 
 # ------------------------------------------------------------------------------ a trial

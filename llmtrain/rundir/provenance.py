@@ -40,6 +40,7 @@ SAFE = (
     "run.cpu_allocator",  # where freed memory goes, not what is computed
     "model.compile",  # the same graph, compiled
     "model.gradient_checkpointing",  # the same gradients, recomputed
+    "model.activation_offload",  # the same saved tensors, kept in host memory
     "model.attn_implementation",  # the same attention, another kernel
     "data.store",  # where the (fingerprinted) store lives
     "data.store_verify",  # how much of a reused store is re-hashed
