@@ -1,0 +1,134 @@
+"""Faults a careless user still hits (issue 22), one section per CLASS of failure, not per
+example: each test states the class and sweeps its instances, so that a field, a file or a
+command added later is covered by the same test.
+
+1. Bad values at validation: every field of every section refuses non-finite floats, booleans
+   as numbers (and numbers as booleans) and integers past 64 bits, exit 2 with file:line.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, get_args
+
+import pytest
+from pydantic import BaseModel
+from typer.testing import CliRunner
+
+from llmtrain.cli import app
+from llmtrain.config import Config, section_class, validation_problems
+from llmtrain.config.messages import dotted
+
+runner = CliRunner()
+
+
+def _cli(*args: str):
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+# ------------------------------------------------------- 1. bad values at validation
+# Every optional section present, so that every field of every section can be reached.
+def _full_mapping() -> dict[str, Any]:
+    return {
+        "model": {"arch": "gpt2", "peft": {}},
+        "tokenizer": {"train": {}},
+        "data": {"train": {"path": "c.txt"}, "eval": {"path": "c.txt"}},
+    }
+
+
+def _leaves(model: type[BaseModel], path: tuple[str, ...] = ()):
+    """(key path, annotation) of every leaf field under `model`, sections recursed into."""
+    for name, info in model.model_fields.items():
+        inner = section_class(info.annotation)
+        if inner is not None:
+            yield from _leaves(inner, (*path, name))
+        else:
+            yield (*path, name), info.annotation
+
+
+def _admits(annotation: Any, kind: type) -> bool:
+    if annotation is kind:
+        return True
+    return any(_admits(a, kind) for a in get_args(annotation) if not isinstance(a, str))
+
+
+def _with(path: tuple[str, ...], value: Any) -> dict[str, Any]:
+    data = _full_mapping()
+    node = data
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+    node[path[-1]] = value
+    return data
+
+
+def _problem_at(path: tuple[str, ...], value: Any) -> str | None:
+    _, problems = validation_problems(_with(path, value))
+    found = [msg for p, msg in problems if p[: len(path)] == path]
+    return found[0] if found else None
+
+
+LEAVES = list(_leaves(Config))
+NUMBERS = [(p, a) for p, a in LEAVES if _admits(a, int) or _admits(a, float)]
+FLOATS = [(p, a) for p, a in LEAVES if _admits(a, float)]
+FLAGS = [(p, a) for p, a in LEAVES if _admits(a, bool) and not _admits(a, int)]
+
+
+def test_the_sweep_reaches_the_fields_it_is_about():
+    """The sweeps below are only as good as their lists: they hold the known instances."""
+    names = {dotted(p) for p, _ in NUMBERS}
+    assert {"optim.lr", "optim.betas", "train.max_steps", "batch.micro_batch"} <= names
+    assert {"model.peft.r", "tokenizer.train.vocab_size", "data.chunk.seq_len"} <= names
+    assert "optim.lr" in {dotted(p) for p, _ in FLOATS}
+    assert "log.jsonl" in {dotted(p) for p, _ in FLAGS}
+    assert _problem_at(("optim", "lr"), 1e-3) is None  # the mapping itself is valid
+
+
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan], ids=["inf", "-inf", "nan"])
+@pytest.mark.parametrize("path", [p for p, _ in FLOATS], ids=[dotted(p) for p, _ in FLOATS])
+def test_no_float_field_takes_a_non_finite_value(path, bad):
+    value = [0.5, bad] if dotted(path) == "optim.betas" else bad
+    assert _problem_at(path, value) is not None, f"{dotted(path)} took {bad}"
+
+
+@pytest.mark.parametrize("path", [p for p, _ in NUMBERS], ids=[dotted(p) for p, _ in NUMBERS])
+def test_no_number_field_takes_a_boolean_or_an_int_past_64_bits(path):
+    pair = dotted(path) == "optim.betas"
+    for bad in (True, False, 10**30):
+        problem = _problem_at(path, [0.5, bad] if pair else bad)
+        assert problem is not None, f"{dotted(path)} took {bad!r}"
+
+
+@pytest.mark.parametrize("path", [p for p, _ in FLAGS], ids=[dotted(p) for p, _ in FLAGS])
+def test_no_flag_takes_a_number(path):
+    assert _problem_at(path, 1) == "must be true or false (got 1)"
+
+
+CLI_CASES = [
+    # (--set, the one line on stderr after "--set X: ")
+    ("optim.lr=.inf", "optim.lr: must be a finite number (got inf)"),
+    ("optim.betas=[.nan,1.5]", "optim.betas.0: must be a finite number (got nan)"),
+    ("optim.betas=[.nan,1.5]", "optim.betas.1: must be a number in [0, 1) (got 1.5)"),
+    ("optim.betas=[0.9,1.0]", "optim.betas.1: must be a number in [0, 1) (got 1.0)"),
+    ("train.max_steps=true", "train.max_steps: must be a positive integer (got true)"),
+    ("batch.micro_batch=true", 'batch.micro_batch: must be an integer or "auto" (got true)'),
+    ("log.jsonl=1", "log.jsonl: must be true or false (got 1)"),
+    (
+        "train.save_every=100000000000000000000000000000",
+        "train.save_every: must be an integer below 2^63 (got 100000000000000000000000000000)",
+    ),  # fmt: skip
+    ("run.threads=100000", "run.threads: must be an integer in [1, 1024] (got 100000)"),
+]
+
+
+@pytest.mark.parametrize("override,line", CLI_CASES, ids=[c[1].split(":")[0] for c in CLI_CASES])
+def test_bad_values_are_exit_2_naming_the_key(tmp_path, monkeypatch, override, line):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.txt").write_text("some text\n")
+    (tmp_path / "cfg.yaml").write_text(
+        "model: {arch: gpt2, config: {n_layer: 1}}\ntokenizer: {train: {}}\n"
+        "data: {train: {path: c.txt}}\ntrain: {max_steps: 10}\n"
+    )
+    result = _cli("validate", "cfg.yaml", "--set", override)
+    assert result.exit_code == 2
+    assert f"--set {override}: {line}\n" in result.stderr
+    assert "Traceback" not in result.stderr
