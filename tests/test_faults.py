@@ -115,7 +115,7 @@ CLI_CASES = [
     (
         "train.save_every=100000000000000000000000000000",
         "train.save_every: must be an integer below 2^63 (got 100000000000000000000000000000)",
-    ),  # fmt: skip
+    ),
     ("run.threads=100000", "run.threads: must be an integer in [1, 1024] (got 100000)"),
 ]
 
