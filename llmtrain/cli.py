@@ -281,7 +281,8 @@ def chunk(
         bool, typer.Option("--force", help="Rebuild the token stores even if they are current.")
     ] = False,
     workers: Annotated[
-        int | None, typer.Option("--workers", min=1, help="Tokenizer threads (default all cores).")
+        int | None,
+        typer.Option("--workers", min=1, max=1024, help="Tokenizer threads (default all cores)."),
     ] = None,
 ) -> None:
     """Tokenize the corpus and cut it into fixed-length chunks (the on-disk token store)."""
