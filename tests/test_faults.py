@@ -4,15 +4,23 @@ command added later is covered by the same test.
 
 1. Bad values at validation: every field of every section refuses non-finite floats, booleans
    as numbers (and numbers as booleans) and integers past 64 bits, exit 2 with file:line.
+2. A full disk, wherever it is met (the token store, the lock): one line naming the folder,
+   nothing half-written left behind.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
+import textwrap
 from typing import Any, get_args
 
 import pytest
 from pydantic import BaseModel
+from run_helpers import tiny_lm_config, write_config, write_corpus
 from typer.testing import CliRunner
 
 from llmtrain.cli import app
@@ -132,3 +140,83 @@ def test_bad_values_are_exit_2_naming_the_key(tmp_path, monkeypatch, override, l
     assert result.exit_code == 2
     assert f"--set {override}: {line}\n" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------- 2. a full disk, wherever it is met
+# A real full disk: a small tmpfs in a private mount namespace (as tests/test_safety.py's
+# test_a_real_full_disk), so the ENOSPC comes from the kernel, through whatever layer writes.
+FULL_DISK = textwrap.dedent(
+    """
+    import contextlib, io, json, os, subprocess, sys
+    root, config = sys.argv[1], sys.argv[2]
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", root], check=True)
+    from llmtrain.cli import app
+    from llmtrain.errors import LLMTrainError
+    from llmtrain.util.locks import hold_run_dir
+    out = {}
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            app(["chunk", config], prog_name="llmtrain")
+        except SystemExit as e:
+            out["chunk_rc"] = e.code
+    out["chunk_err"] = err.getvalue()
+    out["store"] = sorted(os.listdir(root + "/store")) if os.path.isdir(root + "/store") else []
+    with open(root + "/filler", "wb", buffering=0) as f:  # fill the disk to its last byte
+        with contextlib.suppress(OSError):
+            while True:
+                f.write(b"x" * 4096)
+    try:
+        with hold_run_dir(root + "/run"):
+            out["lock"] = "taken"
+    except LLMTrainError as e:
+        out["lock"] = str(e)
+    out["run"] = sorted(os.listdir(root + "/run"))
+    print(json.dumps(out))
+    """
+)
+
+
+def test_a_full_disk_is_one_line_naming_the_folder_and_leaves_nothing(tmp_path):
+    """`chunk` filling the disk, and the lock file finding it full: the one "no space" line
+    (util/atomic.no_space), exit 1, no traceback, no temporary, no empty lock file."""
+    if subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode != 0:
+        pytest.skip("no user+mount namespaces here (unshare -rm)")
+    root = tmp_path / "small"
+    root.mkdir()
+    corpus = write_corpus(tmp_path / "corpus.txt", lines=8000)  # ~100 KB of uint16 tokens
+    cfg = tiny_lm_config(tmp_path / "out", corpus, name="full", max_steps=2)
+    cfg["data"]["store"] = str(root / "store")
+    config = write_config(tmp_path / "cfg.yaml", cfg)
+    proc = subprocess.run(
+        ["unshare", "-rm", sys.executable, "-c", FULL_DISK, str(root), str(config)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["chunk_rc"] == 1, out
+    lines = out["chunk_err"].strip().splitlines()
+    assert lines[-1].startswith(
+        f"error: {root / 'store'}: no space left on the device to write the token store: "
+    ), out["chunk_err"]
+    assert "Traceback" not in out["chunk_err"] and "Errno" not in out["chunk_err"]
+    assert out["store"] == [], out["store"]  # no .tmp-train-<pid>
+    assert out["lock"].startswith(
+        f"{root / 'run'}: no space left on the device to write the lock file llmtrain.lock: "
+    ), out["lock"]
+    assert out["run"] == [], out["run"]  # no empty llmtrain.lock
+
+
+def test_a_trained_tokenizer_leaves_no_lock_file(tmp_path):
+    """The lock that serialises the ranks training one tokenizer is removed after use
+    (util/locks.exclusive), like llmtrain.lock: no empty file is left in the run."""
+    from llmtrain.config import load_config
+    from llmtrain.data.tokenizer import load_tokenizer
+
+    corpus = write_corpus(tmp_path / "corpus.txt", lines=30)
+    cfg = tiny_lm_config(tmp_path / "run", corpus, name="tok", max_steps=2)
+    load_tokenizer(load_config(write_config(tmp_path / "cfg.yaml", cfg)))
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["tokenizer"]

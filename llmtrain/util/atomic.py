@@ -96,9 +96,10 @@ def no_space(directory: Path, what: str, needs: int | None, wrote: int = 0) -> L
     """The one message for a full disk: where, what, how much is needed and free."""
     free = free_bytes(directory)
     need = f"needs {_human(needs)}" if needs else f"needed more than the {_human(wrote)} written"
+    hint = " (or lower train.keep_checkpoints)" if what.startswith("checkpoint") else ""
     return LLMTrainError(
         f"{directory}: no space left on the device to write {what}: {need}, {_human(free)} "
-        "free; free some space (or lower train.keep_checkpoints) and run again"
+        f"free; free some space{hint} and run again"
     )
 
 
