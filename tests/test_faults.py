@@ -3,7 +3,8 @@ example: each test states the class and sweeps its instances, so that a field, a
 command added later is covered by the same test.
 
 1. Bad values at validation: every field of every section refuses non-finite floats, booleans
-   as numbers (and numbers as booleans) and integers past 64 bits, exit 2 with file:line.
+   as numbers (and numbers as booleans) and integers past 64 bits, exit 2 with file:line;
+   a model too large to build, and a path of the wrong kind, are refused the same way.
 2. A full disk, wherever it is met (the token store, the lock): one line naming the folder,
    nothing half-written left behind.
 """
@@ -128,18 +129,81 @@ CLI_CASES = [
 ]
 
 
-@pytest.mark.parametrize("override,line", CLI_CASES, ids=[c[1].split(":")[0] for c in CLI_CASES])
-def test_bad_values_are_exit_2_naming_the_key(tmp_path, monkeypatch, override, line):
+def _validate_in(tmp_path, monkeypatch, *overrides: str):
+    """`llmtrain validate` of a small valid config in `tmp_path`, with `--set` overrides."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "c.txt").write_text("some text\n")
     (tmp_path / "cfg.yaml").write_text(
-        "model: {arch: gpt2, config: {n_layer: 1}}\ntokenizer: {train: {}}\n"
-        "data: {train: {path: c.txt}}\ntrain: {max_steps: 10}\n"
+        "model: {arch: gpt2, config: {n_layer: 1, n_embd: 64, n_head: 2}}\n"
+        "tokenizer: {train: {}}\ndata: {train: {path: c.txt}}\ntrain: {max_steps: 10}\n"
     )
-    result = _cli("validate", "cfg.yaml", "--set", override)
+    return _cli("validate", "cfg.yaml", *(x for o in overrides for x in ("--set", o)))
+
+
+@pytest.mark.parametrize("override,line", CLI_CASES, ids=[c[1].split(":")[0] for c in CLI_CASES])
+def test_bad_values_are_exit_2_naming_the_key(tmp_path, monkeypatch, override, line):
+    result = _validate_in(tmp_path, monkeypatch, override)
     assert result.exit_code == 2
     assert f"--set {override}: {line}\n" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+SIZES = [
+    # (--set, what the line says): refused at validation, not a hang or a crash in `fit`
+    ("model.config.n_layer=" + str(10**30), "model.config.n_layer: must be at most 10,000"),
+    ("model.config.n_embd=1000000", "model.config.n_embd: builds a model of 1.21e+13 "
+     "parameters, above the 1e+12 that one machine can hold"),
+    ("model.config.n_positions=" + str(10**11), "model.config.n_positions: builds a model of "
+     "6.4e+12"),
+    ("model.config.n_embd=" + str(2**62), "model.config.n_embd: cannot be built: Storage size"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("override,line", SIZES, ids=[c[0].split("=")[0] for c in SIZES])
+def test_a_model_too_large_to_build_is_refused_at_validation(tmp_path, monkeypatch, override, line):
+    """Counted on the meta device from 1 and 2 layers, so a deep model costs no time."""
+    result = _validate_in(tmp_path, monkeypatch, override)
+    assert result.exit_code == 2, result.output
+    assert f"--set {override}: {line}" in result.stderr, result.stderr
+
+
+def test_the_parameter_count_is_exact():
+    """The extrapolation from 1 and 2 layers equals the built model's count (GPT-2, Llama)."""
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    from llmtrain.config.rules import parameter_count
+
+    small = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_attention_heads=2)
+    for hf in (
+        GPT2Config(n_layer=5, n_embd=32, n_head=2),
+        LlamaConfig(num_hidden_layers=3, **small),
+    ):
+        with torch.device("meta"):
+            built = AutoModelForCausalLM.from_config(hf)
+        assert parameter_count(hf, "causal-lm") == sum(p.numel() for p in built.parameters())
+
+
+PATHS = [
+    # (--set, the problem): a folder the run writes into is never empty, a file, or under one
+    ("run.output_dir=''", "run.output_dir: must name a directory (got an empty path)"),
+    ("run.output_dir=afile", "run.output_dir: 'afile' is a file, not a directory"),
+    ("run.output_dir=afile/run", "run.output_dir: '{tmp}/afile' is a file, so no directory"),
+    ("data.store=''", "data.store: must name a directory (got an empty path)"),
+    ("data.store=afile", "data.store: 'afile' is a file, not a directory"),
+    ("data.sft.chat_template=adir", "data.sft.chat_template: 'adir' is a directory, not a Jinja"),
+]
+
+
+@pytest.mark.parametrize("override,line", PATHS, ids=[c[0] for c in PATHS])
+def test_a_path_of_the_wrong_kind_is_refused_naming_the_key(tmp_path, monkeypatch, override, line):
+    (tmp_path / "afile").write_text("mine\n")
+    (tmp_path / "adir").mkdir()
+    sft = ("data.train.format=chat",) if "chat_template" in override else ()
+    result = _validate_in(tmp_path, monkeypatch, override, *sft)
+    assert result.exit_code == 2, result.output
+    assert f"--set {override}: {line.format(tmp=tmp_path)}" in result.stderr, result.stderr
+    assert (tmp_path / "afile").read_text() == "mine\n"
 
 
 # ---------------------------------------------------- 2. a full disk, wherever it is met
