@@ -20,6 +20,7 @@ import typer
 from typer.core import TyperGroup
 
 from llmtrain import __version__
+from llmtrain.engine.signals import shield
 from llmtrain.errors import ConfigError, LLMTrainError
 
 
@@ -56,7 +57,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-_state = {"debug": False}
+_state = {"debug": False, "process": False}
 
 
 ConfigArg = Annotated[
@@ -90,6 +91,14 @@ def _debug() -> bool:
     return _state["debug"] or os.environ.get("LLMTRAIN_DEBUG", "") not in ("", "0")
 
 
+def _exiting() -> None:
+    """The command has failed or stopped and is on its way out: from here further signals are
+    ignored (engine/signals.shield), when this process is the command's own (`main`); an
+    in-process caller (tests through CliRunner) keeps its handlers."""
+    if _state["process"]:
+        shield()
+
+
 def _say(line: str) -> None:
     """One line on stderr, as is: no markup, no wrapping (messages name files and keys).
     Under torchrun each rank reports its own failure, so the line says which rank."""
@@ -115,26 +124,32 @@ def _refuse(message: str) -> Callable[[], None]:
 
 
 def _run(command: str, work: Callable[[], Any], interrupted: str = "interrupted") -> None:
-    """Run a command's work and map what it raises to a message and an exit code."""
+    """Run a command's work and map what it raises to a message and an exit code. On every
+    failure the exit is shielded first: a second Ctrl-C or SIGTERM (a user pressing twice, a
+    scheduler sending TERM and the user Ctrl-C) must not turn the clean line into a traceback."""
     try:
         work()
     except ConfigError as e:
+        _exiting()
         if _debug():
             traceback.print_exc()
         for line in e.messages:
             _say(line)
         raise typer.Exit(2) from None
     except LLMTrainError as e:
+        _exiting()
         if _debug():
             traceback.print_exc()
         _say(f"error: {e}")
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
+        _exiting()
         _say(f"llmtrain {command}: {interrupted}")
         raise typer.Exit(130) from None
     except (typer.Exit, typer.Abort):
         raise
     except Exception as e:
+        _exiting()
         if _debug():
             traceback.print_exc()
             raise typer.Exit(1) from None
@@ -232,6 +247,7 @@ def fit(
         try:
             command.run(cfg, resume=resume, dry_run=dry_run, overwrite=overwrite)
         except Preempted as e:  # SIGTERM: not an error; say how to continue
+            _exiting()
             _say(f"llmtrain fit: {e}")
             if e.checkpoint is not None:
                 _say(f"resume with: {_resume_command(config, set_, nproc)}")
@@ -538,7 +554,11 @@ def report(
 
 def main() -> None:
     """Entry point of the console script and of `python -m llmtrain`."""
-    app(prog_name="llmtrain")
+    _state["process"] = True
+    try:
+        app(prog_name="llmtrain")
+    finally:  # a success too: Ctrl-C during the interpreter's shutdown prints a traceback
+        _exiting()
 
 
 if __name__ == "__main__":  # pragma: no cover

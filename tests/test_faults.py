@@ -6,22 +6,32 @@ command added later is covered by the same test.
    as numbers (and numbers as booleans) and integers past 64 bits, exit 2 with file:line;
    a model too large to build, and a path of the wrong kind, are refused the same way.
 2. A full disk, wherever it is met (the token store, the lock): one line naming the folder,
-   nothing half-written left behind.
+   nothing half-written left behind; no lock file outlives its use.
+3. A damaged file we read (weights, tokenizer, the run's config, metrics, a checkpoint of
+   another model): one line naming the file, never a library's raw exception.
+4. Signals while exiting: a Ctrl-C after SIGTERM's clean exit prints no traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
+from pathlib import Path
 from typing import Any, get_args
 
 import pytest
+import yaml
 from pydantic import BaseModel
-from run_helpers import tiny_lm_config, write_config, write_corpus
+from run_helpers import tiny_lm_config, trained, write_config, write_corpus
 from typer.testing import CliRunner
 
 from llmtrain.cli import app
@@ -284,3 +294,148 @@ def test_a_trained_tokenizer_leaves_no_lock_file(tmp_path):
     cfg = tiny_lm_config(tmp_path / "run", corpus, name="tok", max_steps=2)
     load_tokenizer(load_config(write_config(tmp_path / "cfg.yaml", cfg)))
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["tokenizer"]
+
+
+# ------------------------------------ 3. a damaged file we read: one line naming the file
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    return trained("lm", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def clf(tmp_path_factory):
+    return trained("classifier", tmp_path_factory)
+
+
+def _random_bytes(path: Path, *, reseal: bool) -> None:
+    """`path` becomes noise; `reseal` rewrites its folder's checksums.json to match (what
+    someone who can write the run can do), else the folder loses it (an older run's)."""
+    from llmtrain.engine.checkpoint import write_manifest
+
+    path.write_bytes(os.urandom(5000))
+    if reseal:
+        folder = path.parent
+        names = [f.name for f in folder.iterdir() if f.is_file() and f.name != "checksums.json"]
+        write_manifest(folder, sorted(set(names) - {"complete"}))
+    else:
+        (path.parent / "checksums.json").unlink(missing_ok=True)
+
+
+def _garbage(path: Path) -> None:
+    path.write_bytes(b"\x00\x01 not what it should be \x07{[")
+    (path.parent / "checksums.json").unlink(missing_ok=True)  # or the checksum names it
+
+
+DAMAGED = [
+    # (case, file in the run, how it is damaged, command after `llmtrain`, code)
+    ("final weights", "final/model.safetensors", "noise", "predict", 1),
+    ("final weights resealed", "final/model.safetensors", "noise+seal", "predict", 1),
+    ("checkpoint weights", "checkpoints/step-00000006/model.safetensors", "noise+seal",
+     "predict --checkpoint", 1),
+    ("checkpoint weights on resume", "checkpoints/step-00000006/model.safetensors",
+     "noise+seal", "fit --resume PATH", 1),
+    ("final tokenizer", "final/tokenizer.json", "garbage", "predict", 1),
+    ("resolved config, predict", "config.resolved.yaml", "garbage", "predict", 2),
+    ("resolved config, resume", "config.resolved.yaml", "garbage", "fit --resume auto", 1),
+]  # fmt: skip
+
+
+def _command(kind: str, run: Path, tmp_path: Path, resume_config: Path) -> list[str]:
+    step = str(run / "checkpoints" / "step-00000006")
+    docs = tmp_path / "in.txt"
+    docs.write_text("the cat sat on a mat\n")
+    return {
+        "predict": ["predict", str(run), "--input", str(docs)],
+        "predict --checkpoint": ["predict", str(run), "--input", str(docs), "--checkpoint", step],
+        "fit --resume PATH": ["fit", str(resume_config), "--resume", step],
+        "fit --resume auto": ["fit", str(resume_config), "--resume", "auto"],
+    }[kind]
+
+
+@pytest.mark.parametrize("case,name,damage,kind,code", DAMAGED, ids=[c[0] for c in DAMAGED])
+def test_a_damaged_file_is_one_line_naming_it(lm, tmp_path, case, name, damage, kind, code):
+    run = tmp_path / "run"
+    shutil.copytree(lm, run)
+    config = tmp_path / "cfg.yaml"
+    cfg = yaml.safe_load((lm / "config.resolved.yaml").read_text())
+    cfg["run"]["output_dir"] = str(run)
+    config.write_text(yaml.safe_dump(cfg))
+    if damage.startswith("noise"):
+        _random_bytes(run / name, reseal=damage.endswith("seal"))
+    else:
+        _garbage(run / name)
+    result = _cli(*_command(kind, run, tmp_path, config))
+    assert result.exit_code == code, result.output
+    errors = [line for line in result.stderr.splitlines() if str(run / name) in line]
+    assert len(errors) == 1, result.stderr
+    assert "Traceback" not in result.stderr and "(run with --debug" not in result.stderr
+
+
+def test_a_checkpoint_of_another_model_is_one_line(lm, clf, tmp_path):
+    """`predict --checkpoint` given a classifier's checkpoint for a causal LM's run."""
+    docs = tmp_path / "in.txt"
+    docs.write_text("the cat sat on a mat\n")
+    other = sorted((clf / "checkpoints").iterdir())[-1]
+    result = _cli("predict", str(lm), "--input", str(docs), "--checkpoint", str(other))
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith(
+        f"error: {other / 'model.safetensors'}: weights do not match the run's model (missing ["
+    ), result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+def test_torn_bytes_in_metrics_are_skipped_lines_not_a_crash(lm, tmp_path):
+    """metrics.jsonl holding bytes that are not UTF-8: `report` counts unreadable lines and
+    `fit --resume` drops them, as it drops a line a crash tore."""
+    from llmtrain.engine.metrics import truncate_after
+    from llmtrain.rundir import read_run_metrics
+
+    metrics = tmp_path / "metrics.jsonl"
+    good = (lm / "metrics.jsonl").read_bytes()
+    metrics.write_bytes(good + b"\xff\xfe\x00garbage\n5\n")
+    records, bad = read_run_metrics(tmp_path)
+    assert len(records) == good.count(b"\n") and len(bad) == 1
+    truncate_after(metrics, 10**6)
+    assert metrics.read_bytes() == good
+
+
+# ------------------------------------------------------------ 4. signals while exiting
+@pytest.mark.slow  # a real `fit` process: ~15 s on a loaded 2-core machine
+def test_ctrl_c_after_sigterm_prints_no_traceback(tmp_path):
+    """SIGTERM stops `fit` cleanly (exit 143, its two lines); Ctrl-C pressed again and again
+    from the moment the first line appears, through the interpreter's shutdown (atexit
+    handlers, where it used to land), changes nothing: no traceback, still 143."""
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    cfg = tiny_lm_config(tmp_path / "run", corpus, name="sig", max_steps=400, save_every=None)
+    config = write_config(tmp_path / "cfg.yaml", cfg)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmtrain", "fit", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 1):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    err = []
+    for line in proc.stderr:
+        err.append(line)
+        if "stopped by SIGTERM" in line:
+            break
+
+    def press_ctrl_c() -> None:
+        while proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGINT)
+            time.sleep(0.005)
+
+    threading.Thread(target=press_ctrl_c, daemon=True).start()
+    err.append(proc.stderr.read())
+    assert proc.wait(timeout=60) == 143, "".join(err)
+    text = "".join(err)
+    assert "stopped by SIGTERM after step" in text and "resume with: llmtrain fit" in text
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text, text
