@@ -37,8 +37,19 @@ from typer.testing import CliRunner
 from llmtrain.cli import app
 from llmtrain.config import Config, section_class, validation_problems
 from llmtrain.config.messages import dotted
+from llmtrain.errors import LLMTrainError
 
 runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    return trained("lm", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def clf(tmp_path_factory):
+    return trained("classifier", tmp_path_factory)
 
 
 def _cli(*args: str):
@@ -216,6 +227,31 @@ def test_a_path_of_the_wrong_kind_is_refused_naming_the_key(tmp_path, monkeypatc
     assert (tmp_path / "afile").read_text() == "mine\n"
 
 
+def test_an_output_file_of_the_wrong_kind_is_one_line(lm, tmp_path):
+    """Command-line outputs go through util/atomic: a folder given for a file, a file on the
+    way to a folder, are one line naming the path (not IsADirectoryError / FileExistsError),
+    and nothing is written."""
+    from llmtrain.util.atomic import atomic_dir, atomic_write
+
+    (tmp_path / "afile").write_text("mine\n")
+    (tmp_path / "adir").mkdir()
+    cases = [
+        (tmp_path / "adir", f"{tmp_path / 'adir'}: is a directory; name a file to write"),
+        (tmp_path / "afile" / "x.png", f"{tmp_path / 'afile'} is a file, not a directory"),
+    ]
+    for output, line in cases:
+        result = _cli("report", str(lm), "--output", str(output))
+        assert result.exit_code == 1 and line in result.stderr, result.output
+        assert result.stderr.count("\n") == 1, result.stderr
+    directory_over_a_file = atomic_dir(tmp_path / "afile")
+    with pytest.raises(LLMTrainError, match="is a file where a directory is written"):
+        directory_over_a_file.__enter__()
+    with pytest.raises(LLMTrainError, match="afile is a file, not a directory"):
+        atomic_write(tmp_path / "afile" / "deeper" / "x.json", "{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "afile"]
+    assert (tmp_path / "afile").read_text() == "mine\n" and not any((tmp_path / "adir").iterdir())
+
+
 # ---------------------------------------------------- 2. a full disk, wherever it is met
 # A real full disk: a small tmpfs in a private mount namespace (as tests/test_safety.py's
 # test_a_real_full_disk), so the ENOSPC comes from the kernel, through whatever layer writes.
@@ -297,16 +333,6 @@ def test_a_trained_tokenizer_leaves_no_lock_file(tmp_path):
 
 
 # ------------------------------------ 3. a damaged file we read: one line naming the file
-@pytest.fixture(scope="module")
-def lm(tmp_path_factory):
-    return trained("lm", tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def clf(tmp_path_factory):
-    return trained("classifier", tmp_path_factory)
-
-
 def _random_bytes(path: Path, *, reseal: bool) -> None:
     """`path` becomes noise; `reseal` rewrites its folder's checksums.json to match (what
     someone who can write the run can do), else the folder loses it (an older run's)."""
