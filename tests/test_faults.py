@@ -213,6 +213,7 @@ PATHS = [
     ("data.store=''", "data.store: must name a directory (got an empty path)"),
     ("data.store=afile", "data.store: 'afile' is a file, not a directory"),
     ("data.sft.chat_template=adir", "data.sft.chat_template: 'adir' is a directory, not a Jinja"),
+    ("model.pretrained=afile", "model.pretrained: 'afile' is a file; name a Hugging Face model"),
 ]
 
 
@@ -220,8 +221,9 @@ PATHS = [
 def test_a_path_of_the_wrong_kind_is_refused_naming_the_key(tmp_path, monkeypatch, override, line):
     (tmp_path / "afile").write_text("mine\n")
     (tmp_path / "adir").mkdir()
-    sft = ("data.train.format=chat",) if "chat_template" in override else ()
-    result = _validate_in(tmp_path, monkeypatch, override, *sft)
+    extra = {"chat_template": ("data.train.format=chat",), "pretrained": ("model.arch=null",)}
+    also = next((v for k, v in extra.items() if k in override), ())
+    result = _validate_in(tmp_path, monkeypatch, override, *also)
     assert result.exit_code == 2, result.output
     assert f"--set {override}: {line.format(tmp=tmp_path)}" in result.stderr, result.stderr
     assert (tmp_path / "afile").read_text() == "mine\n"

@@ -622,6 +622,9 @@ def _pretrained_config(
 ) -> tuple[dict[str, Any] | None, str, list[Problem]]:
     """(config.json values with overrides, its model_type, problems); None when unreadable."""
     key: KeyPath = ("model", "pretrained")
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        reason = f"{directory!r} is a file; name a Hugging Face model directory (save_pretrained)"
+        return None, "", [(key, reason)]
     if not os.path.isdir(directory):
         return (
             None,
