@@ -183,7 +183,9 @@ def load_run_tokenizer(run_dir: Path, cfg: Config) -> Any:
         try:
             tok = AutoTokenizer.from_pretrained(str(final), local_files_only=True)
         except Exception as e:  # the Rust tokenizer raises plain Exception on a bad file
-            raise _unreadable(final / "tokenizer.json", e, "cannot load the tokenizer") from None
+            # named by the message when it says which file (config.json is read too)
+            damaged = final if str(final) in str(e) else final / "tokenizer.json"
+            raise _unreadable(damaged, e, "cannot load the tokenizer") from None
     else:
         tok = load_tokenizer(cfg)
     ensure_special_tokens(tok, cfg.model.task)
@@ -232,8 +234,8 @@ def _from_final(run_dir: Path, cfg: Config) -> torch.nn.Module:
             **kwargs,
         )
     except Exception as e:  # safetensors' own error type for a damaged file, OSError, ...
-        weights = final / "model.safetensors"
-        raise _unreadable(weights if weights.is_file() else final, e) from None
+        damaged = final / "model.safetensors" if "Safetensor" in type(e).__name__ else final
+        raise _unreadable(damaged, e) from None
 
 
 def _from_checkpoint(path: Path, run_dir: Path, cfg: Config, tok: Any) -> torch.nn.Module:

@@ -363,6 +363,7 @@ DAMAGED = [
     ("checkpoint weights on resume", "checkpoints/step-00000006/model.safetensors",
      "noise+seal", "fit --resume PATH", 1),
     ("final tokenizer", "final/tokenizer.json", "garbage", "predict", 1),
+    ("final config", "final/config.json", "garbage", "predict", 1),
     ("resolved config, predict", "config.resolved.yaml", "garbage", "predict", 2),
     ("resolved config, resume", "config.resolved.yaml", "garbage", "fit --resume auto", 1),
 ]  # fmt: skip
