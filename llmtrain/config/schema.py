@@ -42,7 +42,7 @@ def _scalars(value: Any) -> list[Any]:
 class Section(BaseModel):
     """Base of every config section: unknown keys are errors, values are validated on assignment,
     and in every field of every section (those added later too): floats are finite, booleans
-    are not numbers nor numbers booleans, integers fit in 64 bits."""
+    are not numbers nor numbers booleans, integer fields hold at most 64 bits."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
@@ -61,7 +61,7 @@ class Section(BaseModel):
                     raise PydanticCustomError("bool_as_number", "a boolean is not a number")
             elif isinstance(x, (int, float)) and not numeric and _admits(annotation, bool):
                 raise PydanticCustomError("bool_strict", "a number is not a boolean")
-            elif isinstance(x, int) and abs(x) > MAX_INT:
+            elif isinstance(x, int) and abs(x) > MAX_INT and not _admits(annotation, float):
                 raise PydanticCustomError("int_too_large", "too large")
         return value
 
