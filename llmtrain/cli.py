@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
 import sys
 import traceback
@@ -178,6 +179,13 @@ def _relaunch(nproc: int | None, command: list[str], set_: list[str] | None, cfg
     if code:
         raise typer.Exit(code)
     return True
+
+
+def _finite(value: float) -> float:
+    """A float option is a finite number: click reads 'inf' (and 'nan') as floats."""
+    if not math.isfinite(value):
+        raise typer.BadParameter(f"must be a finite number (got {value})")
+    return value
 
 
 def _version(value: bool) -> None:
@@ -494,7 +502,13 @@ def generate(
         int, typer.Option("--max-new-tokens", min=1, help="Tokens to generate at most.")
     ] = 100,
     temperature: Annotated[
-        float, typer.Option("--temperature", min=0.0, help="Sampling temperature; 0 is greedy.")
+        float,
+        typer.Option(
+            "--temperature",
+            min=0.0,
+            callback=_finite,
+            help="Sampling temperature; 0 is greedy.",
+        ),
     ] = 0.8,
     top_p: Annotated[
         float,

@@ -255,6 +255,12 @@ def test_an_output_file_of_the_wrong_kind_is_one_line(lm, tmp_path):
     assert (tmp_path / "afile").read_text() == "mine\n" and not any((tmp_path / "adir").iterdir())
 
 
+def test_a_float_option_is_finite(lm):
+    """click reads 'inf' as a float: `generate --temperature inf` sampled noise."""
+    result = _cli("generate", str(lm), "--prompt", "the", "--temperature", "inf")
+    assert result.exit_code == 2 and "must be a finite number (got inf)" in result.output
+
+
 # ---------------------------------------------------- 2. a full disk, wherever it is met
 # A real full disk: a small tmpfs in a private mount namespace (as tests/test_safety.py's
 # test_a_real_full_disk), so the ENOSPC comes from the kernel, through whatever layer writes.
