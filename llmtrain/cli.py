@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
 import sys
 import traceback
@@ -21,6 +22,7 @@ from typer.core import TyperGroup
 
 from llmtrain import __version__
 from llmtrain.console import say
+from llmtrain.engine.signals import shield
 from llmtrain.errors import ConfigError, LLMTrainError
 
 
@@ -57,7 +59,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-_state = {"debug": False}
+_state = {"debug": False, "process": False}
 
 
 ConfigArg = Annotated[
@@ -91,6 +93,14 @@ def _debug() -> bool:
     return _state["debug"] or os.environ.get("LLMTRAIN_DEBUG", "") not in ("", "0")
 
 
+def _exiting() -> None:
+    """The command has failed or stopped and is on its way out: from here further signals are
+    ignored (engine/signals.shield), when this process is the command's own (`main`); an
+    in-process caller (tests through CliRunner) keeps its handlers."""
+    if _state["process"]:
+        shield()
+
+
 def _delegate(command: str, *args: Any, **kwargs: Any) -> None:
     """`llmtrain.commands.<command>.execute(*args, **kwargs)` under `_guarded`, imported only
     when the command runs (so `--help` never imports torch)."""
@@ -108,26 +118,32 @@ def _refuse(message: str) -> Callable[[], None]:
 
 
 def _guarded(command: str, work: Callable[[], Any], interrupted: str = "interrupted") -> None:
-    """Run a command's work and map what it raises to a message and an exit code."""
+    """Run a command's work and map what it raises to a message and an exit code. On every
+    failure the exit is shielded first: a second Ctrl-C or SIGTERM (a user pressing twice, a
+    scheduler sending TERM and the user Ctrl-C) must not turn the clean line into a traceback."""
     try:
         work()
     except ConfigError as e:
+        _exiting()
         if _debug():
             traceback.print_exc()
         for line in e.messages:
             say(line, every_rank=True)
         raise typer.Exit(2) from None
     except LLMTrainError as e:
+        _exiting()
         if _debug():
             traceback.print_exc()
         say(f"error: {e}", every_rank=True)
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
+        _exiting()
         say(f"llmtrain {command}: {interrupted}", every_rank=True)
         raise typer.Exit(130) from None
     except (typer.Exit, typer.Abort):
         raise
     except Exception as e:  # the last resort: any other failure is one line, not a traceback
+        _exiting()
         if _debug():
             traceback.print_exc()
             raise typer.Exit(1) from None
@@ -159,6 +175,13 @@ def _relaunch(nproc: int | None, command: list[str], set_: list[str] | None, cfg
     if code:
         raise typer.Exit(code)
     return True
+
+
+def _finite(value: float) -> float:
+    """A float option is a finite number: click reads 'inf' (and 'nan') as floats."""
+    if not math.isfinite(value):
+        raise typer.BadParameter(f"must be a finite number (got {value})")
+    return value
 
 
 def _version(value: bool) -> None:
@@ -231,6 +254,7 @@ def fit(
         try:
             command.execute(cfg, resume=resume, dry_run=dry_run, overwrite=overwrite)
         except Preempted as e:  # SIGTERM: not an error; say how to continue
+            _exiting()
             say(f"llmtrain fit: {e}", every_rank=True)
             if e.checkpoint is not None:
                 say(f"resume with: {_resume_command(config, set_, nproc)}", every_rank=True)
@@ -283,7 +307,8 @@ def chunk(
         bool, typer.Option("--force", help="Rebuild the token stores even if they are current.")
     ] = False,
     workers: Annotated[
-        int | None, typer.Option("--workers", min=1, help="Tokenizer threads (default all cores).")
+        int | None,
+        typer.Option("--workers", min=1, max=1024, help="Tokenizer threads (default all cores)."),
     ] = None,
 ) -> None:
     """Tokenize the corpus and cut it into fixed-length chunks (the on-disk token store)."""
@@ -479,7 +504,13 @@ def generate(
         int, typer.Option("--max-new-tokens", min=1, help="Tokens to generate at most.")
     ] = 100,
     temperature: Annotated[
-        float, typer.Option("--temperature", min=0.0, help="Sampling temperature; 0 is greedy.")
+        float,
+        typer.Option(
+            "--temperature",
+            min=0.0,
+            callback=_finite,
+            help="Sampling temperature; 0 is greedy.",
+        ),
     ] = 0.8,
     top_p: Annotated[
         float,
@@ -539,7 +570,11 @@ def report(
 
 def main() -> None:
     """Entry point of the console script and of `python -m llmtrain`."""
-    app(prog_name="llmtrain")
+    _state["process"] = True
+    try:
+        app(prog_name="llmtrain")
+    finally:  # a success too: Ctrl-C during the interpreter's shutdown prints a traceback
+        _exiting()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -94,7 +94,7 @@ CASES = [
     Case("micro-word", edit(("  micro_batch: 2", "  micro_batch: automatic")),
          'cfg.yaml:21:3: batch.micro_batch: must be an integer or "auto" (got \'automatic\')'),
     Case("float-from-word", edit(("  lr: 1.0e-3", "  lr: fast")),
-         "cfg.yaml:23:3: optim.lr: must be a number (got 'fast')"),
+         "cfg.yaml:23:3: optim.lr: must be a positive number (got 'fast')"),
     Case("bool-from-word", edit(("  arch: gpt2", "  arch: gpt2\n  gradient_checkpointing: maybe")),
          "cfg.yaml:6:3: model.gradient_checkpointing: must be true or false (got 'maybe')"),
     Case("section-is-list", edit(("batch:\n  global_batch: 8\n  micro_batch: 2\n", "batch: [8, 2]\n")),

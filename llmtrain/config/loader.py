@@ -158,10 +158,12 @@ def _read_yaml(file: str) -> tuple[dict[str, Any], Positions]:
         raise ConfigError(f"{file}: is a directory, expected a YAML config file") from e
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{file}: cannot read config file ({e})") from e
-    loader = _PositionLoader(text)
     positions: Positions = {(): Where(file)}
     problems: list[str] = []
+    loader: _PositionLoader | None = None
     try:
+        # Built inside the try: the reader refuses control characters as it is constructed.
+        loader = _PositionLoader(text)
         node = _compose(loader, file)
         # Positions are read from the composed nodes before construction, which rewrites
         # merge keys (`<<: *base`) in place.
@@ -174,9 +176,10 @@ def _read_yaml(file: str) -> tuple[dict[str, Any], Positions]:
         problem = " ".join(str(x) for x in (e.context, e.problem) if x)
         raise ConfigError(f"{where}: invalid YAML: {problem}") from e
     except yaml.YAMLError as e:
-        raise ConfigError(f"{file}: invalid YAML: {e}") from e
+        raise ConfigError(f"{file}: invalid YAML: {' '.join(str(e).split())}") from e
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     if data is None:
         raise ConfigError(
             f"{file}:1:1: the file is empty; expected a mapping of sections (run, model, data, ...)"

@@ -60,16 +60,30 @@ def show_value(value: Any) -> str:
 
 # ------------------------------------------------------------------- what a field accepts
 def field_at(path: KeyPath) -> tuple[type[BaseModel] | None, FieldInfo | None]:
-    """(model holding the last key of `path`, its FieldInfo); None where the path leaves models."""
+    """(model holding the last key of `path`, its FieldInfo); None where the path leaves models.
+    An item of a list or tuple field (`optim.betas.1`) gets its item type's FieldInfo."""
     model: type[BaseModel] | None = Config
     info: FieldInfo | None = None
     for i, part in enumerate(path):
+        if isinstance(part, int) and info is not None and i == len(path) - 1:
+            return model, _item_info(info.annotation, part)
         if model is None or part not in model.model_fields:
             return (model if i == len(path) - 1 else None), None
         info = model.model_fields[str(part)]
         if i < len(path) - 1:
             model = section_class(info.annotation)
     return model, info
+
+
+def _item_info(annotation: Any, index: int) -> FieldInfo | None:
+    """The FieldInfo of item `index` of a tuple[...] or list[...] annotation (bounds included)."""
+    for arg in (annotation, *get_args(annotation)):
+        origin, args = get_origin(arg), get_args(arg)
+        if origin is tuple and args and args[-1] is not Ellipsis and index < len(args):
+            return FieldInfo.from_annotation(args[index])
+        if origin in (tuple, list) and args:
+            return FieldInfo.from_annotation(args[0])
+    return None
 
 
 def _flat_types(annotation: Any) -> set[Any]:
@@ -136,7 +150,23 @@ def _expectation(err: dict[str, Any], info: FieldInfo | None) -> str:
     kind, ctx = err["type"], err.get("ctx") or {}
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         return _range_phrase(_numeric_noun(info), *_bounds(info, ctx))
-    if kind.startswith(("int_", "float_")) and any(_bounds(info, {})):
+    bounded = any(b is not None for b in _bounds(info, {}))
+    if kind == "finite_number":
+        return "a finite number"
+    if kind in ("bool_as_number", "int_too_large"):
+        # A value of the wrong sort (true, 10**30) where a number belongs: say what is.
+        noun = _numeric_noun(info)
+        ge, gt, le, lt = _bounds(info, {})
+        if kind == "int_too_large" and le is None and lt is None:
+            phrase = "an integer below 2^63"
+        elif bounded:
+            phrase = _range_phrase(noun, ge, gt, le, lt)
+        else:
+            phrase = "an integer" if noun == "integer" else "a number"
+        if isinstance(err["input"], (list, tuple)):
+            return f"a list, each item {phrase}"
+        return phrase + _literals(info)
+    if kind.startswith(("int_", "float_")) and bounded:
         # A word where a bounded number belongs: say the whole expectation at once.
         noun = "integer" if kind.startswith("int_") else _numeric_noun(info)
         return _range_phrase(noun, *_bounds(info, {}))
@@ -168,6 +198,12 @@ def _expectation(err: dict[str, Any], info: FieldInfo | None) -> str:
     if kind == "too_short":
         return f"a list of at least {ctx.get('min_length')} items"
     return re.sub(r"^(Value|Assertion) error, ", "", err["msg"]).rstrip(".")
+
+
+def _literals(info: FieldInfo | None) -> str:
+    """' or "auto"' for a field that also takes words (batch.micro_batch: int | "auto")."""
+    types = _flat_types(info.annotation) if info is not None else set()
+    return "".join(f' or "{w}"' for w in sorted(t for t in types if isinstance(t, str)))
 
 
 def _split_loc(

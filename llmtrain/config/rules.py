@@ -112,6 +112,33 @@ def _tokenizer_source(cfg: Config, raw: dict[str, Any]) -> Iterator[Problem]:
         )
 
 
+def _directory_problem(path: str) -> str | None:
+    """Why `path` cannot be (or become) a directory the run writes into; None when it can."""
+    if not path.strip():
+        return "must name a directory (got an empty path)"
+    if os.path.exists(path) and not os.path.isdir(path):
+        return f"{path!r} is a file, not a directory; name a directory (or move the file)"
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{parent!r} is a file, so no directory can be made under it"
+    return None
+
+
+@rule("run", "data")
+def _written_directories(cfg: Config, raw: dict[str, Any]) -> Iterator[Problem]:
+    """The folders the run writes into: never empty (that writes into the current
+    directory), never a file, nor under one."""
+    places = [(("run", "output_dir"), cfg.run.output_dir)]
+    if cfg.data.store is not None:
+        places.append((("data", "store"), cfg.data.store))
+    for key, path in places:
+        problem = _directory_problem(path)
+        if problem is not None:
+            yield key, problem
+
+
 @rule("data")
 def _data_sources(cfg: Config, raw: dict[str, Any]) -> Iterator[Problem]:
     d = cfg.data
@@ -375,7 +402,9 @@ def _sft_data(cfg: Config, raw: dict[str, Any]) -> Iterator[Problem]:
         )
     yield from _plain_pairs(d)
     template = d.sft.chat_template
-    if template is not None and not os.path.isfile(template):
+    if template is not None and os.path.isdir(template):
+        yield (("data", "sft", "chat_template"), f"{template!r} is a directory, not a Jinja file")
+    elif template is not None and not os.path.isfile(template):
         yield (
             ("data", "sft", "chat_template"),
             f"no such file {template!r} (a Jinja chat template; relative paths are from the "
@@ -452,6 +481,12 @@ _POSITION_KEYS = ("n_positions", "max_position_embeddings", "n_ctx")
 # The names HF configs give the depth (attribute_map aliases included); zero builds a model
 # that trains nothing but the embeddings, and says nothing.
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+# What can be built: a config class makes per-layer lists, and a model one module per layer,
+# before anything could refuse; the largest models trained have ~100-200 layers.
+MAX_LAYERS = 10_000
+# 10^12 parameters are 4 TB of fp32 weights (2 TB in bf16) before any optimizer state: more
+# than one machine holds, so no single-node run of llmtrain can build the model.
+MAX_PARAMETERS = 10**12
 
 
 @rule("model", hf=True)
@@ -471,6 +506,8 @@ def _model_limits(cfg: Config, raw: dict[str, Any]) -> Iterator[Problem]:
     if values is None:
         return
     yield from _layer_count(values, m.config, m.config_overrides, where_limit)
+    if m.arch or m.config_overrides:  # a pretrained model as saved was built once already
+        yield from _model_size(m.arch, m.pretrained, m.config, m.config_overrides, m.task)
     if cfg.data is None:
         return
     for key in _POSITION_KEYS:
@@ -510,6 +547,85 @@ def _layer_count(
             return
 
 
+def _too_many_layers(config: dict[str, Any], overrides: dict[str, Any]) -> list[Problem]:
+    """A depth past MAX_LAYERS, refused before the config class builds its per-layer lists."""
+    for section, values in (("config", config), ("config_overrides", overrides)):
+        for key in _LAYER_KEYS:
+            n = values.get(key)
+            if isinstance(n, int) and n > MAX_LAYERS:
+                reason = (
+                    f"must be at most {MAX_LAYERS:,} (got {n:,}): no model that deep can be built"
+                )
+                return [(("model", section, key), reason)]
+    return []
+
+
+def _model_size(
+    arch: str | None, pretrained: str | None, config: dict[str, Any], overrides: dict[str, Any],
+    task: str,
+) -> Iterator[Problem]:  # fmt: skip
+    """Refuse a model above MAX_PARAMETERS, or one whose sizes cannot be built at all,
+    counted on the meta device (nothing allocated) and named at the largest size written."""
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    written = {**config, **overrides}
+    sizes = {k: v for k, v in written.items() if isinstance(v, int) and not isinstance(v, bool)}
+    where: KeyPath = ("model", "config" if arch else "config_overrides")
+    if sizes:
+        largest = max(sizes, key=sizes.__getitem__)
+        where = ("model", "config_overrides" if largest in overrides else "config", largest)
+    try:
+        hf = AutoConfig.from_pretrained(pretrained) if pretrained else CONFIG_MAPPING[arch]()
+        for key, value in written.items():
+            setattr(hf, key, value)
+        n = parameter_count(hf, task)
+    except Exception as e:  # a size torch cannot hold (overflow), a shape the model refuses
+        text = " ".join(str(e).split())
+        if "meta" in text:
+            return  # a model that cannot be traced on the meta device: nothing to say here
+        yield where, f"cannot be built: {text}"
+        return
+    if n is not None and n > MAX_PARAMETERS:
+        yield (
+            where,
+            f"builds a model of {n:.3g} parameters, above the {MAX_PARAMETERS:.0e} that one "
+            f"machine can hold ({4 * MAX_PARAMETERS / 1e12:.0f} TB of fp32 weights); make it "
+            "smaller",
+        )
+
+
+def parameter_count(hf: Any, task: str) -> int | None:
+    """The model's parameters, exact for a stack of identical layers: counted with 1 and 2
+    layers on the meta device and extrapolated, so a deep model costs no more than a shallow
+    one. None for a model that the task's auto class does not build (encoder-decoder...)."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
+    if type(hf) not in auto._model_mapping:
+        return None
+
+    def count(config: Any) -> int:
+        with torch.device("meta"):
+            model = auto.from_config(config)
+        return sum(p.numel() for p in model.parameters())
+
+    key = next((k for k in _LAYER_KEYS if isinstance(getattr(hf, k, None), int)), None)
+    if key is None or getattr(hf, key) < 2:
+        return count(hf)
+    counts = []
+    for layers in (1, 2):
+        small = copy.deepcopy(hf)
+        setattr(small, key, layers)
+        if isinstance(getattr(small, "layer_types", None), list):
+            small.layer_types = small.layer_types[:layers]
+        counts.append(count(small))
+    return counts[0] + (getattr(hf, key) - 1) * (counts[1] - counts[0])
+
+
 def _arch_config(
     arch: str, config: dict[str, Any], overrides: dict[str, Any]
 ) -> tuple[dict[str, Any] | None, str, list[Problem]]:
@@ -537,6 +653,7 @@ def _arch_config(
             if key not in known:
                 hint = did_you_mean(key, known)
                 problems.append((("model", section, key), f"not a field of {cls.__name__}" + hint))
+    problems += _too_many_layers(config, overrides)
     if problems:
         return None, arch, problems
     merged = {**config, **overrides}
@@ -573,6 +690,9 @@ def _pretrained_config(
 ) -> tuple[dict[str, Any] | None, str, list[Problem]]:
     """(config.json values with overrides, its model_type, problems); None when unreadable."""
     key: KeyPath = ("model", "pretrained")
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        reason = f"{directory!r} is a file; name a Hugging Face model directory (save_pretrained)"
+        return None, "", [(key, reason)]
     if not os.path.isdir(directory):
         return (
             None,
@@ -605,4 +725,7 @@ def _pretrained_config(
         return None, "", [(key, f"cannot read {config_file}: {e}")]
     if not isinstance(values, dict):
         return None, "", [(key, f"{config_file} is {kind_of(values)}, expected a JSON object")]
+    too_deep = _too_many_layers({}, overrides)
+    if too_deep:
+        return None, "", too_deep
     return {**values, **overrides}, str(values.get("model_type", "")), []

@@ -12,15 +12,58 @@ live in the sibling modules `loader`, `messages` and `rules`.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
+
+# The largest integer any field holds: what numpy, torch and the C libraries below them store
+# (int64). A larger one is a typo, and would fail far from the config with an OverflowError.
+MAX_INT = 2**63 - 1
+# Threads of one process: each is an OS thread with its own stack, started at once; no machine
+# has this many cores, so more only thrashes.
+MAX_THREADS = 1024
+
+
+def _admits(annotation: Any, kind: type) -> bool:
+    """Whether a value of `kind` belongs in a field of this annotation (Any admits all)."""
+    if annotation is Any or annotation is kind:
+        return True
+    return any(_admits(a, kind) for a in get_args(annotation) if not isinstance(a, str))
+
+
+def _scalars(value: Any) -> list[Any]:
+    """The scalars of a value and of its lists (a mapping's values are its own fields)."""
+    if isinstance(value, (list, tuple)):
+        return [x for item in value for x in _scalars(item)]
+    return [value]
 
 
 class Section(BaseModel):
-    """Base of every config section: unknown keys are errors, values are validated on assignment."""
+    """Base of every config section: unknown keys are errors, values are validated on assignment,
+    and in every field of every section (those added later too): floats are finite, booleans
+    are not numbers nor numbers booleans, integer fields hold at most 64 bits."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode reads `true` as 1 (and 1.0); strict mode would also refuse a
+        # list for a tuple, so the check is here, once, for every field of every section.
+        annotation = cls.model_fields[info.field_name or ""].annotation
+        if get_origin(annotation) is dict or _admits(annotation, dict):
+            return value  # a free mapping (model.config): its values are checked by their owner
+        numeric = _admits(annotation, int) or _admits(annotation, float)
+        for x in _scalars(value):
+            if isinstance(x, bool):
+                if numeric and not _admits(annotation, bool):
+                    raise PydanticCustomError("bool_as_number", "a boolean is not a number")
+            elif isinstance(x, (int, float)) and not numeric and _admits(annotation, bool):
+                raise PydanticCustomError("bool_strict", "a number is not a boolean")
+            elif isinstance(x, int) and abs(x) > MAX_INT and not _admits(annotation, float):
+                raise PydanticCustomError("int_too_large", "too large")
+        return value
 
 
 # --------------------------------------------------------------------------------------- run
@@ -47,8 +90,9 @@ class RunConfig(Section):
     threads: int | None = Field(
         None,
         ge=1,
-        description="Intra-op CPU threads of this process; null = $OMP_NUM_THREADS if set, "
-        "else the physical cores. An explicit value wins over OMP_NUM_THREADS.",
+        le=MAX_THREADS,
+        description="Intra-op CPU threads of this process (1 to 1024); null = $OMP_NUM_THREADS "
+        "if set, else the physical cores. An explicit value wins over OMP_NUM_THREADS.",
     )
     peak_flops: float | None = Field(
         None,
@@ -294,7 +338,10 @@ class DataConfig(Section):
         "edits, not every bit flip) | auto (full up to 1 GiB, else sampled).",
     )
     workers: int | None = Field(
-        None, ge=1, description="Tokenizer threads for chunking; default all cores."
+        None,
+        ge=1,
+        le=MAX_THREADS,
+        description="Tokenizer threads for chunking (1 to 1024); default all cores.",
     )
     chunk: ChunkConfig = Field(default_factory=ChunkConfig, description="Chunking settings.")
     sft: SftConfig = Field(
@@ -344,6 +391,10 @@ class BatchConfig(Section):
 
 
 # ------------------------------------------------------------------------------------- optim
+# An Adam beta is a decay rate: 1 never forgets (the moments stop moving), above 1 diverges.
+Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
 class OptimConfig(Section):
     """Optimizer and learning-rate schedule (counted in optimizer steps)."""
 
@@ -357,7 +408,9 @@ class OptimConfig(Section):
     weight_decay: float = Field(
         0.1, ge=0.0, description="Decoupled weight decay (not on biases/norms)."
     )
-    betas: tuple[float, float] = Field((0.9, 0.95), description="Adam betas.")
+    betas: tuple[Beta, Beta] = Field(
+        (0.9, 0.95), description="Adam betas (beta1, beta2), each in [0, 1)."
+    )
     eps: float = Field(1.0e-8, gt=0.0, description="Adam epsilon.")
     momentum: float = Field(0.0, ge=0.0, lt=1.0, description="sgd: momentum.")
     grad_clip: float | None = Field(

@@ -44,6 +44,7 @@ from llmtrain.data.corpus import Document, ReadStats, iter_documents, label_kind
 from llmtrain.data.sft import ChatEncoder, conversation_encoder
 from llmtrain.data.store import TokenStore, TokenStoreWriter
 from llmtrain.errors import LLMTrainError
+from llmtrain.util.atomic import is_out_of_space, no_space
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -413,9 +414,12 @@ class _Builder:
             else:
                 self._pass(d.train, "data.train", lambda doc: train, train)
                 stores = {"train": train.close(None)}
-        except BaseException:
+        except BaseException as e:
+            wrote = sum(w.writer.num_tokens * w.writer.dtype.itemsize for w in writers.values())
             for w in writers.values():
                 w.writer.abort()
+            if isinstance(e, Exception) and is_out_of_space(e):
+                raise no_space(self.root, "the token store", None, wrote) from e
             raise
         return stores, {n: {**s.meta["stats"], "up_to_date": False} for n, s in stores.items()}
 

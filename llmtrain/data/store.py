@@ -28,6 +28,7 @@ FULL_VERIFY_MAX_BYTES and sampled above.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -105,12 +106,17 @@ class TokenStoreWriter:
         self.extra_meta = dict(meta or {})
         self.tmp = temp_sibling(self.path)
         shutil.rmtree(self.tmp, ignore_errors=True)  # this pid's own leftover, if any
-        self.tmp.mkdir(parents=True)
-        self._tokens = open(self.tmp / TOKENS, "wb")  # noqa: SIM115 (closed in close/abort)
-        self._names = open(self.tmp / NAMES, "w", encoding="utf-8")  # noqa: SIM115
+        self._tokens = self._names = self._mask = None
+        try:
+            self.tmp.mkdir(parents=True)
+            self._tokens = open(self.tmp / TOKENS, "wb")  # noqa: SIM115 (closed in close/abort)
+            self._names = open(self.tmp / NAMES, "w", encoding="utf-8")  # noqa: SIM115
+            # Instruction data: one byte per token (1 = a target), written beside the tokens.
+            self._mask = open(self.tmp / MASK, "wb") if loss_mask else None  # noqa: SIM115
+        except BaseException:
+            self.abort()
+            raise
         self._hash = hashlib.sha256()
-        # Instruction data: one byte per token (1 = a target), written beside the tokens.
-        self._mask = open(self.tmp / MASK, "wb") if loss_mask else None  # noqa: SIM115
         self._mask_hash = hashlib.sha256()
         self.num_tokens = 0
         self._lengths = array("q")
@@ -201,12 +207,24 @@ class TokenStoreWriter:
         self._starts_index.extend((self._starts_index[-1] + np.cumsum(counts)).tolist())
 
     # -------------------------------------------------------------------------- finalising
+    def _close_files(self) -> None:
+        """Close the open files; a flush that fails (a full disk) is the caller's to report,
+        after the others are closed too."""
+        failed: OSError | None = None
+        for f in (self._tokens, self._names, self._mask):
+            try:
+                if f is not None:
+                    f.close()
+            except OSError as e:
+                failed = failed or e
+        if failed is not None:
+            raise failed
+
     def abort(self) -> None:
-        """Drop the half-written store (the old one, if any, is untouched)."""
-        self._tokens.close()
-        self._names.close()
-        if self._mask is not None:
-            self._mask.close()
+        """Drop the half-written store (the old one, if any, is untouched). Its files are
+        closed without flushing what a full disk refused: they are deleted anyway."""
+        with contextlib.suppress(OSError):
+            self._close_files()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def close(
@@ -217,11 +235,8 @@ class TokenStoreWriter:
         `label_names` fixes the label↔id map (eval uses train's); by default it is the sorted
         set of labels seen. A label missing from a given map is an LLMTrainError naming it.
         """
-        self._tokens.close()
-        self._names.close()
-        if self._mask is not None:
-            self._mask.close()
         try:
+            self._close_files()
             return self._finalise(label_names, stats or {})
         except BaseException:
             shutil.rmtree(self.tmp, ignore_errors=True)

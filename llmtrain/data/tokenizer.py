@@ -13,7 +13,6 @@ may grow the vocabulary: models are built, or resized, with `len(tokenizer)`).
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -38,6 +37,7 @@ from llmtrain.data.corpus import corpus_fingerprint, iter_documents
 from llmtrain.data.encode import document_batches
 from llmtrain.errors import LLMTrainError
 from llmtrain.util.atomic import atomic_dir
+from llmtrain.util.locks import exclusive
 
 FINGERPRINT_FILE = "llmtrain_tokenizer.json"
 _FINGERPRINT_VERSION = 1
@@ -220,8 +220,7 @@ def _trained(cfg: Config, train: TokenizerTrainConfig) -> PreTrainedTokenizerFas
     target.parent.mkdir(parents=True, exist_ok=True)
     # Under torchrun every rank gets here at once: the first trains and saves, the others
     # wait on the lock and then find a valid cache.
-    with open(target.parent / ".tokenizer.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with exclusive(target.parent / ".tokenizer.lock"):
         cached = _load_cached(target, want)
         if cached is not None:
             return cached

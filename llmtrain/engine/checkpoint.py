@@ -410,8 +410,8 @@ def apply_checkpoint(
             ) from e
         if missing or unexpected:
             raise LLMTrainError(
-                f"{path}: weights do not match the model (missing {missing[:3]}, unexpected "
-                f"{unexpected[:3]}); was it written with another model config?"
+                f"{path}: weights do not match the model (missing {sorted(missing)[:3]}, "
+                f"unexpected {sorted(unexpected)[:3]}); was it written with another model config?"
             )
     try:
         optimizer.load_state_dict(ckpt.optimizer)

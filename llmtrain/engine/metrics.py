@@ -26,13 +26,13 @@ def truncate_after(path: Path, step: int) -> None:
     if not path.is_file():
         return
     kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             record = json.loads(line)
-        except ValueError:
-            continue  # a line torn by a crash
-        if int(record.get("step", 0)) <= step:
-            kept.append(line)
+            if int(record.get("step", 0)) <= step:
+                kept.append(line)
+        except (ValueError, TypeError, AttributeError):
+            continue  # a line torn by a crash, or not a record of ours
     path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
 
 

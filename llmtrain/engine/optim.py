@@ -121,10 +121,10 @@ def import_bitsandbytes(needed_by: str):
     """bitsandbytes, or one line naming what needs it and how to install it."""
     try:
         import bitsandbytes
-    except ImportError:
+    except ImportError as e:
         raise LLMTrainError(
             f"{needed_by} needs bitsandbytes, which is not installed: pip install 'llmtrain[qlora]'"
-        ) from None
+        ) from e
     return bitsandbytes
 
 

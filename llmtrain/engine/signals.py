@@ -5,7 +5,8 @@ finish the current optimizer step, write a checkpoint, exit 143 with the resume 
 called `defer_to_step_end()` there is nothing worth saving, so a SIGTERM raises `Preempted`
 at once; afterwards it only sets a flag, which the loop reads at the end of every step
 (`requested()`; under torchrun the ranks agree on it with one all-reduce, so they stop at the
-same step). SIGINT (Ctrl-C) is untouched: KeyboardInterrupt, exit 130, as before.
+same step). SIGINT (Ctrl-C) is untouched: KeyboardInterrupt, exit 130, as before. Once the
+CLI has chosen how it exits (`shield()`), further signals are ignored.
 
 No torch here: the CLI imports `Preempted` to map it to exit code 143.
 """
@@ -61,6 +62,15 @@ def sigterm_guard() -> Iterator[None]:
     finally:
         signal.signal(signal.SIGTERM, previous)
         _state.update(installed=False, deferring=False, requested=False)
+
+
+def shield() -> None:
+    """The process is on its way out (its message chosen, its exit code set): from here a
+    SIGTERM or Ctrl-C is ignored, as a second one would raise inside the exit path (after the
+    clean message) and print a traceback. Main thread only; elsewhere nothing to do."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def active() -> bool:

@@ -150,8 +150,9 @@ def refusal(change: Change, step: int) -> str | None:
 def read_resolved(path: Path) -> dict[str, Any]:
     try:
         tree = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as e:
-        raise LLMTrainError(f"{path}: cannot read the run's config ({e})") from e
+    except (OSError, ValueError, yaml.YAMLError) as e:  # ValueError: bytes that are not UTF-8
+        text = " ".join(str(e).split())
+        raise LLMTrainError(f"{path}: cannot read the run's config ({text})") from e
     if not isinstance(tree, dict):
         raise LLMTrainError(f"{path}: not a config (a mapping was expected)")
     return tree

@@ -109,7 +109,8 @@ def read_run_metrics(run_dir: str | Path) -> tuple[list[dict[str, Any]], list[st
     if not path.is_file():
         raise LLMTrainError(f"{path}: no such file; has the run logged a step yet?")
     records, bad = [], []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    text = path.read_text(encoding="utf-8", errors="replace")  # torn bytes: a bad line
+    for lineno, line in enumerate(text.splitlines(), 1):
         try:
             record = json.loads(line)
         except ValueError:
@@ -147,6 +148,12 @@ def run_micro_batch(run_dir: str | Path, cfg: Config) -> int | None:
 
 
 # ------------------------------------------------------------------------------- model
+def _unreadable(file: Path, e: Exception, what: str = "cannot load") -> LLMTrainError:
+    """One line naming the file a library failed to read (safetensors, tokenizers and json
+    raise their own types, with messages over several lines)."""
+    return LLMTrainError(f"{file}: {what} ({type(e).__name__}: {' '.join(str(e).split())})")
+
+
 def _hf_quiet() -> None:
     from transformers.utils import logging as hf_logging
 
@@ -161,7 +168,12 @@ def load_run_tokenizer(run_dir: Path, cfg: Config) -> Any:
     if (final / "tokenizer.json").is_file():
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(str(final), local_files_only=True)
+        try:
+            tok = AutoTokenizer.from_pretrained(str(final), local_files_only=True)
+        except Exception as e:  # the Rust tokenizer raises plain Exception on a bad file
+            # named by the message when it says which file (config.json is read too)
+            damaged = final if str(final) in str(e) else final / "tokenizer.json"
+            raise _unreadable(damaged, e, "cannot load the tokenizer") from e
     else:
         tok = load_tokenizer(cfg)
     ensure_special_tokens(tok, cfg.model.task)
@@ -175,8 +187,11 @@ def _run_labels(run_dir: Path, cfg: Config) -> tuple[int | None, list[str] | Non
         return None, None
     config = run_dir / FINAL_DIR / "config.json"
     if config.is_file():
-        id2label = json.loads(config.read_text(encoding="utf-8")).get("id2label") or {}
-        names = [str(id2label[k]) for k in sorted(id2label, key=int)]
+        try:
+            id2label = json.loads(config.read_text(encoding="utf-8")).get("id2label") or {}
+            names = [str(id2label[k]) for k in sorted(id2label, key=int)]
+        except (ValueError, AttributeError, TypeError) as e:
+            raise _unreadable(config, e, "not a model config") from e
         if names:
             return len(names), names
     train = store_root(cfg) / "train"
@@ -188,6 +203,8 @@ def _run_labels(run_dir: Path, cfg: Config) -> tuple[int | None, list[str] | Non
 
 
 def _from_final(run_dir: Path, cfg: Config) -> torch.nn.Module:
+    from safetensors import SafetensorError
+
     final = run_dir / FINAL_DIR
     if not (final / "config.json").is_file():
         raise LLMTrainError(
@@ -206,8 +223,9 @@ def _from_final(run_dir: Path, cfg: Config) -> torch.nn.Module:
             local_files_only=True,
             **kwargs,
         )
-    except (OSError, ValueError) as e:
-        raise LLMTrainError(f"{final}: cannot load the model ({' '.join(str(e).split())})") from e
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:  # a damaged file
+        damaged = final / "model.safetensors" if isinstance(e, SafetensorError) else final
+        raise _unreadable(damaged, e) from e
 
 
 def _from_checkpoint(path: Path, run_dir: Path, cfg: Config, tok: Any) -> torch.nn.Module:
@@ -228,16 +246,21 @@ def _from_checkpoint(path: Path, run_dir: Path, cfg: Config, tok: Any) -> torch.
     if getattr(cfg.model, "peft", None) is not None:
         from llmtrain.engine.peft import load_trainable
 
-        load_trainable(model, load_file(str(weights)), path)
+        try:
+            tensors = load_file(str(weights))
+        except (SafetensorError, OSError) as e:  # a damaged file
+            raise _unreadable(weights, e) from e
+        load_trainable(model, tensors, path)
         return model
     try:
         missing, unexpected = load_model(model, str(weights), strict=False)
     except (SafetensorError, OSError, RuntimeError) as e:  # damaged; shapes that differ
-        raise LLMTrainError(f"{weights}: cannot load ({e})") from e
-    if missing or unexpected:
+        raise _unreadable(weights, e) from e
+    if missing or unexpected:  # sets of names
         raise LLMTrainError(
-            f"{weights}: weights do not match the run's model (missing {missing[:3]}, "
-            f"unexpected {unexpected[:3]})"
+            f"{weights}: weights do not match the run's model (missing "
+            f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}); is it a checkpoint "
+            "of this run?"
         )
     return model
 

@@ -74,6 +74,22 @@ def replace_dir(src: Path, dst: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _make_parent(target: Path, *, directory: bool) -> None:
+    """Create `target`'s folder, refusing a target of the wrong kind (a folder where a file
+    is written, or the reverse; a file on the way) with one line naming it."""
+    if target.is_dir() and not directory:
+        raise LLMTrainError(f"{target}: is a directory; name a file to write")
+    if target.exists() and not target.is_dir() and directory:
+        raise LLMTrainError(f"{target}: is a file where a directory is written; move it away")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as e:
+        blocker = next(p for p in target.parents if p.exists() and not p.is_dir())
+        raise LLMTrainError(
+            f"{target}: cannot be written, {blocker} is a file, not a directory"
+        ) from e
+
+
 def _size(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
@@ -96,9 +112,10 @@ def no_space(directory: Path, what: str, needs: int | None, wrote: int = 0) -> L
     """The one message for a full disk: where, what, how much is needed and free."""
     free = free_bytes(directory)
     need = f"needs {_human(needs)}" if needs else f"needed more than the {_human(wrote)} written"
+    hint = " (or lower train.keep_checkpoints)" if what.startswith("checkpoint") else ""
     return LLMTrainError(
         f"{directory}: no space left on the device to write {what}: {need}, {_human(free)} "
-        "free; free some space (or lower train.keep_checkpoints) and run again"
+        f"free; free some space{hint} and run again"
     )
 
 
@@ -130,7 +147,7 @@ def atomic_dir(
     against the free space first."""
     target = Path(target)
     what = what or target.name
-    target.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(target, directory=True)
     if needs_bytes is not None:
         ensure_space(target.parent, needs_bytes, what)
     tmp = temp_sibling(target)
@@ -152,7 +169,7 @@ def atomic_dir(
 def atomic_write(path: Path, data: str | bytes) -> None:
     """Write a whole file (text as UTF-8) so that it appears complete or not at all."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(path, directory=False)
     tmp = temp_sibling(path)
     raw = data.encode("utf-8") if isinstance(data, str) else data
     try:

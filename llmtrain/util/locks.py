@@ -26,6 +26,7 @@ from typing import Any
 
 from llmtrain import layout
 from llmtrain.errors import LLMTrainError
+from llmtrain.util.atomic import is_out_of_space, no_space
 
 
 def lock_path(output_dir: Path) -> Path:
@@ -52,16 +53,20 @@ def _read_owner(fd: int) -> dict[str, Any]:
     return owner if isinstance(owner, dict) else {}
 
 
-def _write_owner(fd: int) -> None:
+def _owner_record() -> bytes:
     me = {
         "pid": os.getpid(),
         "host": socket.gethostname(),
         "started": time.time(),
         "command": " ".join(["llmtrain", *sys.argv[1:]])[:500],
     }
+    return (json.dumps(me) + "\n").encode("utf-8")
+
+
+def _write_owner(fd: int, record: bytes) -> None:
     os.ftruncate(fd, 0)
     os.lseek(fd, 0, os.SEEK_SET)
-    os.write(fd, (json.dumps(me) + "\n").encode("utf-8"))
+    os.write(fd, record)
     os.fsync(fd)
 
 
@@ -87,13 +92,14 @@ def _refusal(path: Path, owner: dict[str, Any], *, other_host: bool = False) -> 
     )
 
 
-def _open_locked(path: Path) -> int:
+def _open_locked(path: Path, *, wait: bool = False) -> int:
     """An fd of `path` holding its flock, the file still being the one at `path` (a holder
-    that removed it as we opened it leaves us a lock on a deleted inode: open again)."""
+    that removed it as we opened it leaves us a lock on a deleted inode: open again).
+    `wait=False`: a lock held by another process is refused with its owner."""
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError as e:
             owner = _read_owner(fd)
             os.close(fd)
@@ -110,8 +116,13 @@ def _open_locked(path: Path) -> int:
 def acquire(output_dir: Path, notice: Callable[[str], None]) -> int:
     """Take the run directory's lock (see the module doc); returns the held fd."""
     path = lock_path(output_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = _open_locked(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = _open_locked(path)
+    except OSError as e:
+        if is_out_of_space(e):
+            raise no_space(path.parent, f"the lock file {path.name}", len(_owner_record())) from e
+        raise
     owner = _read_owner(fd)
     if owner and owner.get("pid") != os.getpid():
         if owner.get("host") != socket.gethostname():
@@ -124,7 +135,16 @@ def acquire(output_dir: Path, notice: Callable[[str], None]) -> int:
             f"{'is no longer running' if gone else 'no longer holds it'}; taking the run "
             "directory over"
         )
-    _write_owner(fd)
+    record = _owner_record()
+    try:
+        _write_owner(fd, record)
+    except OSError as e:
+        # We hold the flock, so the file is ours to remove: no empty lock is left behind.
+        path.unlink(missing_ok=True)
+        os.close(fd)
+        if is_out_of_space(e):
+            raise no_space(path.parent, f"the lock file {path.name}", len(record)) from e
+        raise
     return fd
 
 
@@ -134,6 +154,20 @@ def release(output_dir: Path, fd: int) -> None:
     with contextlib.suppress(FileNotFoundError):
         lock_path(output_dir).unlink()
     os.close(fd)
+
+
+@contextlib.contextmanager
+def exclusive(path: Path) -> Iterator[None]:
+    """Wait for `path`'s flock and hold it for the block (one process at a time, e.g. the
+    ranks training one tokenizer); the file is removed on the way out, before the flock is
+    dropped, so that no empty lock file is left in a folder the user reads."""
+    fd = _open_locked(Path(path), wait=True)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            Path(path).unlink()
+        os.close(fd)
 
 
 @contextlib.contextmanager
