@@ -37,6 +37,8 @@ from llmtrain.data.batching import (
 )
 from llmtrain.engine import checkpoint as ckpt
 from llmtrain.engine import flops, signals
+from llmtrain.engine.adalora import STATE_KEY as ADALORA_STATE
+from llmtrain.engine.adalora import RankAllocation
 from llmtrain.engine.distributed import DistInfo, all_reduce_min, all_reduce_sum, barrier
 from llmtrain.engine.evaluate import evaluate
 from llmtrain.engine.faults import kill_point
@@ -97,6 +99,7 @@ class Run:
     peak_lr: float
     warmup: int  # optim.warmup_steps resolved against `total` (engine.optim.resolve_warmup)
     prefetch: Prefetcher | None = None  # the next window, cut while this one computes
+    adalora: RankAllocation | None = None  # AdaLoRA's rank allocator (engine/adalora.py)
 
 
 @dataclass
@@ -130,7 +133,14 @@ def step_spec(cfg: Config, loss_chunk: int | None = None) -> StepSpec:
         grad_clip=cfg.optim.grad_clip,
         isolate_docs=is_isolated(cfg),
         loss_chunk=loss_chunk,
+        orth_reg_weight=orth_reg_weight(cfg),
     )
+
+
+def orth_reg_weight(cfg: Config) -> float:
+    """AdaLoRA's w (0 for every other method: no regularizer)."""
+    p = cfg.model.peft
+    return p.orth_reg_weight if p is not None and p.method == "adalora" else 0.0
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -181,6 +191,7 @@ def setup_run(
         total=total,
         peak_lr=effective_lr(cfg.optim, global_batch),
         warmup=resolve_warmup(cfg.optim, total),
+        adalora=RankAllocation.attach(raw_model, total),
     )
 
 
@@ -218,6 +229,8 @@ def restore_or_start(run: Run, resume: str | None, micro: int, console: Console)
     loop = LoopState(step=int(state["step"]), micro=min(micro, int(state["micro_batch"])))
     check_total(run.total, loop.step, found["path"])  # else it would end at once as "done"
     loop.log_interval = LogInterval.from_dict(state.get("log_interval"))
+    if run.adalora is not None:
+        run.adalora.load_state_dict(state.get(ADALORA_STATE), f"{found['path']}/state.pt")
     if run.dist.is_main:
         where = f"{found['path']} at step {loop.step}"
         console.print(f"resumed from {where} (micro-batch {loop.micro})")
@@ -337,7 +350,8 @@ def take_step(
         run.optimizer.zero_grad(set_to_none=True)
         log.event("nonfinite_loss_skipped", at, loss=str(loss))
         return "skipped", loss, float("nan")
-    outcome = optimizer_step(run.raw_model, run.optimizer, run.scaler, run.spec)
+    allocate = (lambda: run.adalora.step(state.step)) if run.adalora is not None else None
+    outcome = optimizer_step(run.raw_model, run.optimizer, run.scaler, run.spec, allocate)
     if outcome.stepped:
         state.fp16_retries = 0
         return "stepped", loss, outcome.grad_norm
@@ -349,6 +363,12 @@ def take_step(
             f"{run.scaler.get_scale():g}; use train.precision: bf16 or fp32"
         )
     return "retry", loss, outcome.grad_norm
+
+
+def rank_budget(run: Run, step: int) -> dict[str, int]:
+    """AdaLoRA: the total rank budget of optimizer step `step` (0-based), for the train
+    record (`report` plots it); nothing for other runs."""
+    return {} if run.adalora is None else {"rank_budget": run.adalora.budget(step)}
 
 
 def save(run: Run, state: LoopState) -> None:
@@ -376,6 +396,7 @@ def save(run: Run, state: LoopState) -> None:
                 "global_batch": run.cfg.batch.global_batch,
                 "world_size": run.dist.world_size,
                 "log_interval": state.log_interval.to_dict(),
+                **({ADALORA_STATE: run.adalora.state_dict()} if run.adalora else {}),
             },
             keep=run.cfg.train.keep_checkpoints,
         )
@@ -463,6 +484,8 @@ def save_final(run: Run, tokenizer: Any) -> Path | None:
 
         hf_logging.disable_progress_bar()  # our own output only
         final = run.out / "final"
+        if run.adalora is not None:
+            run.adalora.finish()
         if is_peft(raw):
             raw = save_adapter_then_merge(raw, run.out / "adapter", tokenizer)
         if hasattr(raw.config, "use_cache"):
@@ -581,6 +604,7 @@ def train(
                     sequences=win.sequences,
                     micro_batch=state.micro,
                     grad_accum=k,
+                    **rank_budget(run, state.step - 1),
                 )
             else:
                 state.skipped.append(state.step)
