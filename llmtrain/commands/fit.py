@@ -5,6 +5,7 @@ from __future__ import annotations
 from rich.table import Table
 
 from llmtrain.config import Config
+from llmtrain.config.peft_methods import METHODS
 from llmtrain.console import console
 from llmtrain.data.batching import grad_accum, steps_per_epoch, total_steps
 from llmtrain.engine.model import count_parameters, total_parameters
@@ -17,7 +18,10 @@ def trainable_text(plan: Plan) -> str:
     trainable, total = count_parameters(plan.model), total_parameters(plan.model)
     text = f"{trainable / 1e6:.2f}M of {total / 1e6:.2f}M ({100 * trainable / max(total, 1):.2f}%)"
     p = plan.cfg.model.peft
-    return text + (f", {p.method} r={p.r} on {p.target_modules}" if p is not None else "")
+    if p is None:
+        return text
+    rank = f" r={p.r}" if "r" in METHODS[p.method][1] else ""
+    return text + f", {p.method}{rank} on {p.target_modules}"
 
 
 def banner(plan: Plan) -> Table:
@@ -52,6 +56,7 @@ def banner(plan: Plan) -> Table:
         ("data", f"{plan.n_train:,} train sequences, {per_epoch} steps/epoch"),
         ("steps", f"{steps:,} ({cfg.optim.schedule}, {_warmup_text(cfg, steps)})"),
         ("effective LR", lr_text),
+        *adalora_rows(cfg, steps),
     ]
     table = Table(title="llmtrain fit", show_header=False, title_justify="left")
     table.add_column(style="bold cyan")
@@ -59,6 +64,18 @@ def banner(plan: Plan) -> Table:
     for key, value in rows:
         table.add_row(key, value)
     return table
+
+
+def adalora_rows(cfg: Config, steps: int) -> list[tuple[str, str]]:
+    """AdaLoRA's schedule, with total_step resolved from the run (engine/adalora.py)."""
+    p = cfg.model.peft
+    if p is None or p.method != "adalora":
+        return []
+    text = (
+        f"rank {p.init_r} → {p.target_r} per matrix, total_step {steps} (tinit {p.tinit}, "
+        f"tfinal {p.tfinal}, every {p.delta_t} steps), orth_reg_weight {p.orth_reg_weight:g}"
+    )
+    return [("adalora", text)]
 
 
 def host_rows(plan: Plan) -> list[tuple[str, str]]:
