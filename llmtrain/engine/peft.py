@@ -83,6 +83,11 @@ def _method_fields(p: PeftConfig) -> dict[str, Any]:
         # peft wants the run's length now; the loop sets the real one (engine/adalora.py)
         # before the first step, once the data fixes it.
         return {**fields, "total_step": p.tinit + p.tfinal + 1}
+    if p.method == "ia3" and p.target_modules == "all-linear":
+        # peft's per-architecture feedforward list is not a subset of all-linear's resolved
+        # names, so adapter/ would not load back: every layer scales its output unless
+        # options.feedforward_modules (with a list of target_modules) says otherwise.
+        return {"feedforward_modules": []}
     return {}
 
 
