@@ -138,6 +138,19 @@ def test_pissa_starts_at_the_base_model(tmp_path, bert):
     assert float((hidden - expected).abs().max()) < 1e-6 * float(expected.abs().max())
 
 
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_a_pissa_or_olora_adapter_loads_on_the_original_base(tmp_path, bert, init):
+    """Their training changes the base; adapter/ is converted to a LoRA of the original base
+    (rank 2r), so base + adapter/ is the trained model, as final/ (merged) is."""
+    import json
+
+    run_train(peft_cfg(tmp_path, bert, peft={"init": init}), _store(), num_labels=3)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["init_lora_weights"] is True
+    assert not (tmp_path / "adapter" / "initial").exists()
+    _merged_equals_adapter(tmp_path, bert)
+
+
 # ----------------------------------------------------------------------------- validation
 def _validate(tmp_path: Path, base: Path, peft: str) -> str:
     (tmp_path / "corpus.txt").write_text("hello world\n" * 20)

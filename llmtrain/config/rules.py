@@ -281,6 +281,12 @@ def _peft_method_keys(cfg: Config, raw: dict[str, Any]) -> Iterator[Problem]:
                 f"only applies to model.peft.method {' | '.join(methods)} (this is {p.method}); "
                 "remove it",
             )
+        elif key == "init" and p.method == "dora" and p.init in ("pissa", "olora"):
+            yield (
+                ("model", "peft", "init"),
+                f"{p.init} applies to method: lora (peft converts its adapter back to a LoRA of "
+                "the original base, which DoRA's magnitudes do not survive)",
+            )
         elif key in ("r", "alpha", "dropout") and key not in common:
             hint = " (use init_r / target_r)" if p.method == "adalora" else ""
             yield (

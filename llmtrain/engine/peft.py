@@ -27,12 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from llmtrain.config.peft_methods import ADALORA_FIELDS, METHODS
 from llmtrain.config.schema import PeftConfig
 from llmtrain.engine.parallel import unwrap
 from llmtrain.errors import LLMTrainError
-from llmtrain.util.atomic import atomic_dir
+from llmtrain.util.atomic import atomic_dir, remove_path
 
 
 def _peft() -> Any:
@@ -108,6 +109,7 @@ def apply_peft(model: torch.nn.Module, p: PeftConfig, task: str) -> torch.nn.Mod
             raise LLMTrainError(f"model.peft: {' '.join(str(e).split())}") from None
     if checkpointing and not hasattr(model, "_require_grads_hook"):
         model.enable_input_require_grads()  # peft did it, unless it saw no checkpointing
+    remember_initial(wrapped, p)
     return wrapped
 
 
@@ -155,8 +157,43 @@ def save_adapter_then_merge(model: torch.nn.Module, adapter_dir: Path, tokenizer
     adapters into the base weights and return that plain transformers model. The peft model is
     consumed: its layers are replaced by the merged ones (no copy of the base is made)."""
     peft_model = unwrap(model)
+    initial = getattr(peft_model, INITIAL_ATTR, None)
     with atomic_dir(Path(adapter_dir)) as tmp:
-        peft_model.save_pretrained(tmp)
+        if initial is None:
+            peft_model.save_pretrained(tmp)
+        else:
+            save_converted(peft_model, tmp, initial)
         if hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(tmp)
     return peft_model.merge_and_unload()
+
+
+# init: pissa | olora change the frozen base (W -> W - B0 A0): the peft model keeps the
+# adapters as first built under this attribute, so that adapter/ can be saved as a plain LoRA
+# of the ORIGINAL base (peft's path_initial_model_for_weight_conversion). A resume rebuilds
+# them identically from model.pretrained.
+INITIAL_ATTR = "llmtrain_initial_adapters"
+
+
+def remember_initial(model: torch.nn.Module, p: PeftConfig) -> None:
+    if p.method in ("lora", "dora") and p.init in ("pissa", "olora"):
+        setattr(model, INITIAL_ATTR, trainable_state(model))
+
+
+def save_converted(peft_model: Any, directory: Path, initial: dict[str, torch.Tensor]) -> None:
+    """adapter/ for a PiSSA/OLoRA run: B A - B0 A0 as a LoRA of rank 2r on the original base,
+    so PeftModel.from_pretrained(pretrained, adapter/) is the trained model (peft converts it
+    from the initial adapters, written to a scratch folder inside `directory` and removed)."""
+    scratch = directory / "initial"
+    trained = trainable_state(peft_model)
+    load_trainable(peft_model, initial, scratch)
+    peft_model.save_pretrained(scratch)
+    load_trainable(peft_model, trained, directory)
+    peft_model.save_pretrained(directory, path_initial_model_for_weight_conversion=str(scratch))
+    remove_path(scratch)
+    # peft's conversion keeps the LoRA matrices only: put the rest (the trained head) back
+    kept = _peft().get_peft_model_state_dict(peft_model)
+    rest = {k: v.contiguous() for k, v in kept.items() if "lora_A" not in k and "lora_B" not in k}
+    if rest:
+        file = directory / "adapter_model.safetensors"
+        save_file({**load_file(str(file)), **rest}, str(file), metadata={"format": "pt"})
