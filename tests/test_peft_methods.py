@@ -101,6 +101,30 @@ def test_method_keeps_every_guarantee(tmp_path, bert, monkeypatch, method):
     _merged_equals_adapter(ref, bert)
 
 
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_probe_leaves_the_model_as_it_was_and_copies_no_module(tmp_path, bert, monkeypatch, method):
+    """As for LoRA (test_peft.py): the probe trains the live model, never a copy, and puts
+    every tensor back — so it costs no memory beyond training itself."""
+    import copy
+
+    from llmtrain.probe import probe_for_config
+
+    probe = {"max_micro": 4, "memory_limit": "64GiB", "cache": False}
+    cfg = _cfg(tmp_path, bert, method, batch={"micro_batch": "auto", "probe": probe})
+    model = build_model(cfg, FakeTokenizer(), 3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    real_deepcopy = copy.deepcopy
+
+    def guarded(obj, memo=None):
+        assert not isinstance(obj, torch.nn.Module), "the probe copied a module"
+        return real_deepcopy(obj, memo)
+
+    monkeypatch.setattr(copy, "deepcopy", guarded)
+    assert probe_for_config(cfg, model, torch.device("cpu"), use_cache=False).micro_batch == 4
+    after = model.state_dict()
+    assert sorted(after) == sorted(before) and all(torch.equal(before[k], after[k]) for k in before)
+
+
 # ---------------------------------------------------------------------------- LoRA+ and init
 def test_lora_plus_gives_the_b_matrices_ratio_times_the_lr(tmp_path, bert):
     cfg = peft_cfg(tmp_path, bert, peft={"lr_ratio": 16.0})
