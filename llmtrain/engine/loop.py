@@ -396,7 +396,7 @@ def save(run: Run, state: LoopState) -> None:
                 "global_batch": run.cfg.batch.global_batch,
                 "world_size": run.dist.world_size,
                 "log_interval": state.log_interval.to_dict(),
-                **({ADALORA_STATE: run.adalora.state_dict()} if run.adalora else {}),
+                **({ADALORA_STATE: run.adalora.state_dict()} if run.adalora is not None else {}),
             },
             keep=run.cfg.train.keep_checkpoints,
         )
