@@ -162,6 +162,14 @@ def test_pissa_starts_at_the_base_model(tmp_path, bert):
     assert float((hidden - expected).abs().max()) < 1e-6 * float(expected.abs().max())
 
 
+def test_pissa_rebuilds_the_same_residual_base(tmp_path, bert):
+    """What resume rests on: the frozen residual base is rebuilt bit-identically from
+    model.pretrained (a checkpoint holds only the trainable tensors)."""
+    cfg = peft_cfg(tmp_path, bert, peft={"init": "pissa"})
+    a, b = (build_model(cfg, FakeTokenizer(), 3).state_dict() for _ in range(2))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize("init", ["pissa", "olora"])
 def test_a_pissa_or_olora_adapter_loads_on_the_original_base(tmp_path, bert, init):
     """Their training changes the base; adapter/ is converted to a LoRA of the original base
