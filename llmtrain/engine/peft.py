@@ -158,7 +158,9 @@ def save_adapter_then_merge(model: torch.nn.Module, adapter_dir: Path, tokenizer
     consumed: its layers are replaced by the merged ones (no copy of the base is made)."""
     peft_model = unwrap(model)
     initial = getattr(peft_model, INITIAL_ATTR, None)
-    with atomic_dir(Path(adapter_dir)) as tmp:
+    with atomic_dir(Path(adapter_dir)) as tmp, warnings.catch_warnings():
+        # AdaLoRA may prune a matrix to rank 0; peft takes that for an ungathered FSDP shard
+        warnings.filterwarnings("ignore", message=".*have invalid shape.*")
         if initial is None:
             peft_model.save_pretrained(tmp)
         else:
