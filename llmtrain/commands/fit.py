@@ -5,6 +5,7 @@ from __future__ import annotations
 from rich.table import Table
 
 from llmtrain.config import Config
+from llmtrain.config.peft_methods import METHODS
 from llmtrain.console import console
 from llmtrain.data.batching import grad_accum, steps_per_epoch, total_steps
 from llmtrain.engine.loss import describe_loss
@@ -19,7 +20,10 @@ def trainable_text(plan: Plan) -> str:
     trainable, total = count_parameters(plan.model), total_parameters(plan.model)
     text = f"{trainable / 1e6:.2f}M of {total / 1e6:.2f}M ({100 * trainable / max(total, 1):.2f}%)"
     p = plan.cfg.model.peft
-    return text + (f", {p.method} r={p.r} on {p.target_modules}" if p is not None else "")
+    if p is None:
+        return text
+    rank = f" r={p.r}" if "r" in METHODS[p.method][1] else ""
+    return text + f", {p.method}{rank} on {p.target_modules}"
 
 
 def banner(plan: Plan) -> Table:
@@ -62,6 +66,7 @@ def banner(plan: Plan) -> Table:
                 t.loss_chunk, plan.model, cfg.model.task, t.precision, t.loss_normalization
             ),
         ),
+        *adalora_rows(cfg, steps),
     ]
     table = Table(title="llmtrain fit", show_header=False, title_justify="left")
     table.add_column(style="bold cyan")
@@ -77,6 +82,18 @@ def optimizer_text(cfg: Config, model) -> str:
     o = cfg.optim
     est = optimizer_state_bytes(o.name, model, o.momentum)
     return f"{o.name}, state ≈ {fmt_bytes(est)} (estimated from the trainable parameters)"
+
+
+def adalora_rows(cfg: Config, steps: int) -> list[tuple[str, str]]:
+    """AdaLoRA's schedule, with total_step resolved from the run (engine/adalora.py)."""
+    p = cfg.model.peft
+    if p is None or p.method != "adalora":
+        return []
+    text = (
+        f"rank {p.init_r} → {p.target_r} per matrix, total_step {steps} (tinit {p.tinit}, "
+        f"tfinal {p.tfinal}, every {p.delta_t} steps), orth_reg_weight {p.orth_reg_weight:g}"
+    )
+    return [("adalora", text)]
 
 
 def host_rows(plan: Plan) -> list[tuple[str, str]]:

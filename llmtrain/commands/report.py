@@ -1,6 +1,6 @@
 """`llmtrain report RUN_DIR [RUN_DIR ...]`: one PNG of the runs' metrics.jsonl against the
-optimizer step — loss (train and eval), learning rate, tokens/s, grad norm, and accuracy or
-memory where logged — several runs overlaid, plus a summary table
+optimizer step — loss (train and eval), learning rate, tokens/s, grad norm, and accuracy,
+memory or AdaLoRA's rank budget where logged — several runs overlaid, plus a summary table
 (docs/architecture.md, "Using a trained run").
 
 Drawn with matplotlib's object API on the Agg canvas (no display, no global pyplot state) and
@@ -90,6 +90,7 @@ def panels(runs: list[RunMetrics]) -> list[tuple[str, str]]:
     if logged("eval", "doc_accuracy", "accuracy"):
         out.append(("accuracy", "eval accuracy"))
     out += [("memory", "memory")] if memory_keys(runs) else []
+    out += [("rank_budget", "AdaLoRA total rank budget")] if logged("train", "rank_budget") else []
     return out
 
 

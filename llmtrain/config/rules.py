@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from llmtrain.config.messages import KeyPath, Problem, did_you_mean, dotted, kind_of, show_value
+from llmtrain.config.peft_methods import ADALORA_FIELDS, BOOKKEEPING, METHODS, owner_of
 from llmtrain.config.schema import Config, DataConfig, SftConfig, parse_bytes
 
 # A rule gets the config and the user's mapping (to tell a value set in the file from a default).
@@ -311,7 +312,7 @@ def _peft(cfg: Config, raw: dict[str, Any]) -> Iterator[Problem]:
             "adapts a pretrained model: set model.pretrained (a local model directory) "
             "instead of model.arch, or remove model.peft to train from scratch",
         )
-    if p.r < 1:
+    if p.r < 1 and "r" in METHODS[p.method][1]:
         yield ("model", "peft", "r"), f"must be at least 1 (got {p.r}); 8 to 64 is usual"
     if cfg.train.parallel == "fsdp":
         yield (
@@ -319,6 +320,97 @@ def _peft(cfg: Config, raw: dict[str, Any]) -> Iterator[Problem]:
             "fsdp is not supported with model.peft (the frozen base is small to replicate next "
             "to its optimizer state); use train.parallel: ddp",
         )
+
+
+# model.peft keys that only some methods read (the rest apply to every method, or are mapped
+# per method in config/peft_methods.py).
+_ONLY_FOR = {
+    **dict.fromkeys(ADALORA_FIELDS, ("adalora",)),
+    "lr_ratio": ("lora", "dora"),
+    "init": ("lora", "dora"),
+    "rslora": ("lora", "dora"),
+}
+
+
+@rule("model")
+def _peft_method_keys(cfg: Config, raw: dict[str, Any]) -> Iterator[Problem]:
+    """A key written for another method, or a common key the method has no field for, would
+    be silently ignored: refused instead."""
+    p = cfg.model.peft
+    written = (raw.get("model") or {}).get("peft")
+    if p is None or not isinstance(written, dict):
+        return
+    common = METHODS[p.method][1]
+    for key in written:
+        methods = _ONLY_FOR.get(key)
+        if methods is not None and p.method not in methods:
+            yield (
+                ("model", "peft", key),
+                f"only applies to model.peft.method {' | '.join(methods)} (this is {p.method}); "
+                "remove it",
+            )
+        elif key == "init" and p.method == "dora" and p.init in ("pissa", "olora"):
+            yield (
+                ("model", "peft", "init"),
+                f"{p.init} applies to method: lora (peft converts its adapter back to a LoRA of "
+                "the original base, which DoRA's magnitudes do not survive)",
+            )
+        elif key in ("r", "alpha", "dropout") and key not in common:
+            hint = " (use init_r / target_r)" if p.method == "adalora" else ""
+            yield (
+                ("model", "peft", key),
+                f"does not apply to method {p.method}{hint}; set its own fields in "
+                "model.peft.options, or remove it",
+            )
+
+
+@rule("model", "train")
+def _adalora_schedule(cfg: Config, raw: dict[str, Any]) -> Iterator[Problem]:
+    """The rank budget must shrink, and the run must have steps to shrink it in (with
+    train.epochs the length is known once the data is: engine/adalora.py checks then)."""
+    p = cfg.model.peft
+    if p is None or p.method != "adalora":
+        return
+    if p.target_r >= p.init_r:
+        yield (
+            ("model", "peft", "target_r"),
+            f"must be smaller than model.peft.init_r={p.init_r} (got {p.target_r}): AdaLoRA "
+            "prunes from init_r down to an average of target_r; use method: lora for a fixed rank",
+        )
+    steps = cfg.train.max_steps
+    if steps is not None and p.tinit + p.tfinal >= steps:
+        yield (
+            ("model", "peft", "tfinal" if "tfinal" in _peft_written(raw) else "tinit"),
+            f"tinit + tfinal = {p.tinit + p.tfinal} must be smaller than the run's "
+            f"train.max_steps={steps}, or no step is left to reallocate ranks in",
+        )
+
+
+def _peft_written(raw: dict[str, Any]) -> dict[str, Any]:
+    written = (raw.get("model") or {}).get("peft")
+    return written if isinstance(written, dict) else {}
+
+
+@rule("model", hf=True)
+def _peft_options(cfg: Config, raw: dict[str, Any]) -> Iterator[Problem]:
+    """Every key of model.peft.options is a field of the method's peft config class that
+    llmtrain does not set itself."""
+    p = cfg.model.peft
+    if p is None or not p.options:
+        return
+    try:
+        import peft
+    except ImportError:  # building the model says how to install it
+        return
+    cls = getattr(peft, METHODS[p.method][0])
+    fields = {f.name for f in dataclasses.fields(cls)} - BOOKKEEPING
+    for key in p.options:
+        owner = owner_of(p.method, key)
+        if owner is not None:
+            yield ("model", "peft", "options", key), f"is set by {owner}; set that instead"
+        elif key not in fields:
+            hint = did_you_mean(key, fields) or f"; its fields: {', '.join(sorted(fields))}"
+            yield (("model", "peft", "options", key), f"not a field of peft's {cls.__name__}{hint}")
 
 
 @rule("model", hf=True)

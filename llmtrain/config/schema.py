@@ -109,17 +109,30 @@ class RunConfig(Section):
 
 # ------------------------------------------------------------------------------------- model
 class PeftConfig(Section):
-    """LoRA / DoRA adapters on a pretrained model, built by the `peft` library."""
+    """Adapters on a pretrained model, built by the `peft` library (docs/training.md, "PEFT")."""
 
-    method: Literal["lora", "dora"] = Field(
-        "lora", description="lora | dora (weight-decomposed LoRA, peft's use_dora)."
+    method: Literal["lora", "dora", "adalora", "ia3", "loha", "lokr", "oft", "vera"] = Field(
+        "lora",
+        description="lora | dora (weight-decomposed LoRA) | adalora (rank budget reallocated "
+        "while training) | ia3 | loha | lokr | oft | vera: peft methods whose adapters merge "
+        "into the base for final/.",
     )
-    r: int = Field(16, description="Rank of the low-rank update (must be at least 1).")
+    r: int = Field(
+        16,
+        description="Rank of the low-rank update (must be at least 1); lora, dora, loha, "
+        "lokr, vera.",
+    )
     alpha: float = Field(
-        32.0, gt=0.0, description="Scale of the update: alpha / r (alpha / sqrt(r) with rslora)."
+        32.0,
+        gt=0.0,
+        description="Scale of the update: alpha / r (alpha / sqrt(r) with rslora); lora, dora, "
+        "adalora, loha, lokr.",
     )
     dropout: float = Field(
-        0.05, ge=0.0, lt=1.0, description="Dropout on the adapter's input while training."
+        0.05,
+        ge=0.0,
+        lt=1.0,
+        description="Dropout on the adapter's input while training; lora, dora, adalora, vera.",
     )
     target_modules: Literal["all-linear"] | list[str] = Field(
         "all-linear",
@@ -131,6 +144,48 @@ class PeftConfig(Section):
         default_factory=list,
         description="Modules trained in full besides the adapters (the classification head is "
         "always one).",
+    )
+    init_r: int = Field(12, ge=1, description="adalora: the rank every matrix starts with.")
+    target_r: int = Field(
+        8, ge=1, description="adalora: the average rank per matrix at the end (below init_r)."
+    )
+    tinit: int = Field(
+        0, ge=0, description="adalora: optimizer steps at the full budget before it shrinks."
+    )
+    tfinal: int = Field(
+        0, ge=0, description="adalora: last optimizer steps trained at the final rank pattern."
+    )
+    delta_t: int = Field(
+        1, ge=1, description="adalora: optimizer steps between two rank reallocations."
+    )
+    beta1: float = Field(
+        0.85, gt=0.0, lt=1.0, description="adalora: EMA factor of the importance scores."
+    )
+    beta2: float = Field(
+        0.85, gt=0.0, lt=1.0, description="adalora: EMA factor of their uncertainty."
+    )
+    orth_reg_weight: float = Field(
+        0.5,
+        ge=0.0,
+        description="adalora: weight w of the orthogonal regularizer; the objective is "
+        "sum(token losses) / N + w * R(A, B), R added once per optimizer step.",
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Other fields of peft's config class for the method (e.g. "
+        "{feedforward_modules: [...]} for ia3), checked against that class.",
+    )
+    lr_ratio: float | None = Field(
+        None,
+        gt=0.0,
+        description="LoRA+ (lora, dora): the B matrices learn at lr_ratio x the LR (16 in the "
+        "paper); null = one LR for all.",
+    )
+    init: Literal["default", "gaussian", "pissa", "olora"] = Field(
+        "default",
+        description="lora, dora: how the adapters start (peft's init_lora_weights): default "
+        "(B = 0), gaussian, pissa (principal singular vectors; the base keeps the residual), "
+        "olora (QR).",
     )
 
 
@@ -174,7 +229,8 @@ class ModelConfig(Section):
     )
     peft: PeftConfig | None = Field(
         None,
-        description="Parameter-efficient fine-tuning of model.pretrained with peft (LoRA/DoRA); "
+        description="Parameter-efficient fine-tuning of model.pretrained with peft (LoRA, "
+        "AdaLoRA...); "
         "null trains every weight.",
     )
 

@@ -38,6 +38,8 @@ from llmtrain.data.batching import (
 )
 from llmtrain.engine import checkpoint as ckpt
 from llmtrain.engine import flops, signals
+from llmtrain.engine.adalora import STATE_KEY as ADALORA_STATE
+from llmtrain.engine.adalora import RankAllocation
 from llmtrain.engine.distributed import DistInfo, all_reduce_min, all_reduce_sum, barrier
 from llmtrain.engine.evaluate import evaluate
 from llmtrain.engine.faults import kill_point
@@ -104,6 +106,7 @@ class Run:
     peak_lr: float
     warmup: int  # optim.warmup_steps resolved against `total` (engine.optim.resolve_warmup)
     prefetch: Prefetcher | None = None  # the next window, cut while this one computes
+    adalora: RankAllocation | None = None  # AdaLoRA's rank allocator (engine/adalora.py)
 
 
 @dataclass
@@ -181,13 +184,21 @@ def setup_run(
         total=total,
         peak_lr=effective_lr(cfg.optim, global_batch),
         warmup=resolve_warmup(cfg.optim, total),
+        adalora=RankAllocation.attach(raw_model, total),
     )
 
 
 def checkpoint_parts(run: Run, state: LoopState) -> dict[str, ckpt.Stateful]:
     """Every component whose state a checkpoint carries, each under its own key of state.pt
     (engine/checkpoint.py): a component with state is added here, nowhere else."""
-    return {"scaler": run.scaler, "rng": ckpt.RngState(), "log_interval": state.log_interval}
+    parts: dict[str, ckpt.Stateful] = {
+        "scaler": run.scaler,
+        "rng": ckpt.RngState(),
+        "log_interval": state.log_interval,
+    }
+    if run.adalora is not None:
+        parts[ADALORA_STATE] = run.adalora
+    return parts
 
 
 def find_start(out: Path, resume: str | None) -> ckpt.Checkpoint | None:
@@ -344,7 +355,8 @@ def take_step(
         run.optimizer.zero_grad(set_to_none=True)
         log.event("nonfinite_loss_skipped", at, loss=str(loss))
         return "skipped", loss, float("nan")
-    outcome = optimizer_step(run.raw_model, run.optimizer, run.scaler, run.spec)
+    allocate = (lambda: run.adalora.step(state.step)) if run.adalora is not None else None
+    outcome = optimizer_step(run.raw_model, run.optimizer, run.scaler, run.spec, allocate)
     if outcome.stepped:
         state.fp16_retries = 0
         return "stepped", loss, outcome.grad_norm
@@ -356,6 +368,12 @@ def take_step(
             f"{run.scaler.get_scale():g}; use train.precision: bf16 or fp32"
         )
     return "retry", loss, outcome.grad_norm
+
+
+def rank_budget(run: Run, step: int) -> dict[str, int]:
+    """AdaLoRA: the total rank budget of optimizer step `step` (0-based), for the train
+    record (`report` plots it); nothing for other runs."""
+    return {} if run.adalora is None else {"rank_budget": run.adalora.budget(step)}
 
 
 def save(run: Run, state: LoopState) -> None:
@@ -468,6 +486,8 @@ def save_final(run: Run, tokenizer: Any) -> Path | None:
 
         hf_logging.disable_progress_bar()  # our own output only
         final = run.out / layout.FINAL_DIR
+        if run.adalora is not None:
+            run.adalora.finish()
         if is_peft(raw):
             raw = save_adapter_then_merge(raw, run.out / layout.ADAPTER_DIR, tokenizer)
         if hasattr(raw.config, "use_cache"):
@@ -567,6 +587,7 @@ def train(
                     sequences=win.sequences,
                     micro_batch=state.micro,
                     grad_accum=k,
+                    **rank_budget(run, state.step - 1),
                 )
             else:
                 state.skipped.append(state.step)

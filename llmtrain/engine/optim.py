@@ -71,24 +71,40 @@ def lr_at(
     return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(
+    model: torch.nn.Module, weight_decay: float, lr_ratio: float | None = None
+) -> list[dict]:
     """Decay matrices only: biases, norm weights and other 1-D parameters are not decayed
-    (GPT-2/nanoGPT practice); tied weights appear once (named_parameters deduplicates)."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
+    (GPT-2/nanoGPT practice); tied weights appear once (named_parameters deduplicates).
+    `lr_ratio` (LoRA+, Hayou et al. 2024): the adapters' B matrices form their own group whose
+    `lr_scale` makes `set_lr` give them ratio × the LR."""
+    decay, no_decay, fast = [], [], []
+    for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.dim() >= 2 else no_decay).append(p)
-    return [
+        if lr_ratio is not None and is_lora_b(name):
+            fast.append(p)
+        else:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    if fast:
+        groups.append({"params": fast, "weight_decay": weight_decay, "lr_scale": lr_ratio})
+    return groups
+
+
+def is_lora_b(name: str) -> bool:
+    """A LoRA B matrix (the up-projection LoRA+ speeds up), by peft's parameter name."""
+    return ".lora_B." in name or ".lora_embedding_B." in name
 
 
 def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
     """The configured optimizer over `param_groups`; the LR is set by the loop each step."""
     o = cfg.optim
-    groups = param_groups(model, o.weight_decay)
+    peft = cfg.model.peft
+    groups = param_groups(model, o.weight_decay, peft.lr_ratio if peft is not None else None)
     lr = effective_lr(o, cfg.batch.global_batch)
     if o.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=o.momentum)
@@ -164,5 +180,6 @@ def _fused_ok(model: torch.nn.Module) -> bool:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The schedule's LR on every group, times the group's `lr_scale` (LoRA+'s B matrices)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)

@@ -1,9 +1,11 @@
 """Parameter-efficient fine-tuning through `peft` (docs/architecture.md, "PEFT").
 
-`model.peft` turns a pretrained model into a `peft.PeftModel` with LoRA or DoRA adapters; the
-base stays frozen and only the adapters (plus, for classification, the head, which peft puts in
+`model.peft` turns a pretrained model into a `peft.PeftModel` with the adapters of the chosen
+method (LoRA, DoRA, AdaLoRA, IA3, LoHa, LoKr, OFT, VeRA: config/peft_methods.py); the base
+stays frozen and only the adapters (plus, for classification, the head, which peft puts in
 `modules_to_save`) train. This module is the one place that knows peft:
 
+  method_config     peft's config object for `model.peft`
   apply_peft        wrap the built model (input grads on for gradient checkpointing)
   is_peft           whether a module is such a model
   trainable_state   what a checkpoint holds for it: the trainable tensors, by name
@@ -12,8 +14,10 @@ base stays frozen and only the adapters (plus, for classification, the head, whi
                     `<output_dir>/adapter/` (PeftModel.from_pretrained loads it), then the
                     base with the adapters merged in, for `final/`
 
-Invariant: a PEFT model's frozen parameters are exactly the pretrained weights (rebuilt from
-`model.pretrained` on resume), so a checkpoint needs only the trainable ones.
+Invariant: a PEFT model's frozen parameters are a function of the pretrained weights alone
+(themselves, or with `init: pissa | olora` the residual that peft's deterministic
+decomposition leaves), rebuilt from `model.pretrained` on resume, so a checkpoint needs only
+the trainable ones.
 """
 
 from __future__ import annotations
@@ -23,11 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
+from llmtrain.config.peft_methods import ADALORA_FIELDS, METHODS
 from llmtrain.config.schema import PeftConfig
 from llmtrain.engine.parallel import unwrap
 from llmtrain.errors import LLMTrainError
-from llmtrain.util.atomic import atomic_dir
+from llmtrain.util.atomic import atomic_dir, remove_path
 
 
 def _peft() -> Any:
@@ -42,23 +48,48 @@ def _peft() -> Any:
     return peft
 
 
-def lora_config(p: PeftConfig, task: str) -> Any:
-    """peft's LoraConfig for `model.peft`. The task type makes peft add the classification head
-    (`classifier` / `score`) to `modules_to_save`, so it trains in full."""
+# model.peft.init -> LoraConfig.init_lora_weights
+LORA_INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
+
+
+def method_config(p: PeftConfig, task: str) -> Any:
+    """peft's config object for `model.peft` (config/peft_methods.py maps the keys). The task
+    type makes peft add the classification head (`classifier` / `score`) to
+    `modules_to_save`, so it trains in full."""
     peft = _peft()
-    task_type = peft.TaskType.SEQ_CLS if task == "sequence-classification" else "CAUSAL_LM"
+    cls_name, common = METHODS[p.method]
     targets = p.target_modules if isinstance(p.target_modules, str) else list(p.target_modules)
-    return peft.LoraConfig(
-        r=p.r,
-        lora_alpha=p.alpha,
-        lora_dropout=p.dropout,
+    kwargs: dict[str, Any] = {field: getattr(p, key) for key, field in common.items()}
+    kwargs.update(_method_fields(p))
+    kwargs.update(p.options)
+    kwargs.update(
         target_modules=targets,
-        use_dora=p.method == "dora",
-        use_rslora=p.rslora,
         modules_to_save=list(p.modules_to_save) or None,
-        task_type=task_type,
-        bias="none",
+        task_type=peft.TaskType.SEQ_CLS if task == "sequence-classification" else "CAUSAL_LM",
     )
+    return getattr(peft, cls_name)(**kwargs)
+
+
+def _method_fields(p: PeftConfig) -> dict[str, Any]:
+    """The fields only LoRA/DoRA or only AdaLoRA take."""
+    if p.method in ("lora", "dora"):
+        return {
+            "use_dora": p.method == "dora",
+            "use_rslora": p.rslora,
+            "init_lora_weights": LORA_INIT[p.init],
+            "bias": "none",
+        }
+    if p.method == "adalora":
+        fields = {field: getattr(p, key) for key, field in ADALORA_FIELDS.items()}
+        # peft wants the run's length now; the loop sets the real one (engine/adalora.py)
+        # before the first step, once the data fixes it.
+        return {**fields, "total_step": p.tinit + p.tfinal + 1}
+    if p.method == "ia3" and p.target_modules == "all-linear":
+        # peft's per-architecture feedforward list is not a subset of all-linear's resolved
+        # names, so adapter/ would not load back: every layer scales its output unless
+        # options.feedforward_modules (with a list of target_modules) says otherwise.
+        return {"feedforward_modules": []}
+    return {}
 
 
 def apply_peft(model: torch.nn.Module, p: PeftConfig, task: str) -> torch.nn.Module:
@@ -73,11 +104,12 @@ def apply_peft(model: torch.nn.Module, p: PeftConfig, task: str) -> torch.nn.Mod
         warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
         try:
-            wrapped = peft.get_peft_model(model, lora_config(p, task))
-        except ValueError as e:
+            wrapped = peft.get_peft_model(model, method_config(p, task))
+        except (ValueError, TypeError) as e:  # a bad value in model.peft.options, mostly
             raise LLMTrainError(f"model.peft: {' '.join(str(e).split())}") from e
     if checkpointing and not hasattr(model, "_require_grads_hook"):
         model.enable_input_require_grads()  # peft did it, unless it saw no checkpointing
+    remember_initial(wrapped, p)
     return wrapped
 
 
@@ -125,8 +157,45 @@ def save_adapter_then_merge(model: torch.nn.Module, adapter_dir: Path, tokenizer
     adapters into the base weights and return that plain transformers model. The peft model is
     consumed: its layers are replaced by the merged ones (no copy of the base is made)."""
     peft_model = unwrap(model)
-    with atomic_dir(Path(adapter_dir)) as tmp:
-        peft_model.save_pretrained(tmp)
+    initial = getattr(peft_model, INITIAL_ATTR, None)
+    with atomic_dir(Path(adapter_dir)) as tmp, warnings.catch_warnings():
+        # AdaLoRA may prune a matrix to rank 0; peft takes that for an ungathered FSDP shard
+        warnings.filterwarnings("ignore", message=".*have invalid shape.*")
+        if initial is None:
+            peft_model.save_pretrained(tmp)
+        else:
+            save_converted(peft_model, tmp, initial)
         if hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(tmp)
     return peft_model.merge_and_unload()
+
+
+# init: pissa | olora change the frozen base (W -> W - B0 A0): the peft model keeps the
+# adapters as first built under this attribute, so that adapter/ can be saved as a plain LoRA
+# of the ORIGINAL base (peft's path_initial_model_for_weight_conversion). A resume rebuilds
+# them identically from model.pretrained.
+INITIAL_ATTR = "llmtrain_initial_adapters"
+
+
+def remember_initial(model: torch.nn.Module, p: PeftConfig) -> None:
+    if p.method in ("lora", "dora") and p.init in ("pissa", "olora"):
+        setattr(model, INITIAL_ATTR, trainable_state(model))
+
+
+def save_converted(peft_model: Any, directory: Path, initial: dict[str, torch.Tensor]) -> None:
+    """adapter/ for a PiSSA/OLoRA run: B A - B0 A0 as a LoRA of rank 2r on the original base,
+    so PeftModel.from_pretrained(pretrained, adapter/) is the trained model (peft converts it
+    from the initial adapters, written to a scratch folder inside `directory` and removed)."""
+    scratch = directory / "initial"
+    trained = trainable_state(peft_model)
+    load_trainable(peft_model, initial, scratch)
+    peft_model.save_pretrained(scratch)
+    load_trainable(peft_model, trained, directory)
+    peft_model.save_pretrained(directory, path_initial_model_for_weight_conversion=str(scratch))
+    remove_path(scratch)
+    # peft's conversion keeps the LoRA matrices only: put the rest (the trained head) back
+    kept = _peft().get_peft_model_state_dict(peft_model)
+    rest = {k: v.contiguous() for k, v in kept.items() if "lora_A" not in k and "lora_B" not in k}
+    if rest:
+        file = directory / "adapter_model.safetensors"
+        save_file({**load_file(str(file)), **rest}, str(file), metadata={"format": "pt"})

@@ -5,6 +5,8 @@
    the WHOLE window on all ranks, known before any backward (DDP and FSDP average gradients over
    ranks, so × world makes the result the global sum / N). Gradients are synchronised only on
    the last micro-batch (`no_sync_context`).
+   AdaLoRA's orthogonal regularizer w·R(A, B) joins the last micro-batch's loss, so it enters
+   once per window.
 2. `optimizer_step`: unscale, clip the true global gradient, step, and report whether the fp16
    loss scaler skipped the update.
 
@@ -19,6 +21,7 @@ collated into micro-batches of at most `micro`, with N counted over all ranks.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +36,7 @@ from llmtrain.data.batching import (
     split_micro,
     supervised_count,
 )
+from llmtrain.engine.adalora import orth_regularizer
 from llmtrain.engine.distributed import DistInfo, all_reduce_sum
 from llmtrain.engine.faults import maybe_fault_oom
 from llmtrain.engine.loss import model_loss
@@ -50,6 +54,7 @@ class StepSpec:
     isolate_docs: bool = False  # pack mode with attention kept inside documents
     loss_chunk: int | None = None  # causal LM: tokens per chunk of the loss; None = full logits
     activation_offload: bool = False  # saved activations in host memory (`offload_context`)
+    orth_reg_weight: float = 0.0  # AdaLoRA: w of w·R(A, B), added once per window
 
     @classmethod
     def from_config(
@@ -67,6 +72,7 @@ class StepSpec:
             isolate_docs=cfg.data.is_isolated,
             loss_chunk=loss_chunk,
             activation_offload=offloads(cfg, device),
+            orth_reg_weight=orth_reg_weight(cfg),
         )
 
 
@@ -74,6 +80,12 @@ def offloads(cfg: Config, device: torch.device | None) -> bool:
     """Whether `model.activation_offload` takes effect: set, and training on CUDA (on a CPU the
     activations already live in host memory)."""
     return cfg.model.activation_offload and device is not None and device.type == "cuda"
+
+
+def orth_reg_weight(cfg: Config) -> float:
+    """AdaLoRA's w (0 for every other method: no regularizer)."""
+    p = cfg.model.peft
+    return p.orth_reg_weight if p is not None and p.method == "adalora" else 0.0
 
 
 @dataclass
@@ -167,11 +179,21 @@ def forward_backward(
                     loss_chunk=spec.loss_chunk,
                 )
             del inputs, labels  # the graph holds what backward needs, nothing else does
-            scaler.scale(summed * weight).backward()
+            objective = summed * weight
+            if spec.orth_reg_weight and i == len(win.batches) - 1:
+                objective = objective + window_regularizer(model, spec.orth_reg_weight)
+            scaler.scale(objective).backward()
         if i < real:
             loss_sum += summed.detach().double()
         del summed
     return loss_sum
+
+
+def window_regularizer(model: torch.nn.Module, weight: float) -> torch.Tensor:
+    """w·R(A, B) of AdaLoRA, once per window (on its last micro-batch, inside the gradient
+    sync): the window's objective is then sum(token losses) / N + w·R, as one big batch's.
+    Every rank adds it and DDP averages the ranks' gradients, so it counts once there too."""
+    return weight * orth_regularizer(model)
 
 
 @dataclass(frozen=True)
@@ -188,14 +210,18 @@ def optimizer_step(
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     spec: StepSpec,
+    after_update: Callable[[], None] | None = None,
 ) -> StepOutcome:
     """Unscale, clip the global gradient norm (over FSDP shards too), step, update the scaler,
-    and zero the gradients."""
+    and zero the gradients. `after_update` runs when the update was applied, between the step
+    and zero_grad (the window's complete gradients still there): AdaLoRA's rank allocator."""
     scaler.unscale_(optimizer)
     grad_norm = clip_grad_norm(raw_model, spec.grad_clip)
     scale_before = scaler.get_scale() if scaler.is_enabled() else None
     scaler.step(optimizer)
     scaler.update()
-    optimizer.zero_grad(set_to_none=True)
     stepped = scale_before is None or scaler.get_scale() >= scale_before
+    if stepped and after_update is not None:
+        after_update()
+    optimizer.zero_grad(set_to_none=True)
     return StepOutcome(stepped, grad_norm)
