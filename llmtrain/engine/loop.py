@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gc
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,7 @@ class TrainResult:
     last_eval: dict[str, float] | None = None
     final_dir: Path | None = None
     events: list[dict[str, Any]] = field(default_factory=list)
+    last_evals: dict[str, dict[str, float]] = field(default_factory=dict)  # by split
 
 
 @dataclass
@@ -87,7 +89,7 @@ class Run:
     scaler: torch.amp.GradScaler
     spec: StepSpec
     train_store: SequenceSource
-    eval_store: SequenceSource | None
+    eval_stores: dict[str, SequenceSource]  # by split: eval, or eval/<name> per named set
     pad_id: int
     device: torch.device
     dist: DistInfo
@@ -107,7 +109,8 @@ class LoopState:
     micro: int
     fp16_retries: int = 0
     last_loss: float | None = None
-    last_eval: dict[str, float] | None = None
+    last_eval: dict[str, float] | None = None  # the first eval split's (TrainResult.last_eval)
+    last_evals: dict[str, dict[str, float]] = field(default_factory=dict)
     order: tuple[int, np.ndarray] | None = None  # (epoch, permutation): one epoch cached
     skipped: list[int] = field(default_factory=list)  # steps skipped under nan_policy: skip
     # sums since the last train record (the next one averages them); saved in checkpoints
@@ -140,12 +143,25 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
 
 
+EvalStores = SequenceSource | Mapping[str, SequenceSource] | None
+
+
+def by_split(eval_store: EvalStores) -> dict[str, SequenceSource]:
+    """The eval stores by split: one store is split "eval" (data.eval as one corpus, or
+    eval_fraction); a mapping is already keyed by split (eval/<name>)."""
+    if eval_store is None:
+        return {}
+    if isinstance(eval_store, Mapping):
+        return dict(eval_store)
+    return {"eval": eval_store}
+
+
 def setup_run(
     cfg: Config,
     model: torch.nn.Module,
     tokenizer: Any,
     train_store: SequenceSource,
-    eval_store: SequenceSource | None,
+    eval_store: EvalStores,
     *,
     device: torch.device,
     dist: DistInfo,
@@ -172,7 +188,7 @@ def setup_run(
         scaler=make_scaler(cfg.train.precision, device),
         spec=step_spec(cfg, loss_chunk.tokens),
         train_store=train_store,
-        eval_store=eval_store,
+        eval_stores=by_split(eval_store),
         pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
         device=device,
         dist=dist,
@@ -383,12 +399,22 @@ def save(run: Run, state: LoopState) -> None:
 
 
 def run_eval(run: Run, state: LoopState, log: TrainLog) -> None:
-    if run.eval_store is None or len(run.eval_store) == 0:
-        return
+    """Evaluate every eval set; each is its own record (split eval or eval/<name>)."""
+    for split, store in run.eval_stores.items():
+        if len(store) == 0:
+            continue
+        scores = eval_scores(run, state, store)
+        state.last_evals[split] = scores
+        if state.last_eval is None or split == next(iter(run.eval_stores)):
+            state.last_eval = scores
+        log.evaluated(state.step, scores, split=split)
+
+
+def eval_scores(run: Run, state: LoopState, store: SequenceSource) -> dict[str, float]:
     cfg = run.cfg
-    state.last_eval = evaluate(
+    return evaluate(
         run.raw_model,  # eval needs no DDP: each rank runs its shard, sums are all-reduced
-        run.eval_store,
+        store,
         task=cfg.model.task,
         micro=state.micro,
         pad_id=run.pad_id,
@@ -400,7 +426,6 @@ def run_eval(run: Run, state: LoopState, log: TrainLog) -> None:
         dist=run.dist,
         loss_chunk=run.spec.loss_chunk,
     )
-    log.evaluated(state.step, state.last_eval)
 
 
 def after_step(run: Run, state: LoopState, log: TrainLog) -> None:
@@ -541,7 +566,7 @@ def train(
     model: torch.nn.Module,
     tokenizer: Any,
     train_store: SequenceSource,
-    eval_store: SequenceSource | None,
+    eval_store: EvalStores,
     *,
     micro_batch: int,
     device: torch.device,
@@ -551,7 +576,8 @@ def train(
     changes: dict[str, list] | None = None,
 ) -> TrainResult:
     """Train `model` on `train_store` as `cfg` says; writes the run directory
-    (docs/architecture.md, "Run directory"). `changes`: see `open_log`."""
+    (docs/architecture.md, "Run directory"). `eval_store`: one store, or {split: store} for
+    named eval sets. `changes`: see `open_log`."""
     dist, console = dist or DistInfo(), console or default_console
     run = setup_run(cfg, model, tokenizer, train_store, eval_store, device=device, dist=dist)
     state = restore_or_start(run, resume, micro_batch, console)
@@ -589,5 +615,11 @@ def train(
         report_skipped(run, state, state.step - start, log)
     final_dir = save_final(run, tokenizer)
     return TrainResult(
-        state.step, state.micro, state.last_loss, state.last_eval, final_dir, log.events
+        state.step,
+        state.micro,
+        state.last_loss,
+        state.last_eval,
+        final_dir,
+        log.events,
+        state.last_evals,
     )
