@@ -59,6 +59,7 @@ from llmtrain.engine.prefetch import Prefetcher
 from llmtrain.engine.progress import LogInterval, TrainLog
 from llmtrain.engine.provenance import check_total
 from llmtrain.engine.step import StepSpec, Window, forward_backward, make_window, optimizer_step
+from llmtrain.engine.trackers import Trackers
 from llmtrain.errors import LLMTrainError
 from llmtrain.util.atomic import atomic_dir
 
@@ -536,12 +537,14 @@ def open_log(
     progress display; rank 0 alone writes. `changes`: the safe config changes of a resume
     (engine/provenance.py), recorded as a `config_changed` event at the resumed step."""
     cfg, is_main = run.cfg, run.dist.is_main
+    fresh = state.step == 0
     metrics = MetricsWriter(
         run.out / "metrics.jsonl",
         enabled=is_main,
         jsonl=cfg.log.jsonl,
         tensorboard=cfg.log.tensorboard,
-        fresh=state.step == 0,
+        fresh=fresh,
+        trackers=Trackers.open(cfg, run.out, fresh=fresh) if is_main else None,
     )
     log = TrainLog(
         metrics,

@@ -125,7 +125,7 @@ class TrainLog:
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self._progress.__exit__(kind, exc, tb)
-        self.metrics.close()
+        self.metrics.close(ok=kind is None)
 
     def step_started(self) -> None:
         self._t_step = time.perf_counter()

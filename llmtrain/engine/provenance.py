@@ -56,12 +56,22 @@ SAFE = (
     "train.log_every",
     "train.nan_policy",
     "train.parallel",  # DDP and FSDP2 compute the same update
+    "train.best_metric",  # what report calls best
     "log.",
 )
 
 # What `fit --overwrite` removes; the token stores and probe-cache.json are caches keyed by
 # what they depend on, and stay.
-RUN_OUTPUTS = ("checkpoints", "final", "adapter", "metrics.jsonl", RESOLVED, "tensorboard")
+RUN_OUTPUTS = (
+    "checkpoints",
+    "final",
+    "adapter",
+    "metrics.jsonl",
+    RESOLVED,
+    "tensorboard",
+    "wandb",  # log.wandb's local files (offline runs: not yet synced)
+    "trackers.json",  # the W&B / MLflow run ids a resume continues
+)
 
 _ABSENT = object()
 
