@@ -617,12 +617,17 @@ def train(
             after_step(run, state, log)
         report_skipped(run, state, state.step - start, log)
     final_dir = save_final(run, tokenizer)
+    return finished(state, final_dir, log.events)
+
+
+def finished(state: LoopState, final_dir: Path | None, events: list[dict]) -> TrainResult:
+    """What `train` reports back from its final state."""
     return TrainResult(
         state.step,
         state.micro,
         state.last_loss,
         state.last_eval,
         final_dir,
-        log.events,
+        events,
         state.last_evals,
     )
