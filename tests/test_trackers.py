@@ -10,11 +10,13 @@ on a `file:` store read back with its own client.
 from __future__ import annotations
 
 import json
+import os
 import sys
+from pathlib import Path
 
 import pytest
 from fit_helpers import make_cfg, random_store, run_train
-from tracker_helpers import by_step, wandb_files, wandb_history, wandb_run_info, wandb_runs
+from tracker_helpers import by_step, wandb_files, wandb_merged, wandb_run_info, wandb_runs
 
 from llmtrain.engine.faults import SimulatedKill
 from llmtrain.engine.metrics import TIMING_FIELDS, MetricsWriter, read_metrics
@@ -69,13 +71,11 @@ def _expected(out):
 
 
 def _wandb_sent(out):
-    """[(step, key, value)] over every offline run file of the run (a resume adds one)."""
-    sent = []
-    for path in wandb_runs(out / "wandb"):
-        rows = wandb_history(path)
-        keys = {k for r in rows for k in r if not k.startswith("_")}
-        sent += [(s, k, float(v)) for k in keys for s, v in by_step(rows, k)]
-    return sent
+    """[(step, key, value)] of the run's history as W&B keeps it, over every offline run
+    file of the run (a resume adds one)."""
+    rows = wandb_merged(wandb_runs(out / "wandb"))
+    keys = {k for r in rows for k in r if not k.startswith("_")}
+    return [(s, k, float(v)) for k in keys for s, v in by_step(rows, k)]
 
 
 def _mlflow_sent(mlruns, run_id):
@@ -88,7 +88,8 @@ def _mlflow_sent(mlruns, run_id):
 
 def _same_as_metrics_jsonl(sent, expected):
     """Every record's every number reached the tracker once, at its step, with its value
-    (timing fields: the first copy is kept, so only their presence is compared)."""
+    (timing fields differ between a record and its remake after a resume: only their
+    presence is compared)."""
     pairs = [(s, k) for s, k, _ in sent]
     assert len(pairs) == len(set(pairs)), "a step was sent twice"
     assert set(pairs) == set(expected)
@@ -245,3 +246,38 @@ def test_mlflow_params_are_logged_once_in_batches(tmp_path):
     logged = MlflowClient(tracking_uri=f"file:{tmp_path}").get_run(run_id).data.params
     assert len(logged) == 252 and logged["k249"] == "249" and len(logged["long"]) == 6000
     assert logged["odd_key"] == "null"
+
+
+@pytest.mark.slow
+def test_a_hard_kill_loses_nothing_on_resume(tmp_path, monkeypatch):
+    """`kill -9` semantics (os._exit): W&B had not flushed its buffer to the offline file, so
+    the resumed run sends metrics.jsonl again; MLflow had every record and gets none twice."""
+    import subprocess
+    import textwrap
+
+    out, mlruns = tmp_path / "run", tmp_path / "mlruns"
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from fit_helpers import random_store, run_train
+        from test_trackers import _cfg
+        run_train(_cfg({str(out)!r}, {str(mlruns)!r}), random_store(30, seed=4),
+                  random_store(6, seed=5), resume=sys.argv[1] or None)
+        """
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LLMTRAIN_FAULT_KILL": "step_end:5"}
+    killed = subprocess.run([sys.executable, "-c", script, ""], env=env, capture_output=True)
+    assert killed.returncode == 137, killed.stderr.decode()[-2000:]
+    env.pop("LLMTRAIN_FAULT_KILL")
+    done = subprocess.run([sys.executable, "-c", script, "auto"], env=env, capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    state = json.loads((out / STATE_FILE).read_text())
+    expected = _expected(out)
+    first, resumed = wandb_runs(out / "wandb")
+    assert first.stat().st_size == 7  # the header only: the kill lost W&B's whole buffer
+    assert first.name == resumed.name == f"run-{state['wandb']['id']}.wandb"
+    assert wandb_run_info(resumed)[0] == state["wandb"]["id"]
+    _same_as_metrics_jsonl(_wandb_sent(out), expected)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # for this process's reader
+    _same_as_metrics_jsonl(_mlflow_sent(mlruns, state["mlflow"]["id"]), expected)

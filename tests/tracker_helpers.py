@@ -82,6 +82,22 @@ def wandb_files(path: Path) -> list[str]:
     ]
 
 
+def wandb_merged(paths: list[Path]) -> list[dict[str, Any]]:
+    """The history a W&B reader sees of a run resumed across `paths` (oldest first): W&B
+    keeps one row per step, a row logged at the current step adds to it, and a step below the
+    current one is ignored ("steps must be monotonically increasing"). This is W&B's
+    documented rule for a resumed run, applied here to the offline files; `wandb sync` to a
+    server is not exercised offline."""
+    rows: list[dict[str, Any]] = []
+    for path in paths:
+        for row in wandb_history(path):
+            if rows and row["_step"] == rows[-1]["_step"]:
+                rows[-1].update(row)
+            elif not rows or row["_step"] > rows[-1]["_step"]:
+                rows.append(dict(row))
+    return rows
+
+
 def by_step(rows: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
     """(step, value) of `key` over history rows that hold it."""
     return [(int(r["_step"]), r[key]) for r in rows if key in r]

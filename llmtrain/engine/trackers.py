@@ -8,11 +8,18 @@ by `llmtrain.plot` from metrics.jsonl) and the final eval records. Only rank 0 o
 `MetricsWriter` is disabled on the other ranks.
 
 Resume. `<output_dir>/trackers.json` (written atomically) keeps each tracker's run id and the
-last step (and the splits at that step) it was sent. A resumed run continues the same tracker
-run, and a record it was already sent is not sent again: metrics.jsonl drops what a killed run
-wrote after its checkpoint and writes it again, and a resumed run remakes those records
-exactly (timing fields aside), so the tracker keeps the first copy. A record sent just before
-a kill, before trackers.json recorded it, can be sent twice (at most one).
+last step (and the splits at that step) it was sent; a resumed run continues the same tracker
+runs. What it sends again depends on the tracker:
+
+- MLflow writes each batch before `log_batch` returns, and its metric history keeps
+  duplicates: a record at or before the last step sent is not sent again. metrics.jsonl drops
+  what a killed run wrote after its checkpoint and writes it again; a resumed run remakes those
+  records exactly (timing fields aside), so MLflow keeps the first copy. A record sent just
+  before a kill, before trackers.json noted it, can be sent twice (at most one).
+- W&B buffers (its `.wandb` file is flushed every 15 s; a killed process loses the rest), and
+  keeps one history row per step, ignoring a step below the run's current one. So a resumed W&B
+  run is sent metrics.jsonl again (as cut back to the checkpoint), then every new record: what
+  W&B already holds is ignored, what the kill lost is filled in.
 
 A tracker never costs the run: its package missing, its service unreachable, or a call that
 raises mid-run is one warning line, and the run goes on with metrics.jsonl (that tracker off).
@@ -79,6 +86,7 @@ class Tracker(ABC):
 
     name: str  # its key under log: (and in trackers.json)
     package: str  # the pip package, also the llmtrain extra
+    replays = False  # on resume: send metrics.jsonl again (True) or skip what was sent (False)
 
     @abstractmethod
     def start(self, params: dict[str, Any], run_id: str | None) -> str:
@@ -97,6 +105,7 @@ class Tracker(ABC):
 
 class WandbTracker(Tracker):
     name, package = "wandb", "wandb"
+    replays = True  # buffered (a kill loses the tail); one row per step, lower steps ignored
 
     def __init__(self, cfg: WandbConfig, run_name: str, out: Path):
         self.cfg, self.run_name, self.out = cfg, run_name, out
@@ -294,8 +303,24 @@ class Trackers:
             state[tracker.name] = {**(before if same else {}), "id": run_id}
             live.append(tracker)
         sink = cls(cfg, out, live, state)
+        if not fresh:
+            sink.replay([t for t in live if t.replays])
         sink.save()
         return sink
+
+    def replay(self, trackers: list[Tracker]) -> None:
+        """Send metrics.jsonl (already cut back to the checkpoint) to `trackers` again."""
+        path = self.out / "metrics.jsonl"
+        if not trackers or not path.is_file():
+            return
+        lines = path.read_text(encoding="utf-8").splitlines()
+        records = [r for r in map(json.loads, lines) if isinstance(r.get("split"), str)]
+        for tracker in trackers:
+            try:
+                for record in records:
+                    tracker.log(metrics_of(record), int(record["step"]))
+            except Exception as e:
+                self.drop(tracker, e)
 
     def save(self) -> None:
         state = {
@@ -314,7 +339,7 @@ class Trackers:
         metrics, changed = metrics_of(record), False
         for tracker in list(self.live):
             sent = self.sent[tracker.name]
-            if sent.covers(step, split):
+            if sent.covers(step, split) and not tracker.replays:
                 continue
             try:
                 tracker.log(metrics, step)
