@@ -214,6 +214,17 @@ def test_an_unreachable_mlflow_server_is_one_warning(tmp_path, monkeypatch, caps
     assert wandb_runs(tmp_path / "run" / "wandb")  # the other tracker is unaffected
 
 
+def test_wandb_online_without_credentials_is_one_warning(tmp_path, monkeypatch, capsys):
+    """No API key (and no terminal to ask for one): W&B refuses before any network call."""
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc with a key
+    cfg = _cfg(tmp_path / "run", tmp_path / "mlruns", wandb={"project": "p", "mode": "online"})
+    _, result = run_train(cfg, *_stores())
+    assert result.step == 6
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "log.wandb: could not start (UsageError" in warnings[0]
+
+
 def test_only_the_writing_rank_feeds_trackers(tmp_path):
     class Refuse:
         def write(self, record):
