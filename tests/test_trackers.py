@@ -292,3 +292,26 @@ def test_a_hard_kill_loses_nothing_on_resume(tmp_path, monkeypatch):
     _same_as_metrics_jsonl(_wandb_sent(out), expected)
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # for this process's reader
     _same_as_metrics_jsonl(_mlflow_sent(mlruns, state["mlflow"]["id"]), expected)
+
+
+def test_a_tracker_that_cannot_start_on_resume_keeps_its_run_for_the_next(tmp_path, monkeypatch):
+    out, mlruns = tmp_path / "run", tmp_path / "mlruns"
+    monkeypatch.setenv("LLMTRAIN_FAULT_KILL", "step_end:3")
+    monkeypatch.setenv("LLMTRAIN_FAULT_KILL_MODE", "raise")
+    with pytest.raises(SimulatedKill):
+        run_train(_cfg(out, mlruns), *_stores())
+    before = json.loads((out / STATE_FILE).read_text())
+    monkeypatch.setenv("LLMTRAIN_FAULT_KILL", "step_end:5")
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "mlflow", None)
+        m.setitem(sys.modules, "mlflow.tracking", None)
+        with pytest.raises(SimulatedKill):
+            run_train(_cfg(out, mlruns), *_stores(), resume="auto")
+    assert json.loads((out / STATE_FILE).read_text())["mlflow"] == before["mlflow"]
+    monkeypatch.delenv("LLMTRAIN_FAULT_KILL")
+    run_train(_cfg(out, mlruns), *_stores(), resume="auto")
+    state = json.loads((out / STATE_FILE).read_text())
+    assert state["mlflow"]["id"] == before["mlflow"]["id"]
+    sent = _mlflow_sent(mlruns, state["mlflow"]["id"])
+    # steps 4 and 5 were trained while MLflow was away; from the checkpoint at 4 on it is back
+    assert {s for s, _, _ in sent} == {1, 2, 3, 5, 6}

@@ -76,6 +76,16 @@ def metrics_of(record: dict[str, Any]) -> dict[str, float]:
     }
 
 
+def parse(line: str) -> dict[str, Any] | None:
+    """A train or eval record of metrics.jsonl; None for an event or a torn line."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    ok = isinstance(record, dict) and isinstance(record.get("split"), str)
+    return record if ok and isinstance(record.get("step"), int) else None
+
+
 def one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
@@ -273,6 +283,8 @@ class Trackers:
             for t in live
         }
         self.final: dict[str, dict[str, Any]] = {}  # the last eval record of each split
+        # a tracker that could not start this time keeps its run for the next resume
+        self.kept = {n: v for n, v in state.items() if n not in self.ids}
 
     @classmethod
     def open(cls, cfg: Config, out: Path, *, fresh: bool) -> Trackers | None:
@@ -284,7 +296,8 @@ class Trackers:
             return None
         saved = {} if fresh else read_state(out)
         params = flatten(cfg.model_dump(mode="json"))
-        live, state = [], {}
+        live: list[Tracker] = []
+        state = {n: v for n, v in saved.items() if isinstance(v, dict) and "id" in v}
         for tracker in wanted:
             before = saved.get(tracker.name) or {}
             try:
@@ -313,8 +326,7 @@ class Trackers:
         path = self.out / "metrics.jsonl"
         if not trackers or not path.is_file():
             return
-        lines = path.read_text(encoding="utf-8").splitlines()
-        records = [r for r in map(json.loads, lines) if isinstance(r.get("split"), str)]
+        records = [r for r in map(parse, path.read_text(encoding="utf-8").splitlines()) if r]
         for tracker in trackers:
             try:
                 for record in records:
@@ -326,6 +338,7 @@ class Trackers:
         state = {
             n: {"id": self.ids[n], "step": s.step, "splits": s.splits} for n, s in self.sent.items()
         }
+        state.update(self.kept)
         atomic_write(self.out / STATE_FILE, json.dumps(state, indent=1) + "\n")
 
     def write(self, record: dict[str, Any]) -> None:
@@ -377,7 +390,8 @@ class Trackers:
         """`llmtrain report`'s picture of this run's metrics.jsonl (None without one)."""
         path = self.out / "metrics.jsonl"
         try:
-            records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-            return draw([RunMetrics.of(self.cfg.run.name, self.out, records)])
-        except (OSError, ValueError):
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except OSError:
             return None
+        records = [r for r in map(parse, lines) if r]
+        return draw([RunMetrics.of(self.cfg.run.name, self.out, records)])
