@@ -315,3 +315,15 @@ def test_a_tracker_that_cannot_start_on_resume_keeps_its_run_for_the_next(tmp_pa
     sent = _mlflow_sent(mlruns, state["mlflow"]["id"])
     # steps 4 and 5 were trained while MLflow was away; from the checkpoint at 4 on it is back
     assert {s for s, _, _ in sent} == {1, 2, 3, 5, 6}
+
+
+def test_a_tracker_first_set_on_resume_gets_the_run_so_far(tmp_path, monkeypatch):
+    out, mlruns = tmp_path / "run", tmp_path / "mlruns"
+    monkeypatch.setenv("LLMTRAIN_FAULT_KILL", "step_end:5")
+    monkeypatch.setenv("LLMTRAIN_FAULT_KILL_MODE", "raise")
+    with pytest.raises(SimulatedKill):
+        run_train(_cfg(out, mlruns, mlflow=None), *_stores())
+    monkeypatch.delenv("LLMTRAIN_FAULT_KILL")
+    run_train(_cfg(out, mlruns), *_stores(), resume="auto")  # log.mlflow is a safe change
+    state = json.loads((out / STATE_FILE).read_text())
+    _same_as_metrics_jsonl(_mlflow_sent(mlruns, state["mlflow"]["id"]), _expected(out))

@@ -316,8 +316,8 @@ class Trackers:
             state[tracker.name] = {**(before if same else {}), "id": run_id}
             live.append(tracker)
         sink = cls(cfg, out, live, state)
-        if not fresh:
-            sink.replay([t for t in live if t.replays])
+        if not fresh:  # and a tracker first configured on this resume gets the run so far
+            sink.replay([t for t in live if t.replays or not (saved.get(t.name) or {}).get("id")])
         sink.save()
         return sink
 
