@@ -327,3 +327,28 @@ def test_a_tracker_first_set_on_resume_gets_the_run_so_far(tmp_path, monkeypatch
     run_train(_cfg(out, mlruns), *_stores(), resume="auto")  # log.mlflow is a safe change
     state = json.loads((out / STATE_FILE).read_text())
     _same_as_metrics_jsonl(_mlflow_sent(mlruns, state["mlflow"]["id"]), _expected(out))
+
+
+def test_tensorboard_still_gets_every_record_beside_the_trackers(tmp_path, monkeypatch):
+    """TensorBoard's writer (a stand-in: tensorboard need not be installed) is fed as before."""
+    import types
+
+    scalars = []
+
+    class SummaryWriter:
+        def __init__(self, logdir):
+            assert logdir == str(tmp_path / "run" / "tensorboard")
+
+        def add_scalar(self, tag, value, step):
+            scalars.append((step, tag, float(value)))
+
+        def close(self):
+            pass
+
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = SummaryWriter  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    out, mlruns = tmp_path / "run", tmp_path / "mlruns"
+    run_train(_cfg(out, mlruns, tensorboard=True), *_stores())
+    _same_as_metrics_jsonl(scalars, _expected(out))
+    _same_as_metrics_jsonl(_wandb_sent(out), _expected(out))
