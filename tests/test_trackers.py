@@ -278,6 +278,9 @@ def test_a_hard_kill_loses_nothing_on_resume(tmp_path, monkeypatch):
         """
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LLMTRAIN_FAULT_KILL": "step_end:5"}
+    # each process its own wandb-core, as from a shell: an inherited one (this test process
+    # started it for the tests before) would outlive the kill and flush what it holds
+    env.pop("WANDB_SERVICE", None)
     killed = subprocess.run([sys.executable, "-c", script, ""], env=env, capture_output=True)
     assert killed.returncode == 137, killed.stderr.decode()[-2000:]
     env.pop("LLMTRAIN_FAULT_KILL")
@@ -286,7 +289,8 @@ def test_a_hard_kill_loses_nothing_on_resume(tmp_path, monkeypatch):
     state = json.loads((out / STATE_FILE).read_text())
     expected = _expected(out)
     first, resumed = wandb_runs(out / "wandb")
-    assert first.stat().st_size == 7  # the header only: the kill lost W&B's whole buffer
+    # W&B flushes its file every 15 s: the killed process's file usually holds the header
+    # only (7 bytes), whatever it holds the merged history below must be complete
     assert first.name == resumed.name == f"run-{state['wandb']['id']}.wandb"
     assert wandb_run_info(resumed)[0] == state["wandb"]["id"]
     _same_as_metrics_jsonl(_wandb_sent(out), expected)
