@@ -21,10 +21,21 @@ TOKENIZER_DIR = "tokenizer"  # a tokenizer trained for the run (tokenizer.train)
 PROBE_CACHE_FILE = "probe-cache.json"
 PROBE_SNAPSHOT_FILE = "probe-snapshot.safetensors"  # the CPU probe's snapshot, while it runs
 REPORT_FILE = "report.png"
+WANDB_DIR = "wandb"  # log.wandb's local files (offline runs: not yet synced)
+TRACKERS_FILE = "trackers.json"  # the W&B / MLflow run ids a resume continues
 
 # What `fit --overwrite` removes; the token stores, the trained tokenizer and
 # probe-cache.json are caches keyed by what they depend on, and stay.
-RUN_OUTPUTS = (CHECKPOINTS_DIR, FINAL_DIR, ADAPTER_DIR, METRICS_FILE, CONFIG_FILE, TENSORBOARD_DIR)
+RUN_OUTPUTS = (
+    CHECKPOINTS_DIR,
+    FINAL_DIR,
+    ADAPTER_DIR,
+    METRICS_FILE,
+    CONFIG_FILE,
+    TENSORBOARD_DIR,
+    WANDB_DIR,
+    TRACKERS_FILE,
+)
 
 
 def checkpoint_name(step: int) -> str:

@@ -77,7 +77,8 @@ def prepare(cfg: Config, dist: DistInfo, device: torch.device) -> tuple[Any, Any
     report = ensure_stores(cfg, tokenizer, progress=dist.is_main and cfg.log.progress)
     if dist.is_main:
         barrier()
-    train_store, eval_store = report.stores["train"], report.stores.get("eval")
+    train_store = report.stores["train"]
+    eval_store = {split: s for split, s in report.stores.items() if split != "train"}
     label_names = train_store.label_names
     if cfg.model.task == "sequence-classification" and label_names is None:
         raise LLMTrainError(

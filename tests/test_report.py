@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from llmtrain.cli import app
 from llmtrain.commands import report as report_cmd
+from llmtrain.plot import panels
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -33,7 +34,7 @@ def test_one_run_writes_a_png_into_the_run(runs, tmp_path):
     image = _image(path)
     assert image.ndim == 3 and image.shape[0] > 300 and image.shape[1] > 600
     # loss, lr, tokens/s, grad norm and (a classifier) accuracy
-    assert [p for p, _ in report_cmd.panels(report_cmd.load_runs([str(clf)]))] == [
+    assert [p for p, _ in panels(report_cmd.load_runs([str(clf)]))] == [
         "loss",
         "lr",
         "tokens_per_s",

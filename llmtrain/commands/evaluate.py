@@ -62,23 +62,26 @@ def per_class(matrix: np.ndarray, names: list[str]) -> list[dict[str, Any]]:
     return rows
 
 
-def eval_source(run: TrainedRun, input_path: str | None, text_field: str | None, tmp: Path):
-    """The store to evaluate on: `--input` chunked like the run's data (labels required for a
-    classifier), else the run's own eval store (reused, or rebuilt from its corpus)."""
+def eval_sources(
+    run: TrainedRun, input_path: str | None, text_field: str | None, tmp: Path
+) -> dict[str, SequenceSource]:
+    """The stores to evaluate on, by split: `--input` chunked like the run's data (labels
+    required for a classifier) as split "eval", else the run's own eval sets (reused, or
+    rebuilt from their corpora): "eval", or "eval/<name>" for each named set."""
     if input_path is not None:
-        source = input_source(
-            input_path, text_field=text_field, like=run.cfg.data.eval or run.cfg.data.train
-        )
+        like = next(iter(run.cfg.data.eval_sets.values()), run.cfg.data.train)
+        source = input_source(input_path, text_field=text_field, like=like)
         spec = resolve_spec(run.cfg, run.tokenizer)
-        return encode_input(run, source, tmp, spec=spec, require_label=run.classify, key="input")
+        store = encode_input(run, source, tmp, spec=spec, require_label=run.classify, key="input")
+        return {"eval": store}
     report = ensure_stores(run.cfg, run.tokenizer, progress=False)
-    store = report.stores.get("eval")
-    if store is None or len(store) == 0:
+    stores = {s: st for s, st in report.stores.items() if s != "train" and len(st) > 0}
+    if not stores:
         raise LLMTrainError(
             f"{run.path}: the run has no eval data (data.eval / data.eval_fraction); give "
             "--input FILE"
         )
-    return store
+    return stores
 
 
 def classification_details(run: TrainedRun, store: SequenceSource, out: StoreOutputs) -> dict:
@@ -105,7 +108,12 @@ def weights_step(run: TrainedRun) -> int | None:
 
 
 def evaluate_run(
-    run: TrainedRun, store: SequenceSource, micro: int, *, max_batches: int | None
+    run: TrainedRun,
+    store: SequenceSource,
+    micro: int,
+    *,
+    max_batches: int | None,
+    split: str = "eval",
 ) -> dict[str, Any]:
     """fit's eval record for these weights (split, step, metrics) plus, for a classifier,
     the per-class table and confusion matrix."""
@@ -123,7 +131,7 @@ def evaluate_run(
         device=run.device,
         max_batches=max_batches,
     )
-    result: dict[str, Any] = {"split": "eval", "step": weights_step(run)}
+    result: dict[str, Any] = {"split": split, "step": weights_step(run)}
     result.update(scores_of(out, np.asarray(store.doc_ids), cfg.data.chunk.aggregate))
     if run.classify:
         result.update(classification_details(run, store, out))
@@ -133,17 +141,29 @@ def evaluate_run(
 
 
 def render(out: Console, result: dict[str, Any]) -> None:
-    """The metrics, then (classification) per-class scores and the confusion matrix."""
+    """The metrics, one row per eval set, then (classification) each set's per-class scores
+    and confusion matrix."""
     out.print(f"evaluate {result['weights']} (step {result['step']})", soft_wrap=True)
+    sets = result.get("sets", [result])
     table = Table()
-    metrics = [k for k in ("loss", "ppl", "accuracy", "doc_accuracy") if k in result]
+    metrics = [k for k in ("loss", "ppl", "accuracy", "doc_accuracy") if k in sets[0]]
+    named = "sets" in result
+    if named:
+        table.add_column("set")
     for k in metrics:
         table.add_column(k, justify="right")
-    table.add_row(*(f"{result[k]:.4f}" if k != "ppl" else f"{result[k]:.4g}" for k in metrics))
+    for r in sets:
+        cells = [f"{r[k]:.4f}" if k != "ppl" else f"{r[k]:.4g}" for k in metrics]
+        table.add_row(*([r["split"]] if named else []), *cells)
     out.print(table)
-    if "per_class" not in result:
-        return
-    classes = Table(title="per class (documents)", title_justify="left")
+    for r in sets:
+        if "per_class" in r:
+            render_classes(out, r, f" {r['split']}" if named else "")
+
+
+def render_classes(out: Console, result: dict[str, Any], where: str) -> None:
+    """One eval set's per-class scores and confusion matrix (documents)."""
+    classes = Table(title=f"per class{where} (documents)", title_justify="left")
     for col in ("label", "precision", "recall", "f1", "support"):
         classes.add_column(col, justify="left" if col == "label" else "right")
     for r in result["per_class"]:
@@ -155,13 +175,22 @@ def render(out: Console, result: dict[str, Any]) -> None:
             str(r["support"]),
         )
     out.print(classes)
-    confusion = Table(title="confusion (documents)", title_justify="left")
+    confusion = Table(title=f"confusion{where} (documents)", title_justify="left")
     confusion.add_column("true \\ predicted")
     for name in result["labels"]:
         confusion.add_column(name, justify="right")
     for name, row in zip(result["labels"], result["confusion"], strict=True):
         confusion.add_row(name, *(str(v) for v in row))
     out.print(confusion)
+
+
+def combined(sets: list[dict[str, Any]]) -> dict[str, Any]:
+    """Named eval sets: what the sets share once, their records under "sets"."""
+    shared = ("step", "weights", "micro_batch")
+    return {
+        **{k: sets[0][k] for k in shared},
+        "sets": [{k: v for k, v in r.items() if k not in shared} for r in sets],
+    }
 
 
 def execute(
@@ -173,15 +202,21 @@ def execute(
     text_field: str | None = None,
     as_json: bool = False,
 ) -> dict[str, Any]:
-    """Entry point of `llmtrain evaluate`; returns the result (tests read it)."""
+    """Entry point of `llmtrain evaluate`; returns the result (tests read it): fit's eval
+    record for one eval set; {"step", "weights", "micro_batch", "sets": [record, ...]} for
+    named eval sets, one record per set."""
     out = human_console(as_json)
     trained = open_run(run_dir, checkpoint=checkpoint, needs_corpus=input_path is None)
     with tempfile.TemporaryDirectory(prefix="llmtrain-evaluate-") as tmp:
-        store = eval_source(trained, input_path, text_field, Path(tmp))
+        stores = eval_sources(trained, input_path, text_field, Path(tmp))
         micro = inference_batch(trained, batch)
         # fit caps its eval at eval_max_batches micro-batches; an --input is read whole
         cap = trained.cfg.train.eval_max_batches if input_path is None else None
-        result = evaluate_run(trained, store, micro, max_batches=cap)
+        sets = [
+            evaluate_run(trained, store, micro, max_batches=cap, split=split)
+            for split, store in stores.items()
+        ]
+    result = sets[0] if list(stores) == ["eval"] else combined(sets)
     if as_json:
         sys.stdout.write(json.dumps(result) + "\n")
         sys.stdout.flush()

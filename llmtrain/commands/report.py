@@ -3,48 +3,28 @@ optimizer step — loss (train and eval), learning rate, tokens/s, grad norm, an
 memory or AdaLoRA's rank budget where logged — several runs overlaid, plus a summary table
 (docs/architecture.md, "Using a trained run").
 
-Drawn with matplotlib's object API on the Agg canvas (no display, no global pyplot state) and
+The drawing is `llmtrain.plot`'s (also used by the trackers at the end of a run); the PNG is
 written atomically.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from rich.console import Console
 from rich.table import Table
 
 from llmtrain import layout
+from llmtrain.config.schema import HIGHER_IS_BETTER
 from llmtrain.console import human_console, say
 from llmtrain.errors import LLMTrainError
+from llmtrain.plot import RunMetrics, draw
 from llmtrain.rundir.trained import read_run_metrics, run_name
 from llmtrain.util.atomic import atomic_write
-
-DPI = 110
-
-
-@dataclass
-class RunMetrics:
-    """One run's records, split by kind, in file order."""
-
-    name: str
-    path: Path
-    train: list[dict[str, Any]]
-    eval: list[dict[str, Any]]
-
-    def series(self, records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
-        """(steps, values) of `key` where it is a number."""
-        pairs = [
-            (int(r["step"]), float(r[key]))
-            for r in records
-            if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)
-        ]
-        return [s for s, _ in pairs], [v for _, v in pairs]
 
 
 def load_runs(run_dirs: list[str]) -> list[RunMetrics]:
@@ -54,105 +34,15 @@ def load_runs(run_dirs: list[str]) -> list[RunMetrics]:
         records, bad = read_run_metrics(d)
         if bad:
             say(f"skipped {len(bad)} unreadable line(s) of metrics.jsonl ({bad[0]})", label="note")
-        train = [r for r in records if r.get("split") == "train"]
-        evals = [r for r in records if r.get("split") == "eval"]
-        if not train and not evals:
+        run = RunMetrics.of(run_name(d), Path(d), records)
+        if not run.train and not run.eval:
             raise LLMTrainError(f"{Path(d) / layout.METRICS_FILE}: no train or eval records yet")
-        runs.append(RunMetrics(run_name(d), Path(d), train, evals))
+        runs.append(run)
     names = [r.name for r in runs]
     for r in runs:
         if names.count(r.name) > 1:
             r.name = f"{r.name} ({r.path})"
     return runs
-
-
-def memory_keys(runs: list[RunMetrics]) -> list[str]:
-    """Numeric train-record fields about memory (whatever name a run logged them under)."""
-    keys: list[str] = []
-    for run in runs:
-        for r in run.train:
-            for k, v in r.items():
-                if "mem" in k and isinstance(v, (int, float)) and k not in keys:
-                    keys.append(k)
-    return keys
-
-
-def panels(runs: list[RunMetrics]) -> list[tuple[str, str]]:
-    """(panel, y label) for what the runs logged: loss always, the rest when present."""
-
-    def logged(records: str, *keys: str) -> bool:
-        return any(k in r for run in runs for r in getattr(run, records) for k in keys)
-
-    out = [("loss", "loss")]
-    out += [("lr", "learning rate")] if logged("train", "lr") else []
-    out += [("tokens_per_s", "tokens/s")] if logged("train", "tokens_per_s") else []
-    out += [("grad_norm", "grad norm")] if logged("train", "grad_norm") else []
-    if logged("eval", "doc_accuracy", "accuracy"):
-        out.append(("accuracy", "eval accuracy"))
-    out += [("memory", "memory")] if memory_keys(runs) else []
-    out += [("rank_budget", "AdaLoRA total rank budget")] if logged("train", "rank_budget") else []
-    return out
-
-
-def _line(ax: Any, series: tuple[list[int], list[float]], style: str, **kw: Any) -> None:
-    """One series, if the run logged it (an empty one would still get a legend entry);
-    markers when there are few points, so a short run shows where its values are."""
-    steps, values = series
-    if not steps:
-        return
-    marker = "o" if len(steps) <= 30 else ""
-    ax.plot(steps, values, marker + style, ms=3, **kw)
-
-
-def draw_panel(ax: Any, panel: str, runs: list[RunMetrics], colors: list[str]) -> None:
-    """One panel: every run in its own color; train solid, eval dashed."""
-    for run, color in zip(runs, colors, strict=True):
-        if panel == "loss":
-            _line(ax, run.series(run.train, "loss"), "-", color=color, label=f"{run.name} train")
-            _line(ax, run.series(run.eval, "loss"), "--", color=color, label=f"{run.name} eval")
-        elif panel == "accuracy":
-            doc = run.series(run.eval, "doc_accuracy")
-            _line(ax, doc, "-", color=color, label=f"{run.name} doc_accuracy")
-            window = run.series(run.eval, "accuracy")
-            _line(ax, window, ":", color=color, label=f"{run.name} accuracy (windows)")
-        elif panel == "memory":
-            for key in memory_keys([run]):
-                _line(ax, run.series(run.train, key), "-", color=color, label=f"{run.name} {key}")
-        else:
-            _line(ax, run.series(run.train, panel), "-", color=color, label=run.name)
-    if panel in ("loss", "accuracy", "memory"):
-        ax.legend(fontsize="small")
-
-
-def draw(runs: list[RunMetrics]) -> bytes:
-    """The PNG: a grid of panels sharing the step axis, a legend of run names on top."""
-    from matplotlib.figure import Figure
-
-    shown = panels(runs)
-    rows = (len(shown) + 1) // 2
-    fig = Figure(figsize=(12, 3.4 * rows), layout="constrained")
-    axes = fig.subplots(rows, 2, squeeze=False).ravel()
-    colors = [f"C{i % 10}" for i in range(len(runs))]
-    for ax, (panel, label) in zip(axes, shown, strict=False):
-        draw_panel(ax, panel, runs, colors)
-        ax.set_title(label)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        if panel in ("loss", "lr", "grad_norm") and _positive(ax):
-            ax.set_yscale("log")
-    for ax in axes[len(shown) :]:
-        ax.set_visible(False)
-    handles = [axes[0].plot([], [], color=c)[0] for c in colors]
-    fig.legend(handles, [r.name for r in runs], loc="outside upper center", ncols=min(4, len(runs)))
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI)
-    return buf.getvalue()
-
-
-def _positive(ax: Any) -> bool:
-    """A log scale is readable only when every plotted value is positive (and varies)."""
-    values = [y for line in ax.get_lines() for y in line.get_ydata()]
-    return bool(values) and min(values) > 0 and max(values) / min(values) > 20
 
 
 def wall_seconds(train: list[dict[str, Any]]) -> float | None:
@@ -169,6 +59,49 @@ def wall_seconds(train: list[dict[str, Any]]) -> float | None:
     return None if last is None else total + last
 
 
+def best_metric_of(run: RunMetrics) -> tuple[str, str] | None:
+    """(split, key) that "best eval" means for this run: its train.best_metric (read from its
+    config without validation, like run.name), else the loss of the first eval set logged."""
+    try:
+        data = yaml.safe_load((run.path / "config.resolved.yaml").read_text(encoding="utf-8"))
+        value = data["train"]["best_metric"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        value = None
+    if isinstance(value, str) and ":" in value:
+        split, _, key = value.partition(":")
+        return split, key
+    splits = run.eval_splits()
+    return (splits[0], "loss") if splits else None
+
+
+def best_eval(run: RunMetrics) -> dict[str, Any]:
+    """The best eval record by the run's best metric (lowest loss/ppl, highest accuracy),
+    plus the final and best loss of that eval set."""
+    chosen = best_metric_of(run)
+    if chosen is None:
+        return {}
+    split, key = chosen
+    row: dict[str, Any] = {"best_metric": f"{split}:{key}"}
+    records = [r for r in run.of_split(split) if isinstance(r.get(key), (int, float))]
+    if records:
+        pick = max if key in HIGHER_IS_BETTER else min
+        best = pick(records, key=lambda r: r[key])
+        row.update(best_value=best[key], best_step=best["step"])
+    losses = [r for r in run.of_split(split) if isinstance(r.get("loss"), (int, float))]
+    if losses:
+        best = min(losses, key=lambda r: r["loss"])
+        row.update(
+            final_eval_loss=losses[-1]["loss"],
+            best_eval_loss=best["loss"],
+            best_eval_step=best["step"],
+        )
+    accs = [r for r in run.of_split(split) if isinstance(r.get("doc_accuracy"), (int, float))]
+    if accs:
+        best = max(accs, key=lambda r: r["doc_accuracy"])
+        row.update(best_doc_accuracy=best["doc_accuracy"], best_doc_accuracy_step=best["step"])
+    return row
+
+
 def summary(run: RunMetrics) -> dict[str, Any]:
     """Final loss, best eval, steps, tokens and wall time of one run."""
     steps = [int(r["step"]) for r in run.train + run.eval]
@@ -180,19 +113,21 @@ def summary(run: RunMetrics) -> dict[str, Any]:
         "final_loss": run.train[-1]["loss"] if run.train else None,
         "wall_s": wall_seconds(run.train),
     }
-    evals = [r for r in run.eval if isinstance(r.get("loss"), (int, float))]
-    if evals:
-        best = min(evals, key=lambda r: r["loss"])
-        row.update(
-            final_eval_loss=evals[-1]["loss"],
-            best_eval_loss=best["loss"],
-            best_eval_step=best["step"],
-        )
-    accs = [r for r in run.eval if isinstance(r.get("doc_accuracy"), (int, float))]
-    if accs:
-        best = max(accs, key=lambda r: r["doc_accuracy"])
-        row.update(best_doc_accuracy=best["doc_accuracy"], best_doc_accuracy_step=best["step"])
+    row.update(best_eval(run))
     return row
+
+
+def best_text(r: dict[str, Any]) -> str:
+    """The table's "best eval": the best metric's value and step (its split named when the
+    run has named eval sets), a classifier's best doc_accuracy beside a loss."""
+    if "best_value" not in r:
+        return "-"
+    split, _, key = r["best_metric"].partition(":")
+    where = "" if split == "eval" else f"{split} "
+    text = f"{where}{key} {r['best_value']:.4f} @ {r['best_step']}"
+    if key == "loss" and "best_doc_accuracy" in r:
+        text += f", doc_acc {r['best_doc_accuracy']:.3f} @ {r['best_doc_accuracy_step']}"
+    return text
 
 
 def _num(x: Any, fmt: str) -> str:
@@ -204,11 +139,6 @@ def render(out: Console, rows: list[dict[str, Any]], path: Path) -> None:
     for col in ("run", "steps", "tokens", "final loss", "best eval", "wall time"):
         table.add_column(col, justify="left" if col == "run" else "right")
     for r in rows:
-        best = "-"
-        if "best_eval_loss" in r:
-            best = f"loss {r['best_eval_loss']:.4f} @ {r['best_eval_step']}"
-        if "best_doc_accuracy" in r:
-            best += f", doc_acc {r['best_doc_accuracy']:.3f} @ {r['best_doc_accuracy_step']}"
         wall = (
             "-"
             if r["wall_s"] is None
@@ -221,7 +151,7 @@ def render(out: Console, rows: list[dict[str, Any]], path: Path) -> None:
             f"{r['steps']:,}",
             f"{r['tokens']:,}",
             _num(r["final_loss"], ".4f"),
-            best,
+            best_text(r),
             wall,
         )
     out.print(table)

@@ -65,6 +65,9 @@ def field_at(path: KeyPath) -> tuple[type[BaseModel] | None, FieldInfo | None]:
     model: type[BaseModel] | None = Config
     info: FieldInfo | None = None
     for i, part in enumerate(path):
+        named = info is not None and _names_models(info.annotation)
+        if named and model is not None and part not in model.model_fields and i < len(path) - 1:
+            continue  # a name in a {name: section} mapping (data.eval's named sets)
         if isinstance(part, int) and info is not None and i == len(path) - 1:
             return model, _item_info(info.annotation, part)
         if model is None or part not in model.model_fields:
@@ -84,6 +87,13 @@ def _item_info(annotation: Any, index: int) -> FieldInfo | None:
         if origin in (tuple, list) and args:
             return FieldInfo.from_annotation(args[0])
     return None
+
+
+def _names_models(annotation: Any) -> bool:
+    """Whether the annotation accepts a mapping of names to config sections."""
+    if get_origin(annotation) is dict:
+        return section_class(get_args(annotation)[1]) is not None
+    return any(_names_models(a) for a in get_args(annotation))
 
 
 def _flat_types(annotation: Any) -> set[Any]:

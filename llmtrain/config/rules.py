@@ -22,7 +22,14 @@ from typing import Any
 
 from llmtrain.config.messages import KeyPath, Problem, did_you_mean, dotted, kind_of, show_value
 from llmtrain.config.peft_methods import ADALORA_FIELDS, BOOKKEEPING, METHODS, owner_of
-from llmtrain.config.schema import Config, DataConfig, SftConfig, parse_bytes
+from llmtrain.config.schema import (
+    EVAL_KEYS,
+    Config,
+    DataConfig,
+    SftConfig,
+    eval_splits,
+    parse_bytes,
+)
 
 # A rule gets the config and the user's mapping (to tell a value set in the file from a default).
 Rule = Callable[[Config, dict[str, Any]], Iterator[Problem]]
@@ -145,19 +152,14 @@ def _data_sources(cfg: Config, raw: dict[str, Any]) -> Iterator[Problem]:
     d = cfg.data
     if d.eval is not None and d.eval_fraction is not None:
         yield ("data", "eval_fraction"), "set either data.eval or data.eval_fraction, not both"
-    for split in ("train", "eval"):
-        source = getattr(d, split)
-        if source is None:
-            continue
+    if isinstance(d.eval, dict):
+        yield from _eval_names(list(d.eval))
+    for where, source in d.sources():
         paths = [source.path] if isinstance(source.path, str) else list(source.path)
         if not paths:
-            yield ("data", split, "path"), "must name at least one file, folder or glob"
+            yield (*where, "path"), "must name at least one file, folder or glob"
         for i, p in enumerate(paths):
-            key = (
-                ("data", split, "path")
-                if isinstance(source.path, str)
-                else ("data", split, "path", i)
-            )
+            key = (*where, "path") if isinstance(source.path, str) else (*where, "path", i)
             if os.path.exists(p):
                 continue
             if glob.has_magic(p):
@@ -171,6 +173,45 @@ def _data_sources(cfg: Config, raw: dict[str, Any]) -> Iterator[Problem]:
                     f"directory, {os.getcwd()})"
                 ),
             )
+
+
+EVAL_SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def _eval_names(names: list[str]) -> Iterator[Problem]:
+    """Named eval sets: at least one, each name usable in a split (eval/<name>) and a folder."""
+    if not names:
+        yield ("data", "eval"), "an empty mapping: name at least one eval set, or set null"
+    for name in names:
+        if not EVAL_SET_NAME.fullmatch(str(name)):
+            yield (
+                ("data", "eval", name),
+                f"eval set name {name!r}: use letters, digits, '_', '.' or '-' (it becomes the "
+                f"split eval/{name} and a store folder)",
+            )
+
+
+@rule("data", "model", "train")
+def _best_metric(cfg: Config, raw: dict[str, Any]) -> Iterator[Problem]:
+    """train.best_metric names a split the run evaluates and a key its eval records hold."""
+    value = cfg.train.best_metric
+    if value is None:
+        return
+    key = ("train", "best_metric")
+    splits = eval_splits(cfg)
+    if not splits:
+        yield key, "the run has no eval data (set data.eval or data.eval_fraction, or null)"
+        return
+    split, sep, metric = value.partition(":")
+    keys = EVAL_KEYS[cfg.model.task]
+    if not sep:
+        yield key, f"write SPLIT:KEY, e.g. {splits[0]}:loss (got {value!r})"
+    elif split not in splits:
+        hint = did_you_mean(split, splits)
+        yield key, f"no eval set {split!r} (this run's: {', '.join(splits)}){hint}"
+    elif metric not in keys:
+        hint = did_you_mean(metric, keys)
+        yield key, f"{cfg.model.task} eval records hold {', '.join(keys)}, not {metric!r}{hint}"
 
 
 @rule("data")
@@ -459,19 +500,16 @@ def _module_names(directory: str, task: str) -> tuple[list[str], list[str]] | No
 def _sft_data(cfg: Config, raw: dict[str, Any]) -> Iterator[Problem]:
     """Instruction data: a causal LM, pack or truncate, both pair fields, a template file."""
     d = cfg.data
-    for split in ("train", "eval"):
-        source = getattr(d, split)
-        if source is None:
-            continue
+    for where, source in d.sources():
         if (source.prompt_field is None) != (source.response_field is None):
             missing = "prompt_field" if source.prompt_field is None else "response_field"
             yield (
-                ("data", split, missing),
+                (*where, missing),
                 "instruction pairs need both prompt_field and response_field",
             )
         if source.format == "chat" and source.prompt_field is not None:
             yield (
-                ("data", split, "prompt_field"),
+                (*where, "prompt_field"),
                 "format: chat reads messages_field; use prompt_field/response_field without it",
             )
     data_raw = raw.get("data")

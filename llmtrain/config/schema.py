@@ -14,7 +14,15 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_core import PydanticCustomError
 
 # The largest integer any field holds: what numpy, torch and the C libraries below them store
@@ -318,6 +326,24 @@ class DataSourceConfig(Section):
         return "pairs" if paired else "text"
 
 
+def _eval_shape(value: Any) -> str:
+    """data.eval is one corpus (a mapping with any corpus key), named corpora, or null:
+    deciding here lets a mistake be reported against one shape, not against all three."""
+    if value is None:
+        return "none"
+    if isinstance(value, dict) and value and not set(value) & set(DataSourceConfig.model_fields):
+        return "named"
+    return "one"
+
+
+EvalCorpora = Annotated[
+    Annotated[DataSourceConfig, Tag("one")]
+    | Annotated[dict[str, DataSourceConfig], Tag("named")]
+    | Annotated[None, Tag("none")],
+    Discriminator(_eval_shape),
+]
+
+
 class ChunkConfig(Section):
     """How documents become fixed-length sequences."""
 
@@ -379,7 +405,11 @@ class DataConfig(Section):
     """Corpora, the token store, and chunking."""
 
     train: DataSourceConfig = Field(..., description="The training corpus.")
-    eval: DataSourceConfig | None = Field(None, description="An evaluation corpus (same shape).")
+    eval: EvalCorpora = Field(
+        None,
+        description="An evaluation corpus (same shape), or named ones {name: corpus}, each "
+        "evaluated and logged on its own as split eval/<name>.",
+    )
     eval_fraction: float | None = Field(
         None,
         gt=0.0,
@@ -416,6 +446,23 @@ class DataConfig(Section):
         """Pack mode with attention kept inside documents: asked for, or instruction data
         (packed conversations never see each other; positions restart at each)."""
         return self.chunk.mode == "pack" and (not self.chunk.cross_doc_attention or self.is_sft)
+
+    @property
+    def eval_sets(self) -> dict[str, DataSourceConfig]:
+        """The eval corpora by split: {"eval": source} for one, {"eval/<name>": source} for
+        named ones, {} without (`eval_fraction` holds out a split "eval" from train)."""
+        if self.eval is None:
+            return {}
+        if isinstance(self.eval, DataSourceConfig):
+            return {"eval": self.eval}
+        return {f"eval/{name}": source for name, source in self.eval.items()}
+
+    def sources(self) -> list[tuple[tuple[str, ...], DataSourceConfig]]:
+        """Every corpus with its key path: data.train, data.eval or data.eval.<name>."""
+        found: list[tuple[tuple[str, ...], DataSourceConfig]] = [(("data", "train"), self.train)]
+        for split, source in self.eval_sets.items():
+            found.append((("data", *split.split("/")), source))
+        return found
 
 
 # ------------------------------------------------------------------------------------- batch
@@ -538,9 +585,43 @@ class TrainConfig(Section):
     parallel: Literal["ddp", "fsdp"] = Field(
         "ddp", description="Under torchrun: ddp (replicated) | fsdp (sharded, FSDP2)."
     )
+    best_metric: str | None = Field(
+        None,
+        description="What 'best eval' means (report): SPLIT:KEY, e.g. eval:loss or "
+        "eval/web:doc_accuracy (SPLIT as in metrics.jsonl); loss and ppl are best lowest, "
+        "accuracies highest. null: loss of the (first) eval set.",
+    )
 
 
 # --------------------------------------------------------------------------------------- log
+class WandbConfig(Section):
+    """Weights & Biases: the run's records as W&B metrics (needs wandb)."""
+
+    project: str | None = Field(None, description="W&B project; null: run.name.")
+    entity: str | None = Field(None, description="W&B entity (user or team); null: yours.")
+    name: str | None = Field(None, description="The W&B run's display name; null: run.name.")
+    tags: list[str] = Field(default_factory=list, description="Tags of the W&B run.")
+    mode: Literal["online", "offline"] = Field(
+        "online",
+        description="online: to the W&B server | offline: into <output_dir>/wandb/ only "
+        "(upload later with `wandb sync`).",
+    )
+
+
+class MlflowConfig(Section):
+    """MLflow: the run's records as MLflow metrics (needs mlflow)."""
+
+    tracking_uri: str | None = Field(
+        None,
+        description='Where MLflow stores runs, e.g. "file:./mlruns", "sqlite:///mlflow.db" '
+        "or an http(s) server; null: MLflow's own default (MLFLOW_TRACKING_URI).",
+    )
+    experiment: str | None = Field(
+        None, description="MLflow experiment name (created when missing); null: run.name."
+    )
+    run_name: str | None = Field(None, description="The MLflow run's name; null: run.name.")
+
+
 class LogConfig(Section):
     """What the run reports and where."""
 
@@ -549,6 +630,12 @@ class LogConfig(Section):
         False, description="Also write TensorBoard events (needs tensorboard)."
     )
     progress: bool = Field(True, description="Show rich progress bars on a terminal.")
+    wandb: WandbConfig | None = Field(
+        None, description="Also log to Weights & Biases (rank 0; resumes the same W&B run)."
+    )
+    mlflow: MlflowConfig | None = Field(
+        None, description="Also log to MLflow (rank 0; resumes the same MLflow run)."
+    )
 
 
 # ------------------------------------------------------------------------------------ config
@@ -565,6 +652,29 @@ class Config(Section):
     optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer and schedule.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="The training run.")
     log: LogConfig = Field(default_factory=LogConfig, description="Logging.")
+
+
+# What an eval record holds, by task: the keys train.best_metric may name.
+EVAL_KEYS = {
+    "causal-lm": ("loss", "ppl"),
+    "sequence-classification": ("loss", "accuracy", "doc_accuracy"),
+}
+HIGHER_IS_BETTER = ("accuracy", "doc_accuracy")
+
+
+def eval_splits(cfg: Config) -> list[str]:
+    """The splits of the run's eval records: eval, or eval/<name> per named set."""
+    return list(cfg.data.eval_sets) or (["eval"] if cfg.data.eval_fraction else [])
+
+
+def best_metric(cfg: Config) -> tuple[str, str] | None:
+    """(split, key) that 'best eval' refers to: train.best_metric, else the first eval
+    split's loss; None without eval data."""
+    if cfg.train.best_metric is not None:
+        split, _, key = cfg.train.best_metric.partition(":")
+        return split, key
+    splits = eval_splits(cfg)
+    return (splits[0], "loss") if splits else None
 
 
 def section_class(annotation: Any) -> type[BaseModel] | None:

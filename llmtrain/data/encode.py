@@ -42,7 +42,7 @@ from llmtrain.data.chunking import (
 )
 from llmtrain.data.corpus import Document, ReadStats, iter_documents, label_kind
 from llmtrain.data.sft import ChatEncoder, conversation_encoder
-from llmtrain.data.store import TokenStore, TokenStoreWriter
+from llmtrain.data.store import TokenStore, TokenStoreWriter, split_folder
 from llmtrain.errors import LLMTrainError
 from llmtrain.util.atomic import is_out_of_space, no_space
 
@@ -381,7 +381,7 @@ class _Builder:
         """The renderer of instruction data, when a corpus holds some; in truncate mode a
         conversation that renders longer than seq_len is a bad record."""
         d = self.cfg.data
-        if all(s is None or s.records == "text" for s in (d.train, d.eval)):
+        if all(s.records == "text" for _, s in d.sources()):
             return None
         max_len = self.spec.seq_len if self.spec.mode == "truncate" else None
         return conversation_encoder(self.tok, backend, d.sft, max_len=max_len)
@@ -394,11 +394,14 @@ class _Builder:
             if d.eval is not None:
                 self._pass(d.train, "data.train", lambda doc: train, train)
                 train_store = train.close(None)
-                ev = writers["eval"] = self._writer("eval")
                 self.eval_labels = train_store.label_names
                 self.train_label_type = train.label_type
-                self._pass(d.eval, "data.eval", lambda doc: ev, ev)
-                stores = {"train": train_store, "eval": ev.close(train_store.label_names)}
+                stores = {"train": train_store}
+                for split, source in d.eval_sets.items():  # one, or each named set
+                    ev = writers[split] = self._writer(split)
+                    key = "data." + split.replace("/", ".")
+                    self._pass(source, key, lambda doc, ev=ev: ev, ev)
+                    stores[split] = ev.close(train_store.label_names)
             elif d.eval_fraction:
                 ev = writers["eval"] = self._writer("eval")
                 frac = d.eval_fraction
@@ -425,9 +428,10 @@ class _Builder:
 
     def _writer(self, name: str) -> SplitWriter:
         d = self.cfg.data
-        source = d.eval if name == "eval" and d.eval is not None else d.train
+        source = d.eval_sets.get(name, d.train)  # eval_fraction: train's documents
         sft = source.records != "text"
-        return SplitWriter(name, self.root / name, self.spec, self.vocab_size, self.meta, sft=sft)
+        path = self.root / split_folder(name)
+        return SplitWriter(name, path, self.spec, self.vocab_size, self.meta, sft=sft)
 
     def _pass(self, source: DataSourceConfig, key: str, route: Route, owner: SplitWriter) -> None:
         """One streaming pass over a corpus: read → encode → route, chunk, write.
@@ -512,7 +516,7 @@ class _Builder:
         is written. Labels reach the writer as strings; their type is kept in `label_type`."""
         assert doc.label is not None  # iter_documents(require_label=True)
         kind = label_kind(doc.label)
-        if self.eval_labels is not None and w.name == "eval":
+        if self.eval_labels is not None and w.name != "train":
             if self.train_label_type is not None and kind != self.train_label_type:
                 raise LLMTrainError(
                     f"{doc.where}: the label {doc.label!r} is {'an' if kind == 'integer' else 'a'} "

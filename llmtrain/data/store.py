@@ -57,6 +57,12 @@ SAMPLE_BLOCK = 1 << 16
 FULL_VERIFY_MAX_BYTES = 1 << 30
 
 
+def split_folder(split: str) -> str:
+    """The folder of a split's store under the store root: train, eval, eval-<name> for the
+    named eval set eval/<name>."""
+    return split.replace("/", "-")
+
+
 def token_dtype(vocab_size: int) -> np.dtype:
     """The narrowest unsigned dtype that holds every token id of this vocabulary."""
     return np.dtype(np.uint16) if vocab_size < 65536 else np.dtype(np.uint32)

@@ -20,13 +20,14 @@ from typing import TYPE_CHECKING, Any
 
 from llmtrain import layout
 from llmtrain.config import Config
+from llmtrain.config.schema import DataSourceConfig, eval_splits
 from llmtrain.console import say
 from llmtrain.data.chunk_spec import resolve_spec
 from llmtrain.data.chunking import ChunkSpec
 from llmtrain.data.corpus import corpus_fingerprint
 from llmtrain.data.encode import build_stores, set_workers
 from llmtrain.data.sft import sft_fingerprint
-from llmtrain.data.store import FORMAT_VERSION, TokenStore
+from llmtrain.data.store import FORMAT_VERSION, TokenStore, split_folder
 from llmtrain.errors import LLMTrainError
 from llmtrain.util.atomic import remove_stale_temps
 
@@ -59,7 +60,8 @@ def store_root(cfg: Config) -> Path:
 
 
 def _splits(cfg: Config) -> list[str]:
-    return ["train", "eval"] if (cfg.data.eval is not None or cfg.data.eval_fraction) else ["train"]
+    """train, then the eval splits: eval (one corpus, or eval_fraction) or eval/<name>."""
+    return ["train", *eval_splits(cfg)]
 
 
 def stores_fingerprint(cfg: Config, tok_fp: str) -> str:
@@ -74,7 +76,7 @@ def stores_fingerprint(cfg: Config, tok_fp: str) -> str:
         "format_version": FORMAT_VERSION,
         "task": cfg.model.task,
         "train": corpus_fingerprint(d.train, key="data.train"),
-        "eval": corpus_fingerprint(d.eval, key="data.eval") if d.eval is not None else None,
+        "eval": eval_fingerprint(cfg),
         "eval_fraction": d.eval_fraction if d.eval is None else None,
         "tokenizer": tok_fp,
         "chunk": chunk,
@@ -83,6 +85,15 @@ def stores_fingerprint(cfg: Config, tok_fp: str) -> str:
     if sft is not None:  # only instruction data: a text store's fingerprint stays as it was
         payload["sft"] = sft
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def eval_fingerprint(cfg: Config) -> str | dict[str, str] | None:
+    """The eval corpora's fingerprint: one corpus as before (its stores stay reusable), named
+    sets by name."""
+    d = cfg.data
+    if d.eval is None or isinstance(d.eval, DataSourceConfig):
+        return corpus_fingerprint(d.eval, key="data.eval") if d.eval is not None else None
+    return {name: corpus_fingerprint(s, key=f"data.eval.{name}") for name, s in d.eval.items()}
 
 
 def _reusable(root: Path, names: list[str], fp: str, verify: str) -> dict[str, TokenStore] | None:
@@ -94,7 +105,7 @@ def _reusable(root: Path, names: list[str], fp: str, verify: str) -> dict[str, T
     """
     stores = {}
     for name in names:
-        path = root / name
+        path = root / split_folder(name)
         if not path.exists():
             return None
         meta_path = path / "meta.json"
@@ -156,14 +167,24 @@ def ensure_stores(
             report = ChunkReport(stores, splits, up_to_date=True, root=root)
             return _with_notes(report, cfg, swept, None, console)
     root.mkdir(parents=True, exist_ok=True)
-    if "eval" not in names and (root / "eval").exists():
-        shutil.rmtree(root / "eval")  # a stale eval store from an earlier config would mislead
+    for stale in _stale_eval_stores(root, names):
+        shutil.rmtree(stale)  # an eval store of an earlier config would mislead
     meta = _store_meta(cfg, spec, fp, tok_fp)
     stores, splits = build_stores(
         cfg, tokenizer, spec, meta, root, progress=progress, console=console
     )
     report = ChunkReport(stores, splits, up_to_date=False, root=root)
     return _with_notes(report, cfg, swept, threads_note, console)
+
+
+def _stale_eval_stores(root: Path, names: list[str]) -> list[Path]:
+    """Eval store folders under `root` that none of this config's splits use."""
+    used = {split_folder(n) for n in names}
+    return [
+        p
+        for p in sorted(root.iterdir())
+        if p.is_dir() and (p.name == "eval" or p.name.startswith("eval-")) and p.name not in used
+    ]
 
 
 def _with_notes(
@@ -184,7 +205,8 @@ def _with_notes(
     if threads_note:
         notes.append(threads_note)
     for name, split in report.splits.items():
-        key = "data.eval" if name == "eval" and cfg.data.eval is not None else "data.train"
+        named = name in cfg.data.eval_sets
+        key = "data." + name.replace("/", ".") if named else "data.train"
         entries = split.get("skipped_entries") or []
         if entries:
             shown = ", ".join(entries[:3]) + (" ..." if len(entries) > 3 else "")

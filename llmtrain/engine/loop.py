@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gc
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,7 @@ from llmtrain.engine.step import (
     offloads,
     optimizer_step,
 )
+from llmtrain.engine.trackers import Trackers
 from llmtrain.errors import LLMTrainError
 from llmtrain.util.atomic import atomic_dir
 
@@ -83,6 +85,7 @@ class TrainResult:
     last_eval: dict[str, float] | None = None
     final_dir: Path | None = None
     events: list[dict[str, Any]] = field(default_factory=list)
+    last_evals: dict[str, dict[str, float]] = field(default_factory=dict)  # by split
 
 
 @dataclass
@@ -96,7 +99,7 @@ class Run:
     scaler: torch.amp.GradScaler
     spec: StepSpec
     train_store: SequenceSource
-    eval_store: SequenceSource | None
+    eval_stores: dict[str, SequenceSource]  # by split: eval, or eval/<name> per named set
     pad_id: int
     device: torch.device
     dist: DistInfo
@@ -117,7 +120,8 @@ class LoopState:
     micro: int
     fp16_retries: int = 0
     last_loss: float | None = None
-    last_eval: dict[str, float] | None = None
+    last_eval: dict[str, float] | None = None  # the first eval split's (TrainResult.last_eval)
+    last_evals: dict[str, dict[str, float]] = field(default_factory=dict)
     order: tuple[int, np.ndarray] | None = None  # (epoch, permutation): one epoch cached
     skipped: list[int] = field(default_factory=list)  # steps skipped under nan_policy: skip
     # sums since the last train record (the next one averages them); saved in checkpoints
@@ -142,12 +146,25 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
 
 
+EvalStores = SequenceSource | Mapping[str, SequenceSource] | None
+
+
+def by_split(eval_store: EvalStores) -> dict[str, SequenceSource]:
+    """The eval stores by split: one store is split "eval" (data.eval as one corpus, or
+    eval_fraction); a mapping is already keyed by split (eval/<name>)."""
+    if eval_store is None:
+        return {}
+    if isinstance(eval_store, Mapping):
+        return dict(eval_store)
+    return {"eval": eval_store}
+
+
 def setup_run(
     cfg: Config,
     model: torch.nn.Module,
     tokenizer: Any,
     train_store: SequenceSource,
-    eval_store: SequenceSource | None,
+    eval_store: EvalStores,
     *,
     device: torch.device,
     dist: DistInfo,
@@ -175,7 +192,7 @@ def setup_run(
         scaler=make_scaler(cfg.train.precision, device),
         spec=StepSpec.from_config(cfg, loss_chunk.tokens, device),
         train_store=train_store,
-        eval_store=eval_store,
+        eval_stores=by_split(eval_store),
         pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
         device=device,
         dist=dist,
@@ -409,13 +426,23 @@ def save(run: Run, state: LoopState) -> None:
 
 
 def eval_now(run: Run, state: LoopState, log: TrainLog) -> None:
-    """fit's eval of the weights at `state.step`, logged as an eval record."""
-    if run.eval_store is None or len(run.eval_store) == 0:
-        return
+    """fit's eval of the weights at `state.step` on every eval set, each its own record (split
+    `eval`, or `eval/<name>` for a named set)."""
+    for split, store in run.eval_stores.items():
+        if len(store) == 0:
+            continue
+        scores = eval_scores(run, state, store)
+        state.last_evals[split] = scores
+        if state.last_eval is None or split == next(iter(run.eval_stores)):
+            state.last_eval = scores
+        log.evaluated(state.step, scores, split=split)
+
+
+def eval_scores(run: Run, state: LoopState, store: SequenceSource) -> dict[str, float]:
     cfg = run.cfg
-    state.last_eval = evaluate(
+    return evaluate(
         run.raw_model,  # eval needs no DDP: each rank runs its shard, sums are all-reduced
-        run.eval_store,
+        store,
         run.spec,
         micro=state.micro,
         pad_id=run.pad_id,
@@ -424,7 +451,6 @@ def eval_now(run: Run, state: LoopState, log: TrainLog) -> None:
         max_batches=cfg.train.eval_max_batches,
         dist=run.dist,
     )
-    log.evaluated(state.step, state.last_eval)
 
 
 def after_step(run: Run, state: LoopState, log: TrainLog) -> None:
@@ -517,12 +543,14 @@ def open_log(
     progress display; rank 0 alone writes. `changes`: the safe config changes of a resume
     (rundir/provenance.py), recorded as a `config_changed` event at the resumed step."""
     cfg, is_main = run.cfg, run.dist.is_main
+    fresh = state.step == 0
     metrics = MetricsWriter(
         run.out / layout.METRICS_FILE,
         enabled=is_main,
         jsonl=cfg.log.jsonl,
         tensorboard=cfg.log.tensorboard,
-        fresh=state.step == 0,
+        fresh=fresh,
+        trackers=Trackers.open(cfg, run.out, fresh=fresh) if is_main else None,
     )
     log = TrainLog(
         metrics,
@@ -547,7 +575,7 @@ def train(
     model: torch.nn.Module,
     tokenizer: Any,
     train_store: SequenceSource,
-    eval_store: SequenceSource | None,
+    eval_store: EvalStores,
     *,
     micro_batch: int,
     device: torch.device,
@@ -557,7 +585,8 @@ def train(
     changes: dict[str, list] | None = None,
 ) -> TrainResult:
     """Train `model` on `train_store` as `cfg` says; writes the run directory
-    (docs/architecture.md, "Run directory"). `changes`: see `open_log`."""
+    (docs/architecture.md, "Run directory"). `eval_store`: one store, or {split: store} for
+    named eval sets. `changes`: see `open_log`."""
     dist, console = dist or DistInfo(), console or default_console
     run = setup_run(cfg, model, tokenizer, train_store, eval_store, device=device, dist=dist)
     state = restore_or_start(run, resume, micro_batch, console)
@@ -595,6 +624,17 @@ def train(
             after_step(run, state, log)
         report_skipped(run, state, state.step - start, log)
     final_dir = save_final(run, tokenizer)
+    return finished(state, final_dir, log.events)
+
+
+def finished(state: LoopState, final_dir: Path | None, events: list[dict]) -> TrainResult:
+    """What `train` reports back from its final state."""
     return TrainResult(
-        state.step, state.micro, state.last_loss, state.last_eval, final_dir, log.events
+        state.step,
+        state.micro,
+        state.last_loss,
+        state.last_eval,
+        final_dir,
+        events,
+        state.last_evals,
     )

@@ -13,6 +13,7 @@ from typing import Any
 
 from llmtrain import layout
 from llmtrain.console import say
+from llmtrain.engine.trackers import Trackers
 
 TIMING_FIELDS = ("tokens_per_s", "elapsed_s", "mfu")  # the only fields that differ between reruns
 # How to get the tensorboard package: the extra exists only for an install of this project.
@@ -41,12 +42,23 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 class MetricsWriter:
-    """Append-only metrics sink: jsonl always flushed per record, TensorBoard when asked."""
+    """Append-only metrics sink: jsonl always flushed per record, TensorBoard when asked, and
+    the W&B / MLflow trackers (engine/trackers.py) when configured."""
 
-    def __init__(self, path: Path, *, enabled: bool, jsonl: bool, tensorboard: bool, fresh: bool):
+    def __init__(
+        self,
+        path: Path,
+        *,
+        enabled: bool,
+        jsonl: bool,
+        tensorboard: bool,
+        fresh: bool,
+        trackers: Trackers | None = None,
+    ):
         self.enabled = enabled
         self._file = None
         self._tb = None
+        self._trackers = trackers if enabled else None
         if not enabled:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -74,9 +86,14 @@ class MetricsWriter:
             for key, value in record.items():
                 if key not in ("split", "step") and isinstance(value, (int, float)):
                     self._tb.add_scalar(f"{record['split']}/{key}", value, record["step"])
+        if self._trackers is not None:
+            self._trackers.write(record)
 
-    def close(self) -> None:
+    def close(self, ok: bool = True) -> None:
+        """`ok`: the run finished (trackers then attach report.png and the final eval)."""
         if self._file is not None:
             self._file.close()
         if self._tb is not None:
             self._tb.close()
+        if self._trackers is not None:
+            self._trackers.close(ok)

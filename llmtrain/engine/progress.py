@@ -125,7 +125,7 @@ class TrainLog:
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self._progress.__exit__(kind, exc, tb)
-        self.metrics.close()
+        self.metrics.close(ok=kind is None)
 
     def step_started(self) -> None:
         self._t_step = time.perf_counter()
@@ -182,8 +182,9 @@ class TrainLog:
     def skipped(self, step: int) -> None:
         self._progress.update(self._bar, completed=step)
 
-    def evaluated(self, step: int, scores: dict[str, float]) -> None:
-        self.metrics.write({"split": "eval", "step": step, **scores})
+    def evaluated(self, step: int, scores: dict[str, float], split: str = "eval") -> None:
+        """An eval record: split `eval`, or `eval/<name>` for a named eval set."""
+        self.metrics.write({"split": split, "step": step, **scores})
         if self.is_main:  # printed above the progress bar when there is one
             line = "  ".join(f"{k} {v:.4g}" for k, v in scores.items())
-            self.console.print(f"eval step {step}: {line}")
+            self.console.print(f"{split} step {step}: {line}")

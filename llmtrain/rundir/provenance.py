@@ -56,6 +56,7 @@ SAFE = (
     "train.log_every",
     "train.nan_policy",
     "train.parallel",  # DDP and FSDP2 compute the same update
+    "train.best_metric",  # what report calls best
     "log.",
 )
 
