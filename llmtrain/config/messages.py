@@ -16,7 +16,7 @@ from typing import Annotated, Any, get_args, get_origin
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
-from llmtrain.config.schema import Config, section_class
+from llmtrain.config.schema import NAME_PATTERN, Config, section_class
 
 # A key's place in the config mapping: ('data', 'train', 'path', 0).
 KeyPath = tuple[str | int, ...]
@@ -64,11 +64,14 @@ def field_at(path: KeyPath) -> tuple[type[BaseModel] | None, FieldInfo | None]:
     model: type[BaseModel] | None = Config
     info: FieldInfo | None = None
     for i, part in enumerate(path):
+        if isinstance(part, int) and model is not None and i < len(path) - 1:
+            continue  # an item of a list of sections (data.train.0.weight)
         if model is None or part not in model.model_fields:
             return (model if i == len(path) - 1 else None), None
         info = model.model_fields[str(part)]
         if i < len(path) - 1:
-            model = section_class(info.annotation)
+            listed = isinstance(path[i + 1], int)
+            model = section_class(info.annotation, listed=listed)
     return model, info
 
 
@@ -118,7 +121,10 @@ def _bounds(info: FieldInfo | None, ctx: dict[str, Any]) -> tuple[Any, Any, Any,
     return found["ge"], found["gt"], found["le"], found["lt"]
 
 
-_PATTERNS = {r"^(auto|cpu|cuda|cuda:\d+)$": "one of auto, cpu, cuda, cuda:N"}
+_PATTERNS = {
+    r"^(auto|cpu|cuda|cuda:\d+)$": "one of auto, cpu, cuda, cuda:N",
+    NAME_PATTERN: "letters, digits, _ . - only, starting with a letter or digit",
+}
 
 _TAG_NAMES = {
     "int": "an integer",

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from llmtrain.config.messages import KeyPath, Problem, did_you_mean, dotted, kind_of, show_value
-from llmtrain.config.schema import Config, DataConfig, SftConfig, parse_bytes
+from llmtrain.config.schema import Config, DataConfig, DataSourceConfig, SftConfig, parse_bytes
 
 # A rule gets the config and the user's mapping (to tell a value set in the file from a default).
 Rule = Callable[[Config, dict[str, Any]], Iterator[Problem]]
@@ -111,24 +111,26 @@ def _tokenizer_source(cfg: Config, raw: dict[str, Any]) -> Iterator[Problem]:
         )
 
 
+def sources(d: DataConfig) -> Iterator[tuple[KeyPath, DataSourceConfig]]:
+    """Every corpus of the data section with its key: data.train (or data.train.N of a
+    mixture), then data.eval."""
+    for i, part in enumerate(d.train_parts):
+        yield (("data", "train", i) if d.is_mixture else ("data", "train")), part.source
+    if d.eval is not None:
+        yield ("data", "eval"), d.eval
+
+
 @rule("data")
 def _data_sources(cfg: Config, raw: dict[str, Any]) -> Iterator[Problem]:
     d = cfg.data
     if d.eval is not None and d.eval_fraction is not None:
         yield ("data", "eval_fraction"), "set either data.eval or data.eval_fraction, not both"
-    for split in ("train", "eval"):
-        source = getattr(d, split)
-        if source is None:
-            continue
+    for where, source in sources(d):
         paths = [source.path] if isinstance(source.path, str) else list(source.path)
         if not paths:
-            yield ("data", split, "path"), "must name at least one file, folder or glob"
+            yield (*where, "path"), "must name at least one file, folder or glob"
         for i, p in enumerate(paths):
-            key = (
-                ("data", split, "path")
-                if isinstance(source.path, str)
-                else ("data", split, "path", i)
-            )
+            key = (*where, "path") if isinstance(source.path, str) else (*where, "path", i)
             if os.path.exists(p):
                 continue
             if glob.has_magic(p):
@@ -142,6 +144,34 @@ def _data_sources(cfg: Config, raw: dict[str, Any]) -> Iterator[Problem]:
                     f"directory, {os.getcwd()})"
                 ),
             )
+    yield from _mixture(d)
+
+
+def _mixture(d: DataConfig) -> Iterator[Problem]:
+    """A mixture's sources: at least one, names unique (each is a store folder and a record
+    key), all text or all instruction data (one packing and one loss for the whole mix)."""
+    if not isinstance(d.train, list):
+        return
+    if not d.train:
+        yield ("data", "train"), "must list at least one source ({path: ...})"
+    seen: dict[str, int] = {}
+    for i, (name, source) in enumerate(zip(d.source_names, d.train, strict=True)):
+        if name in seen:
+            given = source.name is not None
+            yield (
+                ("data", "train", i, "name") if given else ("data", "train", i),
+                f"the source name {name!r} is already data.train.{seen[name]}'s"
+                + ("" if given else " (derived from its path)")
+                + "; set a unique name: on this source",
+            )
+        seen.setdefault(name, i)
+    kinds = {s.records != "text" for s in d.train}
+    if len(kinds) > 1:
+        yield (
+            ("data", "train"),
+            "mixes text corpora with instruction data (chat or prompt/response); a mixture's "
+            "sources are all one or all the other",
+        )
 
 
 @rule("data")
@@ -299,19 +329,16 @@ def _module_names(directory: str, task: str) -> tuple[list[str], list[str]] | No
 def _sft_data(cfg: Config, raw: dict[str, Any]) -> Iterator[Problem]:
     """Instruction data: a causal LM, pack or truncate, both pair fields, a template file."""
     d = cfg.data
-    for split in ("train", "eval"):
-        source = getattr(d, split)
-        if source is None:
-            continue
+    for where, source in sources(d):
         if (source.prompt_field is None) != (source.response_field is None):
             missing = "prompt_field" if source.prompt_field is None else "response_field"
             yield (
-                ("data", split, missing),
+                (*where, missing),
                 "instruction pairs need both prompt_field and response_field",
             )
         if source.format == "chat" and source.prompt_field is not None:
             yield (
-                ("data", split, "prompt_field"),
+                (*where, "prompt_field"),
                 "format: chat reads messages_field; use prompt_field/response_field without it",
             )
     data_raw = raw.get("data")
@@ -355,12 +382,11 @@ def _plain_pairs(d: DataConfig) -> Iterator[Problem]:
     """template: none joins a prompt and a response: pairs only, and no template file."""
     if d.sft.template != "none":
         return
-    for split in ("train", "eval"):
-        source = getattr(d, split)
-        if source is not None and source.records == "chat":
+    for where, source in sources(d):
+        if source.records == "chat":
             yield (
                 ("data", "sft", "template"),
-                f"none joins prompt_field and response_field, but data.{split} holds "
+                f"none joins prompt_field and response_field, but {dotted(where)} holds "
                 "conversations (format: chat), which need a chat template",
             )
     if d.sft.chat_template is not None:

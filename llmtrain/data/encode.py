@@ -380,48 +380,53 @@ class _Builder:
         """The renderer of instruction data, when a corpus holds some; in truncate mode a
         conversation that renders longer than seq_len is a bad record."""
         d = self.cfg.data
-        if all(s is None or s.records == "text" for s in (d.train, d.eval)):
+        corpora = [p.source for p in d.train_parts] + ([d.eval] if d.eval is not None else [])
+        if all(s.records == "text" for s in corpora):
             return None
         max_len = self.spec.seq_len if self.spec.mode == "truncate" else None
         return conversation_encoder(self.tok, backend, d.sft, max_len=max_len)
 
     def _run(self) -> tuple[dict[str, TokenStore], dict[str, dict]]:
+        """Every training source into its store (a mixture's one each), then eval: held out
+        of the training documents as they pass (eval_fraction), or its own corpus read once
+        the training labels are known."""
         d = self.cfg.data
+        parts = d.train_parts
+        frac = d.eval_fraction if d.eval is None else None
         writers: dict[str, SplitWriter] = {}
         try:
-            train = writers["train"] = self._writer("train")
-            if d.eval is not None:
-                self._pass(d.train, "data.train", lambda doc: train, train)
-                train_store = train.close(None)
-                ev = writers["eval"] = self._writer("eval")
-                self.eval_labels = train_store.label_names
-                self.train_label_type = train.label_type
-                self._pass(d.eval, "data.eval", lambda doc: ev, ev)
-                stores = {"train": train_store, "eval": ev.close(train_store.label_names)}
-            elif d.eval_fraction:
-                ev = writers["eval"] = self._writer("eval")
-                frac = d.eval_fraction
-                # A bad record has no id to route by: its count goes to train, whose corpus it is.
-                self._pass(
-                    d.train,
-                    "data.train",
-                    lambda doc: ev if in_eval(doc.doc_id, frac) else train,
-                    train,
-                )
-                train_store = train.close(None)
-                stores = {"train": train_store, "eval": ev.close(train_store.label_names)}
-            else:
-                self._pass(d.train, "data.train", lambda doc: train, train)
-                stores = {"train": train.close(None)}
+            for p in parts:
+                writers[p.store] = self._writer(p.store, p.source)
+            trains = list(writers.values())
+            ev = None
+            if d.eval is not None or frac:
+                ev = writers["eval"] = self._writer("eval", d.eval or parts[0].source)
+            for p, w in zip(parts, trains, strict=True):
+                # A bad record has no id to route by: its count goes to its training source.
+                route = self._route(w, ev, frac)
+                self._pass(p.source, p.key, route, w)
+            labels = _mixture_labels(trains)
+            stores = {p.store: w.close(labels) for p, w in zip(parts, trains, strict=True)}
+            if ev is not None:
+                first = stores[parts[0].store]
+                if d.eval is not None:
+                    self.eval_labels = first.label_names
+                    self.train_label_type = trains[0].label_type
+                    self._pass(d.eval, "data.eval", lambda doc: ev, ev)
+                stores["eval"] = ev.close(first.label_names)
         except BaseException:
             for w in writers.values():
                 w.writer.abort()
             raise
         return stores, {n: {**s.meta["stats"], "up_to_date": False} for n, s in stores.items()}
 
-    def _writer(self, name: str) -> SplitWriter:
-        d = self.cfg.data
-        source = d.eval if name == "eval" and d.eval is not None else d.train
+    @staticmethod
+    def _route(train: SplitWriter, ev: SplitWriter | None, frac: float | None) -> Route:
+        if ev is None or not frac:
+            return lambda doc: train
+        return lambda doc: ev if in_eval(doc.doc_id, frac) else train
+
+    def _writer(self, name: str, source: DataSourceConfig) -> SplitWriter:
         sft = source.records != "text"
         return SplitWriter(name, self.root / name, self.spec, self.vocab_size, self.meta, sft=sft)
 
@@ -523,6 +528,25 @@ class _Builder:
                 )
         w.label_type = kind
         return w.writer.label_id(str(doc.label))
+
+
+def _mixture_labels(trains: list[SplitWriter]) -> list[str] | None:
+    """One label map for every source of a mixture (their stores are read as one): the
+    union of their labels, integers ordered as numbers; None for a single source or no
+    labels (each store then orders its own, as `SplitWriter.close` does)."""
+    if len(trains) < 2:
+        return None
+    seen = {label for w in trains for label in w.writer.seen_labels()}
+    if not seen:
+        return None
+    kinds = {w.label_type for w in trains if w.label_type is not None}
+    if len(kinds) > 1:
+        raise LLMTrainError(
+            "data.train: the sources' labels are of different types (strings in some, "
+            "integers in others); one mixture uses one label type: write every label as a "
+            "string, or every label as an integer"
+        )
+    return sorted(seen, key=int) if kinds == {"integer"} else sorted(seen)
 
 
 def _good_records(

@@ -23,7 +23,7 @@ from llmtrain.config import Config
 from llmtrain.console import say
 from llmtrain.data.chunk_spec import resolve_spec
 from llmtrain.data.chunking import ChunkSpec
-from llmtrain.data.corpus import corpus_fingerprint
+from llmtrain.data.corpus import corpus_fingerprint, train_fingerprint
 from llmtrain.data.encode import build_stores, set_workers
 from llmtrain.data.sft import sft_fingerprint
 from llmtrain.data.store import FORMAT_VERSION, TokenStore
@@ -59,7 +59,16 @@ def store_root(cfg: Config) -> Path:
 
 
 def _splits(cfg: Config) -> list[str]:
-    return ["train", "eval"] if (cfg.data.eval is not None or cfg.data.eval_fraction) else ["train"]
+    """The store folders of `cfg`: one per training source (`train`, or `train-<name>` for
+    each source of a mixture), then `eval` when there is one."""
+    names = [p.store for p in cfg.data.train_parts]
+    return names + (["eval"] if (cfg.data.eval is not None or cfg.data.eval_fraction) else [])
+
+
+def split_keys(cfg: Config) -> dict[str, str]:
+    """Each store folder's config key, as messages name it (`data.train.1`, `data.eval`)."""
+    keys = {p.store: p.key for p in cfg.data.train_parts}
+    return {**keys, "eval": "data.eval" if cfg.data.eval is not None else "data.train"}
 
 
 def stores_fingerprint(cfg: Config, tok_fp: str) -> str:
@@ -73,7 +82,7 @@ def stores_fingerprint(cfg: Config, tok_fp: str) -> str:
     payload = {
         "format_version": FORMAT_VERSION,
         "task": cfg.model.task,
-        "train": corpus_fingerprint(d.train, key="data.train"),
+        "train": train_fingerprint(d),
         "eval": corpus_fingerprint(d.eval, key="data.eval") if d.eval is not None else None,
         "eval_fraction": d.eval_fraction if d.eval is None else None,
         "tokenizer": tok_fp,
@@ -183,8 +192,9 @@ def _with_notes(
         notes.append(f"removed what a killed build left in {report.root}: {shown}")
     if threads_note:
         notes.append(threads_note)
+    keys = split_keys(cfg)
     for name, split in report.splits.items():
-        key = "data.eval" if name == "eval" and cfg.data.eval is not None else "data.train"
+        key = keys.get(name, "data.train")
         entries = split.get("skipped_entries") or []
         if entries:
             shown = ", ".join(entries[:3]) + (" ..." if len(entries) > 3 else "")
