@@ -213,7 +213,9 @@ def _translate(errors: list[dict[str, Any]], data: dict[str, Any]) -> list[Probl
     for path, items in groups.items():
         _, info = field_at(path)
         tags = {tag for tag, _, _ in items}
-        if len(items) > 1 and None not in tags:
+        # several branches of a union failed: one message saying what would do. (Errors of
+        # one branch only, as a discriminated union gives, are reported each on its own.)
+        if len(items) > 1 and None not in tags and len(tags) > 1:
             phrases: list[str] = []
             for tag, below, err in items:
                 phrase = _expectation(err, info) if not below else None

@@ -219,12 +219,13 @@ class DataSourceConfig(Section):
 
 
 class TrainSourceConfig(DataSourceConfig):
-    """One source of a training mixture: a corpus, its weight and its name."""
+    """The training corpus; in a list of sources (a mixture), each also takes weight and name."""
 
     weight: float | None = Field(
         None,
         gt=0,
-        description="Share of an epoch, relative to the other sources' weights; default its "
+        description="A list's source only: its share of an epoch, relative to the other "
+        "sources' weights; default its "
         "size in sequences (no source repeated). A source asked for more sequences than it "
         "holds is repeated (up-sampled; shown by fit --dry-run).",
     )
@@ -232,7 +233,8 @@ class TrainSourceConfig(DataSourceConfig):
         None,
         pattern=NAME_PATTERN,
         max_length=64,
-        description="Its name in records, tables and its store folder (store/train-<name>); "
+        description="A list's source only: its name in records, tables and its store folder "
+        "(store/train-<name>); "
         "default the first path's file or folder name without extensions. Names are unique.",
     )
 
