@@ -155,3 +155,7 @@ def test_chunk_dry_run_and_fit_show_every_source(mix_dir):
     assert all(sum(r["sources"].values()) == r["sequences"] for r in train)
     # one epoch: the records' per-source sums are the mixture's draws
     assert [sum(r["sources"][n] for r in train) for n in ("web", "books")] == drawn
+    # a mixture's run is used like any other (read like its first source)
+    web_text = str(mix_dir / "web" / "web.txt")
+    res = _cli("predict", str(mix_dir / "run"), "--input", web_text, "--json")
+    assert res.exit_code == 0, res.output

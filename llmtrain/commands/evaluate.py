@@ -67,7 +67,9 @@ def eval_source(run: TrainedRun, input_path: str | None, text_field: str | None,
     classifier), else the run's own eval store (reused, or rebuilt from its corpus)."""
     if input_path is not None:
         source = input_source(
-            input_path, text_field=text_field, like=run.cfg.data.eval or run.cfg.data.train
+            input_path,
+            text_field=text_field,
+            like=run.cfg.data.eval or run.cfg.data.train_parts[0].source,
         )
         spec = resolve_spec(run.cfg, run.tokenizer)
         return encode_input(run, source, tmp, spec=spec, require_label=run.classify, key="input")
