@@ -159,3 +159,61 @@ def test_chunk_dry_run_and_fit_show_every_source(mix_dir):
     web_text = str(mix_dir / "web" / "web.txt")
     res = _cli("predict", str(mix_dir / "run"), "--input", web_text, "--json")
     assert res.exit_code == 0, res.output
+
+
+# ---------------------------------------------------------------------------- the stores
+def _store_cfg(tmp_path: Path, train, task: str = "causal-lm", **data) -> Config:
+    return Config.model_validate(
+        {
+            "run": {"output_dir": str(tmp_path / "run")},
+            "model": {"task": task},
+            "data": {"train": train, "chunk": {"seq_len": 16, "mode": "truncate"}, **data},
+        }
+    )
+
+
+def test_each_source_is_its_own_store_with_one_label_map(tmp_path):
+    from chunk_helpers import doc_names, wordpiece_tokenizer, write_jsonl
+
+    from llmtrain.data.store_cache import ensure_stores
+
+    a = write_jsonl(tmp_path / "a.jsonl", 40, labels=("sport", "music"), seed=1)
+    b = write_jsonl(tmp_path / "b.jsonl", 30, labels=("science", "music"), seed=2)
+    tok = wordpiece_tokenizer()
+    single = _store_cfg(tmp_path, {"path": str(a)}, "sequence-classification")
+    ensure_stores(single, tok, progress=False)
+    assert (tmp_path / "run" / "store" / "train").is_dir()
+
+    sources = [{"path": str(a)}, {"path": str(b), "weight": 2}]
+    cfg = _store_cfg(tmp_path, sources, "sequence-classification", eval_fraction=0.3)
+    report = ensure_stores(cfg, tok, progress=False)
+    assert sorted(report.stores) == ["eval", "train-a", "train-b"]
+    assert not (tmp_path / "run" / "store" / "train").exists()  # the single source's, stale
+    sa, sb = report.stores["train-a"], report.stores["train-b"]
+    union = ["music", "science", "sport"]
+    assert sa.label_names == sb.label_names == report.stores["eval"].label_names == union
+    for store, path in ((sa, a), (sb, b)):  # every chunk's label id names its record's label
+        labels = [json.loads(x)["label"] for x in path.read_text().splitlines()]
+        names = doc_names(store)  # file:line
+        for i in range(len(store)):
+            line = int(names[store[i]["doc_id"]].rsplit(":", 1)[1])
+            assert union[store[i]["label"]] == labels[line - 1]
+    # eval_fraction holds documents out of every source
+    held_out = doc_names(report.stores["eval"])
+    assert any("a.jsonl" in n for n in held_out) and any("b.jsonl" in n for n in held_out)
+
+
+def test_one_source_keeps_its_store_and_fingerprint(tmp_path, tok_dir):
+    """data.train as one source keeps store/train and the fingerprint it had before
+    mixtures (its corpus's own), so a store built by an earlier llmtrain is reused."""
+    from chunk_helpers import write_jsonl
+    from transformers import AutoTokenizer
+
+    from llmtrain.data.corpus import corpus_fingerprint, train_fingerprint
+    from llmtrain.data.store_cache import ensure_stores
+
+    a = write_jsonl(tmp_path / "a.jsonl", 20)
+    cfg = _store_cfg(tmp_path, {"path": str(a)})
+    assert train_fingerprint(cfg.data) == corpus_fingerprint(cfg.data.train)
+    report = ensure_stores(cfg, AutoTokenizer.from_pretrained(tok_dir), progress=False)
+    assert sorted(report.stores) == ["train"]

@@ -65,6 +65,18 @@ def _splits(cfg: Config) -> list[str]:
     return names + (["eval"] if (cfg.data.eval is not None or cfg.data.eval_fraction) else [])
 
 
+def _stale_stores(root: Path, names: list[str]) -> list[Path]:
+    """Split folders under `root` (eval, train, train-<name>) that `names` does not list."""
+    ours = {"eval", layout.TRAIN_SPLIT}
+    return [
+        p
+        for p in sorted(root.iterdir())
+        if p.is_dir()
+        and p.name not in names
+        and (p.name in ours or p.name.startswith(layout.train_source_store("")))
+    ]
+
+
 def split_keys(cfg: Config) -> dict[str, str]:
     """Each store folder's config key, as messages name it (`data.train.1`, `data.eval`)."""
     keys = {p.store: p.key for p in cfg.data.train_parts}
@@ -165,8 +177,10 @@ def ensure_stores(
             report = ChunkReport(stores, splits, up_to_date=True, root=root)
             return _with_notes(report, cfg, swept, None, console)
     root.mkdir(parents=True, exist_ok=True)
-    if "eval" not in names and (root / "eval").exists():
-        shutil.rmtree(root / "eval")  # a stale eval store from an earlier config would mislead
+    # A store this config no longer has (eval, or a training source renamed or dropped)
+    # would mislead whoever reads the folder later.
+    for stale in _stale_stores(root, names):
+        shutil.rmtree(stale)
     meta = _store_meta(cfg, spec, fp, tok_fp)
     stores, splits = build_stores(
         cfg, tokenizer, spec, meta, root, progress=progress, console=console
