@@ -17,6 +17,7 @@ FINAL_DIR = "final"
 ADAPTER_DIR = "adapter"
 LOCK_FILE = "llmtrain.lock"
 STORE_DIR = "store"  # the token stores, one folder per split (data.store overrides it)
+TRAIN_SPLIT = "train"  # store/train: the store of a single data.train source
 TOKENIZER_DIR = "tokenizer"  # a tokenizer trained for the run (tokenizer.train)
 PROBE_CACHE_FILE = "probe-cache.json"
 PROBE_SNAPSHOT_FILE = "probe-snapshot.safetensors"  # the CPU probe's snapshot, while it runs
@@ -41,3 +42,8 @@ RUN_OUTPUTS = (
 def checkpoint_name(step: int) -> str:
     """`step-00000100` for step 100."""
     return f"{CHECKPOINT_PREFIX}{step:08d}"
+
+
+def train_source_store(name: str) -> str:
+    """`train-web`: the store folder of the mixture source named `web` (under STORE_DIR)."""
+    return f"{TRAIN_SPLIT}-{name}"

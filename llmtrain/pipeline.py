@@ -23,6 +23,7 @@ from llmtrain.config import Config, dump_config
 from llmtrain.console import console as default_console
 from llmtrain.console import is_rank_zero, say
 from llmtrain.data.batching import total_steps
+from llmtrain.data.mixture import Mixture, open_mixture
 from llmtrain.data.store_cache import ensure_stores
 from llmtrain.data.tokenizer import load_tokenizer
 from llmtrain.engine.checkpoint import check_total
@@ -46,10 +47,11 @@ class Plan:
     model: torch.nn.Module
     device: torch.device
     micro: int
-    n_train: int
+    n_train: int  # sequences per epoch
     dist: DistInfo
     threads: threads.Threads | None = None  # intra-op threads set for the run (and why)
     allocator: allocator.Policy | None = None  # the CPU allocator policy applied
+    mixture: Mixture | None = None  # data.train as a list of sources: what an epoch draws
 
 
 def resolve_micro(cfg: Config, model: Any, device: Any, dist: DistInfo) -> int:
@@ -65,6 +67,19 @@ def write_resolved_config(cfg: Config, out: Path) -> None:
     atomic_write(out / layout.CONFIG_FILE, dump_config(cfg))
 
 
+def train_data(cfg: Config, stores: dict[str, Any]) -> tuple[Any, Mixture | None]:
+    """The training store, and for a mixture how an epoch draws from its sources' stores
+    (data/mixture.py); (store/train, None) for a single source."""
+    parts = cfg.data.train_parts
+    if not cfg.data.is_mixture:
+        return stores[parts[0].store], None
+    return open_mixture(
+        [p.name or p.store for p in parts],
+        [stores[p.store] for p in parts],
+        [getattr(p.source, "weight", None) for p in parts],
+    )
+
+
 def prepare(cfg: Config, dist: DistInfo, device: torch.device) -> tuple[Any, Any, Any, Plan]:
     """Tokenizer, token stores, model and micro-batch. Rank 0 trains the tokenizer and builds
     the stores while the other ranks wait, then they open what it wrote. Threads and the CPU
@@ -77,12 +92,13 @@ def prepare(cfg: Config, dist: DistInfo, device: torch.device) -> tuple[Any, Any
     report = ensure_stores(cfg, tokenizer, progress=dist.is_main and cfg.log.progress)
     if dist.is_main:
         barrier()
-    train_store = report.stores["train"]
-    eval_store = {split: s for split, s in report.stores.items() if split != "train"}
+    train_store, mixture = train_data(cfg, report.stores)
+    eval_store = {split: s for split, s in report.stores.items() if split.startswith("eval")}
     label_names = train_store.label_names
     if cfg.model.task == "sequence-classification" and label_names is None:
+        field = cfg.data.train_parts[0].source.label_field
         raise LLMTrainError(
-            f"data.train: no labels in the corpus (label_field {cfg.data.train.label_field!r});"
+            f"data.train: no labels in the corpus (label_field {field!r});"
             " sequence-classification needs one label per document"
         )
     num_labels = cfg.model.num_labels or (len(label_names) if label_names else None)
@@ -90,7 +106,8 @@ def prepare(cfg: Config, dist: DistInfo, device: torch.device) -> tuple[Any, Any
     if cfg.data.is_isolated:
         check_document_isolation(model, torch.device("cpu"))
     micro = resolve_micro(cfg, model, device, dist)
-    plan = Plan(cfg, model, device, micro, len(train_store), dist, host_threads, policy)
+    n = mixture.epoch_size if mixture is not None else len(train_store)
+    plan = Plan(cfg, model, device, micro, n, dist, host_threads, policy, mixture)
     return tokenizer, train_store, eval_store, plan
 
 
@@ -175,6 +192,7 @@ def run_stages(
             resume=resume,
             console=console,
             changes=resumed.changes if resumed is not None else None,
+            mixture=plan.mixture,
         )
     finally:
         teardown()

@@ -57,6 +57,8 @@ failure is one line naming the key and its `file:line:col`):
   size such as `2GiB`, `512MB` or bytes; `optim.base_batch` set when `lr_scaling` is not none;
   an explicit `optim.warmup_steps` at most `train.max_steps`;
 - `data.train.path` / `data.eval.path` and `tokenizer.path` exist (a glob must match a file);
+- `data.train` as a list (a mixture): at least one source, names unique (given or derived
+  from the path), all text or all instruction data; `weight` and `name` only in such a list;
 - `model.num_labels` only with sequence-classification; `flash_attention_2` not with
   `run.device: cpu`.
 """

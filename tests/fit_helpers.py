@@ -129,8 +129,9 @@ def make_cfg(
     return Config.model_validate(base)
 
 
-def run_train(cfg: Config, store, eval_store=None, *, resume=None, num_labels=None):
-    """build_model + train on CPU; returns (model, result)."""
+def run_train(cfg: Config, store, eval_store=None, *, resume=None, num_labels=None, mixture=None):
+    """build_model + train on CPU; returns (model, result). `mixture`: how an epoch draws
+    from `store` (a data.mixture.ConcatStore), as fit passes it for a list of sources."""
     from llmtrain.engine.loop import train
     from llmtrain.engine.model import build_model
 
@@ -145,6 +146,7 @@ def run_train(cfg: Config, store, eval_store=None, *, resume=None, num_labels=No
         micro_batch=int(cfg.batch.micro_batch),
         device=torch.device("cpu"),
         resume=resume,
+        mixture=mixture,
     )
     return model, result
 

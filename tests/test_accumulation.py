@@ -9,6 +9,7 @@ import torch
 from fit_helpers import FakeTokenizer, make_cfg, max_rel_diff, params, random_store, run_train
 
 from llmtrain.data.batching import collate, epoch_order, rank_share, split_micro, window_indices
+from llmtrain.data.mixture import open_mixture
 from llmtrain.engine.loss import summed_loss
 from llmtrain.engine.model import build_model
 
@@ -38,6 +39,22 @@ def test_micro_batch_does_not_change_the_update(tmp_path, arch, task):
     assert max_rel_diff(init, runs[8]) > 1e-3  # training really moved the weights
     assert max_rel_diff(runs[8], runs[2]) < TOL
     assert max_rel_diff(runs[8], runs[3]) < TOL
+
+
+def test_a_two_source_mixture_is_exact_too(tmp_path):
+    """A weighted mixture feeds the same window code: (micro 2, k 4) == (micro 8, k 1) in
+    fp64, over 2 epochs of 12 draws, one source up-sampled (weights 1:1 for sizes 9 and 3)."""
+    a, b = random_store(9, seed=11), random_store(3, seed=12, lo=10, hi=16)
+    runs = {}
+    for micro in (2, 8):
+        store, mixture = open_mixture(["web", "books"], [a, b], [1.0, 1.0])
+        assert mixture.counts == [6, 6] and mixture.repeats == [0, 3]
+        cfg = make_cfg(tmp_path / f"mix-{micro}", micro=micro, steps=4)
+        model, _ = run_train(cfg, store, mixture=mixture)
+        runs[micro] = params(model)
+    init = params(build_model(make_cfg(tmp_path / "x"), FakeTokenizer(), None))
+    assert max_rel_diff(init, runs[8]) > 1e-3  # training really moved the weights
+    assert max_rel_diff(runs[8], runs[2]) < TOL
 
 
 def test_sequences_normalization_is_exact_too(tmp_path):

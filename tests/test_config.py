@@ -191,6 +191,29 @@ CASES = [
          "base.yaml:2:3: batch.micro_batch: must be a positive integer",
          files={"base.yaml": "batch:\n  micro_batch: 0\n"
                 + BASE.replace("batch:\n  global_batch: 8\n  micro_batch: 2\n", "")}),
+    # --- a mixture of training sources (data.train as a list)
+    Case("mixture-derived-names-clash",
+         edit(("    path: corpus.txt", "    - path: corpus.txt\n    - path: corpus.txt\n      weight: 2")),
+         "cfg.yaml:15:7: data.train.1: the source name 'corpus' is already data.train.0's "
+         "(derived from its path); set a unique name: on this source"),
+    Case("mixture-names-clash",
+         edit(("    path: corpus.txt",
+               "    - {path: corpus.txt, name: web}\n    - {path: corpus.txt, name: web}")),
+         "cfg.yaml:15:26: data.train.1.name: the source name 'web' is already data.train.0's"),
+    Case("mixture-weight-negative",
+         edit(("    path: corpus.txt", "    - {path: corpus.txt, weight: -1}")),
+         "cfg.yaml:14:26: data.train.0.weight: must be a positive number (got -1)"),
+    Case("mixture-name-not-a-folder",
+         edit(("    path: corpus.txt", "    - {path: corpus.txt, name: a/b}")),
+         "cfg.yaml:14:26: data.train.0.name: must be letters, digits, _ . - only"),
+    Case("weight-needs-a-list", edit(("    path: corpus.txt", "    path: corpus.txt\n    weight: 2")),
+         "cfg.yaml:15:5: data.train.weight: unknown key (valid keys: path, format,"),
+    Case("mixture-text-and-chat",
+         edit(("    path: corpus.txt",
+               "    - {path: corpus.txt}\n    - {path: corpus.txt, name: c, format: chat}")),
+         "cfg.yaml:13:3: data.train: mixes text corpora with instruction data"),
+    Case("mixture-empty", edit(("    path: corpus.txt", "    []")),
+         "data.train: must list at least one source"),
 ]  # fmt: skip
 
 

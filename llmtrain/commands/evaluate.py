@@ -69,7 +69,8 @@ def eval_sources(
     required for a classifier) as split "eval", else the run's own eval sets (reused, or
     rebuilt from their corpora): "eval", or "eval/<name>" for each named set."""
     if input_path is not None:
-        like = next(iter(run.cfg.data.eval_sets.values()), run.cfg.data.train)
+        data = run.cfg.data
+        like = next(iter(data.eval_sets.values()), data.train_parts[0].source)
         source = input_source(input_path, text_field=text_field, like=like)
         spec = resolve_spec(run.cfg, run.tokenizer)
         store = encode_input(run, source, tmp, spec=spec, require_label=run.classify, key="input")

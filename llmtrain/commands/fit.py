@@ -8,6 +8,7 @@ from llmtrain.config import Config
 from llmtrain.config.peft_methods import METHODS
 from llmtrain.console import console
 from llmtrain.data.batching import grad_accum, steps_per_epoch, total_steps
+from llmtrain.data.mixture import Mixture
 from llmtrain.engine.loss import describe_loss
 from llmtrain.engine.model import count_parameters, total_parameters
 from llmtrain.engine.optim import effective_lr, optimizer_state_bytes, resolve_warmup
@@ -56,7 +57,7 @@ def banner(plan: Plan) -> Table:
             f"micro {micro} × k {k} × world {dist.world_size} → global {global_batch} sequences",
         ),
         ("tokens / step", f"≤ {global_batch * seq:,} (seq_len {seq}, {cfg.data.chunk.mode})"),
-        ("data", f"{plan.n_train:,} train sequences, {per_epoch} steps/epoch"),
+        ("data", f"{plan.n_train:,} train sequences{per_epoch_of(plan)}, {per_epoch} steps/epoch"),
         ("steps", f"{steps:,} ({cfg.optim.schedule}, {_warmup_text(cfg, steps)})"),
         ("effective LR", lr_text),
         ("optimizer", optimizer_text(cfg, plan.model)),
@@ -96,6 +97,33 @@ def adalora_rows(cfg: Config, steps: int) -> list[tuple[str, str]]:
     return [("adalora", text)]
 
 
+def per_epoch_of(plan: Plan) -> str:
+    """' per epoch from 2 sources' for a mixture (its table follows the banner)."""
+    m = plan.mixture
+    return "" if m is None else f" per epoch from {len(m.names)} sources"
+
+
+def mixture_table(mixture: Mixture) -> Table:
+    """A mixture per source: sequences held, weight, drawn per epoch (its share of the
+    epoch), and repeats: draws beyond what it holds (up-sampling)."""
+    table = Table(title="data.train mixture (per epoch)", title_justify="left")
+    for col in ("source", "held", "weight", "drawn", "share", "repeats"):
+        table.add_column(col, justify="left" if col == "source" else "right")
+    counts, size = mixture.counts, mixture.epoch_size
+    for name, held, w, drawn, extra in zip(
+        mixture.names, mixture.sizes, mixture.weights, counts, mixture.repeats, strict=True
+    ):
+        table.add_row(
+            name,
+            f"{held:,}",
+            f"{w:g}",
+            f"{drawn:,}",
+            f"{100 * drawn / max(size, 1):.1f}%",
+            f"{extra:,} (×{drawn / held:.2f})" if extra else "0",
+        )
+    return table
+
+
 def host_rows(plan: Plan) -> list[tuple[str, str]]:
     """CPU threads and allocator policy (host/threads.py, host/allocator.py)."""
     rows = []
@@ -118,6 +146,8 @@ def execute(cfg: Config, *, resume: str | None, dry_run: bool, overwrite: bool =
 
     def show(plan: Plan) -> None:
         console.print(banner(plan))
+        if plan.mixture is not None:
+            console.print(mixture_table(plan.mixture))
         if dry_run:
             console.print(
                 "dry run: tokenizer, stores, model and micro-batch resolved; not training"

@@ -209,7 +209,9 @@ def execute(
     """Entry point of `llmtrain predict`; returns the summary (tests read it)."""
     out = human_console(as_json)
     trained = open_run(run_dir, checkpoint=checkpoint, needs_corpus=False)
-    source = input_source(input_path, text_field=text_field, like=trained.cfg.data.train)
+    source = input_source(
+        input_path, text_field=text_field, like=trained.cfg.data.train_parts[0].source
+    )
     if id_field is not None:
         source = source.model_copy(update={"id_field": id_field or None})
     with tempfile.TemporaryDirectory(prefix="llmtrain-predict-") as tmp:

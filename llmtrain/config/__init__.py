@@ -34,6 +34,8 @@ from llmtrain.config.schema import (
     TokenizerConfig,
     TokenizerTrainConfig,
     TrainConfig,
+    TrainPart,
+    TrainSourceConfig,
     parse_bytes,
     section_class,
 )
@@ -56,6 +58,8 @@ __all__ = [
     "TokenizerConfig",
     "TokenizerTrainConfig",
     "TrainConfig",
+    "TrainPart",
+    "TrainSourceConfig",
     "Where",
     "check_config",
     "dump_config",

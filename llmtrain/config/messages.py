@@ -16,7 +16,7 @@ from typing import Annotated, Any, get_args, get_origin
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
-from llmtrain.config.schema import Config, section_class
+from llmtrain.config.schema import NAME_PATTERN, Config, section_class
 
 # A key's place in the config mapping: ('data', 'train', 'path', 0).
 KeyPath = tuple[str | int, ...]
@@ -68,13 +68,16 @@ def field_at(path: KeyPath) -> tuple[type[BaseModel] | None, FieldInfo | None]:
         named = info is not None and _names_models(info.annotation)
         if named and model is not None and part not in model.model_fields and i < len(path) - 1:
             continue  # a name in a {name: section} mapping (data.eval's named sets)
+        if isinstance(part, int) and model is not None and i < len(path) - 1:
+            continue  # an item of a list of sections (data.train.0.weight)
         if isinstance(part, int) and info is not None and i == len(path) - 1:
             return model, _item_info(info.annotation, part)
         if model is None or part not in model.model_fields:
             return (model if i == len(path) - 1 else None), None
         info = model.model_fields[str(part)]
         if i < len(path) - 1:
-            model = section_class(info.annotation)
+            listed = isinstance(path[i + 1], int)
+            model = section_class(info.annotation, listed=listed)
     return model, info
 
 
@@ -142,7 +145,10 @@ def _bounds(info: FieldInfo | None, ctx: dict[str, Any]) -> tuple[Any, Any, Any,
     return found["ge"], found["gt"], found["le"], found["lt"]
 
 
-_PATTERNS = {r"^(auto|cpu|cuda|cuda:\d+)$": "one of auto, cpu, cuda, cuda:N"}
+_PATTERNS = {
+    r"^(auto|cpu|cuda|cuda:\d+)$": "one of auto, cpu, cuda, cuda:N",
+    NAME_PATTERN: "letters, digits, _ . - only, starting with a letter or digit",
+}
 
 _TAG_NAMES = {
     "int": "an integer",
@@ -253,7 +259,9 @@ def _translate(errors: list[dict[str, Any]], data: dict[str, Any]) -> list[Probl
     for path, items in groups.items():
         _, info = field_at(path)
         tags = {tag for tag, _, _ in items}
-        if len(items) > 1 and None not in tags:
+        # several branches of a union failed: one message saying what would do. (Errors of
+        # one branch only, as a discriminated union gives, are reported each on its own.)
+        if len(items) > 1 and None not in tags and len(tags) > 1:
             phrases: list[str] = []
             for tag, below, err in items:
                 phrase = _expectation(err, info) if not below else None

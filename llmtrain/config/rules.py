@@ -173,6 +173,34 @@ def _data_sources(cfg: Config, raw: dict[str, Any]) -> Iterator[Problem]:
                     f"directory, {os.getcwd()})"
                 ),
             )
+    yield from _mixture(d)
+
+
+def _mixture(d: DataConfig) -> Iterator[Problem]:
+    """A mixture's sources: at least one, names unique (each is a store folder and a record
+    key), all text or all instruction data (one packing and one loss for the whole mix)."""
+    if not isinstance(d.train, list):
+        return
+    if not d.train:
+        yield ("data", "train"), "must list at least one source ({path: ...})"
+    seen: dict[str, int] = {}
+    for i, (name, source) in enumerate(zip(d.source_names, d.train, strict=True)):
+        if name in seen:
+            given = source.name is not None
+            yield (
+                ("data", "train", i, "name") if given else ("data", "train", i),
+                f"the source name {name!r} is already data.train.{seen[name]}'s"
+                + ("" if given else " (derived from its path)")
+                + "; set a unique name: on this source",
+            )
+        seen.setdefault(name, i)
+    kinds = {s.records != "text" for s in d.train}
+    if len(kinds) > 1:
+        yield (
+            ("data", "train"),
+            "mixes text corpora with instruction data (chat or prompt/response); a mixture's "
+            "sources are all one or all the other",
+        )
 
 
 EVAL_SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -555,12 +583,11 @@ def _plain_pairs(d: DataConfig) -> Iterator[Problem]:
     """template: none joins a prompt and a response: pairs only, and no template file."""
     if d.sft.template != "none":
         return
-    for split in ("train", "eval"):
-        source = getattr(d, split)
-        if source is not None and source.records == "chat":
+    for where, source in d.sources():
+        if source.records == "chat":
             yield (
                 ("data", "sft", "template"),
-                f"none joins prompt_field and response_field, but data.{split} holds "
+                f"none joins prompt_field and response_field, but {dotted(where)} holds "
                 "conversations (format: chat), which need a chat template",
             )
     if d.sft.chat_template is not None:

@@ -12,7 +12,8 @@ live in the sibling modules `loader`, `messages` and `rules`.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal, get_args, get_origin
+from pathlib import PurePath
+from typing import Annotated, Any, Literal, NamedTuple, get_args, get_origin
 
 from pydantic import (
     BaseModel,
@@ -24,6 +25,8 @@ from pydantic import (
     field_validator,
 )
 from pydantic_core import PydanticCustomError
+
+from llmtrain import layout
 
 # The largest integer any field holds: what numpy, torch and the C libraries below them store
 # (int64). A larger one is a typo, and would fail far from the config with an OverflowError.
@@ -266,6 +269,9 @@ class TokenizerConfig(Section):
 
 
 # -------------------------------------------------------------------------------------- data
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # a source's name is a folder name too
+
+
 class DataSourceConfig(Section):
     """One corpus: files, folders or globs of .txt / .jsonl / .csv / .tsv (optionally .gz),
     .parquet, or Arrow (.arrow, a datasets.save_to_disk folder)."""
@@ -344,6 +350,59 @@ EvalCorpora = Annotated[
 ]
 
 
+class TrainSourceConfig(DataSourceConfig):
+    """The training corpus; in a list of sources (a mixture), each also takes weight and name."""
+
+    weight: float | None = Field(
+        None,
+        gt=0,
+        description="A list's source only: its share of an epoch, relative to the other "
+        "sources' weights; default its "
+        "size in sequences (no source repeated). A source asked for more sequences than it "
+        "holds is repeated (up-sampled; shown by fit --dry-run).",
+    )
+    name: str | None = Field(
+        None,
+        pattern=NAME_PATTERN,
+        max_length=64,
+        description="A list's source only: its name in records, tables and its store folder "
+        "(store/train-<name>); "
+        "default the first path's file or folder name without extensions. Names are unique.",
+    )
+
+
+class TrainPart(NamedTuple):
+    """One training source as the stages see it: its name (None for a single source), its
+    store folder under the store root, the config key its messages name, and its corpus."""
+
+    name: str | None
+    store: str
+    key: str
+    source: DataSourceConfig
+
+
+def default_source_name(source: DataSourceConfig, index: int) -> str:
+    """The name of an unnamed mixture source: its first path's last part, extensions
+    dropped (`web.jsonl.gz` → `web`), other characters than [A-Za-z0-9_.-] as `_`;
+    `source<index>` when nothing is left."""
+    first = source.path if isinstance(source.path, str) else (source.path or [""])[0]
+    stem = PurePath(first.rstrip("/")).name.split(".")[0]
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", stem).lstrip("_.-")
+    return stem[:64] or f"source{index}"
+
+
+def _train_kind(value: Any) -> str:
+    return "list" if isinstance(value, list) else "source"
+
+
+# data.train: one source, or a list of weighted sources. A callable discriminator picks the
+# branch from the value's shape, so a mistake is reported for the shape written only.
+TrainSources = Annotated[
+    Annotated[list[TrainSourceConfig], Tag("list")] | Annotated[DataSourceConfig, Tag("source")],
+    Discriminator(_train_kind),
+]
+
+
 class ChunkConfig(Section):
     """How documents become fixed-length sequences."""
 
@@ -404,7 +463,11 @@ class SftConfig(Section):
 class DataConfig(Section):
     """Corpora, the token store, and chunking."""
 
-    train: DataSourceConfig = Field(..., description="The training corpus.")
+    train: TrainSources = Field(
+        ...,
+        description="The training corpus: one source, or a list of sources, each with an "
+        'optional weight and name (a weighted mixture; docs/training.md, "Mixtures").',
+    )
     eval: EvalCorpora = Field(
         None,
         description="An evaluation corpus (same shape), or named ones {name: corpus}, each "
@@ -437,9 +500,32 @@ class DataConfig(Section):
     )
 
     @property
+    def is_mixture(self) -> bool:
+        """data.train is a list of sources (even of one): named stores, a mixed order."""
+        return isinstance(self.train, list)
+
+    @property
+    def train_parts(self) -> list[TrainPart]:
+        """The training sources, in config order: a single source is `train` in store/train,
+        a mixture's are `train-<name>` (names defaulted by `default_source_name`)."""
+        if not isinstance(self.train, list):
+            return [TrainPart(None, layout.TRAIN_SPLIT, "data.train", self.train)]
+        return [
+            TrainPart(n, layout.train_source_store(n), f"data.train.{i}", s)
+            for i, (n, s) in enumerate(zip(self.source_names, self.train, strict=True))
+        ]
+
+    @property
+    def source_names(self) -> list[str]:
+        """The names of a mixture's sources, given or defaulted; [] for a single source."""
+        if not isinstance(self.train, list):
+            return []
+        return [s.name or default_source_name(s, i) for i, s in enumerate(self.train)]
+
+    @property
     def is_sft(self) -> bool:
         """Training data are conversations or prompt/response pairs (rendered, masked)."""
-        return self.train.records != "text"
+        return any(p.source.records != "text" for p in self.train_parts)
 
     @property
     def is_isolated(self) -> bool:
@@ -457,9 +543,13 @@ class DataConfig(Section):
             return {"eval": self.eval}
         return {f"eval/{name}": source for name, source in self.eval.items()}
 
-    def sources(self) -> list[tuple[tuple[str, ...], DataSourceConfig]]:
-        """Every corpus with its key path: data.train, data.eval or data.eval.<name>."""
-        found: list[tuple[tuple[str, ...], DataSourceConfig]] = [(("data", "train"), self.train)]
+    def sources(self) -> list[tuple[tuple[str | int, ...], DataSourceConfig]]:
+        """Every corpus with its key path: data.train (data.train.N of a mixture), then
+        data.eval or data.eval.<name>."""
+        found: list[tuple[tuple[str | int, ...], DataSourceConfig]] = [
+            ((("data", "train", i) if self.is_mixture else ("data", "train")), part.source)
+            for i, part in enumerate(self.train_parts)
+        ]
         for split, source in self.eval_sets.items():
             found.append((("data", *split.split("/")), source))
         return found
@@ -677,12 +767,17 @@ def best_metric(cfg: Config) -> tuple[str, str] | None:
     return (splits[0], "loss") if splits else None
 
 
-def section_class(annotation: Any) -> type[BaseModel] | None:
-    """The pydantic model inside an annotation such as `DataSourceConfig | None`."""
+def section_class(annotation: Any, *, listed: bool | None = None) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation such as `DataSourceConfig | None`. For a
+    section-or-list union (data.train), `listed=False` skips the list branch; otherwise the
+    first model found (the list's items, which declare every key) is the answer."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
-    for arg in get_args(annotation):
-        found = section_class(arg)
+    args = get_args(annotation)
+    if get_origin(annotation) is list:
+        return None if listed is False else section_class(args[0])
+    for arg in args:
+        found = section_class(arg, listed=listed)
         if found is not None:
             return found
     return None

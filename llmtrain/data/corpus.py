@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from llmtrain.config import DataSourceConfig
+from llmtrain.config import DataConfig, DataSourceConfig
 from llmtrain.config.messages import kind_of, show_value
 from llmtrain.data.columnar import (
     DATASET_STATE,
@@ -236,7 +236,8 @@ def corpus_fingerprint(source: DataSourceConfig, *, key: str = "data.train") -> 
     from the corpus (a trained tokenizer, a token store) can tell it is stale.
     """
     h = hashlib.sha256()
-    settings = source.model_dump(exclude={"path"})
+    # weight and name (a mixture source's) say how training draws, not what is read
+    settings = source.model_dump(exclude={"path", "weight", "name"})
     h.update(json.dumps(settings, sort_keys=True).encode())
     files = corpus_files(source, key=key)
     # A save_to_disk folder is its shards plus the state.json that orders them.
@@ -245,6 +246,14 @@ def corpus_fingerprint(source: DataSourceConfig, *, key: str = "data.train") -> 
         st = f.stat()
         h.update(f"\0{f}\0{st.st_size}\0{st.st_mtime_ns}".encode())
     return h.hexdigest()
+
+
+def train_fingerprint(data: DataConfig) -> str | list[list[str]]:
+    """data.train's corpus fingerprint: a single source's own (what it was before
+    mixtures), or `[name, fingerprint]` per mixture source, in config order."""
+    if not data.is_mixture:
+        return corpus_fingerprint(data.train_parts[0].source)
+    return [[p.name or "", corpus_fingerprint(p.source, key=p.key)] for p in data.train_parts]
 
 
 # ---------------------------------------------------------------------------------- reading

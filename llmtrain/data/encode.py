@@ -387,36 +387,35 @@ class _Builder:
         return conversation_encoder(self.tok, backend, d.sft, max_len=max_len)
 
     def _run(self) -> tuple[dict[str, TokenStore], dict[str, dict]]:
+        """Every training source into its store (a mixture's one each), then eval: held out
+        of the training documents as they pass (eval_fraction), or its own corpus read once
+        the training labels are known."""
         d = self.cfg.data
+        parts = d.train_parts
+        frac = d.eval_fraction if d.eval is None else None
         writers: dict[str, SplitWriter] = {}
         try:
-            train = writers["train"] = self._writer("train")
+            for p in parts:
+                writers[p.store] = self._writer(p.store, p.source)
+            trains = list(writers.values())
+            held = None  # eval_fraction: held out of every training source as it passes
+            if frac:
+                held = writers["eval"] = self._writer("eval", parts[0].source)
+            for p, w in zip(parts, trains, strict=True):
+                # A bad record has no id to route by: its count goes to its training source.
+                self._pass(p.source, p.key, self._route(w, held, frac), w)
+            labels = _mixture_labels(trains)
+            stores = {p.store: w.close(labels) for p, w in zip(parts, trains, strict=True)}
+            first = stores[parts[0].store]
+            if held is not None:
+                stores["eval"] = held.close(first.label_names)
             if d.eval is not None:
-                self._pass(d.train, "data.train", lambda doc: train, train)
-                train_store = train.close(None)
-                self.eval_labels = train_store.label_names
-                self.train_label_type = train.label_type
-                stores = {"train": train_store}
-                for split, source in d.eval_sets.items():  # one, or each named set
-                    ev = writers[split] = self._writer(split)
-                    key = "data." + split.replace("/", ".")
-                    self._pass(source, key, lambda doc, ev=ev: ev, ev)
-                    stores[split] = ev.close(train_store.label_names)
-            elif d.eval_fraction:
-                ev = writers["eval"] = self._writer("eval")
-                frac = d.eval_fraction
-                # A bad record has no id to route by: its count goes to train, whose corpus it is.
-                self._pass(
-                    d.train,
-                    "data.train",
-                    lambda doc: ev if in_eval(doc.doc_id, frac) else train,
-                    train,
-                )
-                train_store = train.close(None)
-                stores = {"train": train_store, "eval": ev.close(train_store.label_names)}
-            else:
-                self._pass(d.train, "data.train", lambda doc: train, train)
-                stores = {"train": train.close(None)}
+                self.eval_labels = first.label_names
+                self.train_label_type = trains[0].label_type
+            for split, source in d.eval_sets.items():  # one, or each named set
+                ev = writers[split] = self._writer(split, source)
+                self._pass(source, "data." + split.replace("/", "."), lambda doc, ev=ev: ev, ev)
+                stores[split] = ev.close(first.label_names)
         except BaseException as e:
             wrote = sum(w.writer.num_tokens * w.writer.dtype.itemsize for w in writers.values())
             for w in writers.values():
@@ -426,9 +425,13 @@ class _Builder:
             raise
         return stores, {n: {**s.meta["stats"], "up_to_date": False} for n, s in stores.items()}
 
-    def _writer(self, name: str) -> SplitWriter:
-        d = self.cfg.data
-        source = d.eval_sets.get(name, d.train)  # eval_fraction: train's documents
+    @staticmethod
+    def _route(train: SplitWriter, ev: SplitWriter | None, frac: float | None) -> Route:
+        if ev is None or not frac:
+            return lambda doc: train
+        return lambda doc: ev if in_eval(doc.doc_id, frac) else train
+
+    def _writer(self, name: str, source: DataSourceConfig) -> SplitWriter:
         sft = source.records != "text"
         path = self.root / split_folder(name)
         return SplitWriter(name, path, self.spec, self.vocab_size, self.meta, sft=sft)
@@ -531,6 +534,25 @@ class _Builder:
                 )
         w.label_type = kind
         return w.writer.label_id(str(doc.label))
+
+
+def _mixture_labels(trains: list[SplitWriter]) -> list[str] | None:
+    """One label map for every source of a mixture (their stores are read as one): the
+    union of their labels, integers ordered as numbers; None for a single source or no
+    labels (each store then orders its own, as `SplitWriter.close` does)."""
+    if len(trains) < 2:
+        return None
+    seen = {label for w in trains for label in w.writer.seen_labels()}
+    if not seen:
+        return None
+    kinds = {w.label_type for w in trains if w.label_type is not None}
+    if len(kinds) > 1:
+        raise LLMTrainError(
+            "data.train: the sources' labels are of different types (strings in some, "
+            "integers in others); one mixture uses one label type: write every label as a "
+            "string, or every label as an integer"
+        )
+    return sorted(seen, key=int) if kinds == {"integer"} else sorted(seen)
 
 
 def _good_records(

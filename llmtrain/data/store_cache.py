@@ -24,7 +24,7 @@ from llmtrain.config.schema import DataSourceConfig, eval_splits
 from llmtrain.console import say
 from llmtrain.data.chunk_spec import resolve_spec
 from llmtrain.data.chunking import ChunkSpec
-from llmtrain.data.corpus import corpus_fingerprint
+from llmtrain.data.corpus import corpus_fingerprint, train_fingerprint
 from llmtrain.data.encode import build_stores, set_workers
 from llmtrain.data.sft import sft_fingerprint
 from llmtrain.data.store import FORMAT_VERSION, TokenStore, split_folder
@@ -60,8 +60,32 @@ def store_root(cfg: Config) -> Path:
 
 
 def _splits(cfg: Config) -> list[str]:
-    """train, then the eval splits: eval (one corpus, or eval_fraction) or eval/<name>."""
-    return ["train", *eval_splits(cfg)]
+    """The splits of `cfg`, each with a store folder (`split_folder`): one per training source
+    (`train`, or `train-<name>` for each source of a mixture), then the eval splits: `eval`
+    (one corpus, or eval_fraction) or `eval/<name>` per named set."""
+    return [p.store for p in cfg.data.train_parts] + eval_splits(cfg)
+
+
+def _stale_stores(root: Path, names: list[str]) -> list[Path]:
+    """Split folders under `root` (train, train-<name>, eval, eval-<name>) that none of
+    `names` uses."""
+    used = {split_folder(n) for n in names}
+    prefixes = (layout.train_source_store(""), "eval-")
+    return [
+        p
+        for p in sorted(root.iterdir())
+        if p.is_dir()
+        and p.name not in used
+        and (p.name in ("eval", layout.TRAIN_SPLIT) or p.name.startswith(prefixes))
+    ]
+
+
+def split_keys(cfg: Config) -> dict[str, str]:
+    """Each split's config key, as messages name it (`data.train.1`, `data.eval.web`); an
+    eval_fraction split is held out of data.train."""
+    keys = {p.store: p.key for p in cfg.data.train_parts}
+    evals = {split: "data." + split.replace("/", ".") for split in cfg.data.eval_sets}
+    return {**keys, "eval": "data.train", **evals}
 
 
 def stores_fingerprint(cfg: Config, tok_fp: str) -> str:
@@ -75,7 +99,7 @@ def stores_fingerprint(cfg: Config, tok_fp: str) -> str:
     payload = {
         "format_version": FORMAT_VERSION,
         "task": cfg.model.task,
-        "train": corpus_fingerprint(d.train, key="data.train"),
+        "train": train_fingerprint(d),
         "eval": eval_fingerprint(cfg),
         "eval_fraction": d.eval_fraction if d.eval is None else None,
         "tokenizer": tok_fp,
@@ -167,24 +191,16 @@ def ensure_stores(
             report = ChunkReport(stores, splits, up_to_date=True, root=root)
             return _with_notes(report, cfg, swept, None, console)
     root.mkdir(parents=True, exist_ok=True)
-    for stale in _stale_eval_stores(root, names):
-        shutil.rmtree(stale)  # an eval store of an earlier config would mislead
+    # A store this config no longer has (an eval set, or a training source renamed or
+    # dropped) would mislead whoever reads the folder later.
+    for stale in _stale_stores(root, names):
+        shutil.rmtree(stale)
     meta = _store_meta(cfg, spec, fp, tok_fp)
     stores, splits = build_stores(
         cfg, tokenizer, spec, meta, root, progress=progress, console=console
     )
     report = ChunkReport(stores, splits, up_to_date=False, root=root)
     return _with_notes(report, cfg, swept, threads_note, console)
-
-
-def _stale_eval_stores(root: Path, names: list[str]) -> list[Path]:
-    """Eval store folders under `root` that none of this config's splits use."""
-    used = {split_folder(n) for n in names}
-    return [
-        p
-        for p in sorted(root.iterdir())
-        if p.is_dir() and (p.name == "eval" or p.name.startswith("eval-")) and p.name not in used
-    ]
 
 
 def _with_notes(
@@ -204,9 +220,9 @@ def _with_notes(
         notes.append(f"removed what a killed build left in {report.root}: {shown}")
     if threads_note:
         notes.append(threads_note)
+    keys = split_keys(cfg)
     for name, split in report.splits.items():
-        named = name in cfg.data.eval_sets
-        key = "data." + name.replace("/", ".") if named else "data.train"
+        key = keys.get(name, "data.train")
         entries = split.get("skipped_entries") or []
         if entries:
             shown = ", ".join(entries[:3]) + (" ..." if len(entries) > 3 else "")

@@ -33,7 +33,7 @@ from transformers import PreTrainedTokenizerFast
 
 from llmtrain import layout
 from llmtrain.config import Config, TokenizerTrainConfig
-from llmtrain.data.corpus import corpus_fingerprint, iter_documents
+from llmtrain.data.corpus import iter_documents, train_fingerprint
 from llmtrain.data.encode import document_batches
 from llmtrain.errors import LLMTrainError
 from llmtrain.util.atomic import atomic_dir
@@ -206,7 +206,7 @@ def _tokenizer_dir(cfg: Config) -> Path:
 def _train_fingerprint(cfg: Config, train: TokenizerTrainConfig) -> dict:
     return {
         "version": _FINGERPRINT_VERSION,
-        "corpus": corpus_fingerprint(cfg.data.train, key="data.train"),
+        "corpus": train_fingerprint(cfg.data),
         "train": train.model_dump(),
         "task": cfg.model.task,
         "tokenizers": tokenizers.__version__,
@@ -252,8 +252,9 @@ def _save_atomic(tok: PreTrainedTokenizerFast, target: Path, fingerprint: dict) 
 
 def _text_batches(cfg: Config) -> Iterator[list[str]]:
     """Corpus texts in lists (`document_batches`), as the trainer takes them."""
-    for batch in document_batches(iter_documents(cfg.data.train, key="data.train")):
-        yield [doc.text for doc in batch]
+    for part in cfg.data.train_parts:  # a mixture's sources each once, unweighted
+        for batch in document_batches(iter_documents(part.source, key=part.key)):
+            yield [doc.text for doc in batch]
 
 
 def train_tokenizer(cfg: Config, train: TokenizerTrainConfig) -> PreTrainedTokenizerFast:

@@ -31,12 +31,12 @@ from llmtrain.console import console as default_console
 from llmtrain.console import say
 from llmtrain.data.batching import (
     SequenceSource,
-    epoch_order,
     grad_accum,
     steps_per_epoch,
     total_steps,
     window_indices,
 )
+from llmtrain.data.mixture import Mixture
 from llmtrain.engine import checkpoint as ckpt
 from llmtrain.engine import flops, signals
 from llmtrain.engine.adalora import STATE_KEY as ADALORA_STATE
@@ -100,6 +100,7 @@ class Run:
     spec: StepSpec
     train_store: SequenceSource
     eval_stores: dict[str, SequenceSource]  # by split: eval, or eval/<name> per named set
+    mixture: Mixture  # the epoch's order; a single source is a mixture of one at its size
     pad_id: int
     device: torch.device
     dist: DistInfo
@@ -108,6 +109,7 @@ class Run:
     total: int
     peak_lr: float
     warmup: int  # optim.warmup_steps resolved against `total` (engine.optim.resolve_warmup)
+    mixed: bool = False  # data.train is a list: train records carry `sources`
     prefetch: Prefetcher | None = None  # the next window, cut while this one computes
     adalora: RankAllocation | None = None  # AdaLoRA's rank allocator (engine/adalora.py)
 
@@ -168,12 +170,16 @@ def setup_run(
     *,
     device: torch.device,
     dist: DistInfo,
+    mixture: Mixture | None = None,
 ) -> Run:
     """Wrap the model (DDP/FSDP2 under torchrun, then torch.compile if asked) and build the
-    optimizer and loss scaler."""
-    n, global_batch = len(train_store), cfg.batch.global_batch
-    if n == 0:
+    optimizer and loss scaler. `mixture`: how an epoch draws from `train_store` (a
+    data/mixture.ConcatStore); None: the store is one source, drawn once per epoch."""
+    if len(train_store) == 0:
         raise LLMTrainError("data.train: the token store holds no sequences; nothing to train on")
+    mixed = mixture is not None
+    mixture = mixture or Mixture.single(len(train_store))
+    n, global_batch = mixture.epoch_size, cfg.batch.global_batch
     total = total_steps(n, global_batch, cfg.train.max_steps, cfg.train.epochs)
     # before wrapping: its check runs a forward, which would leave FSDP's root unsharded
     loss_chunk = resolve_loss_chunk(cfg.train.loss_chunk, model.to(device), cfg.model.task)
@@ -193,6 +199,8 @@ def setup_run(
         spec=StepSpec.from_config(cfg, loss_chunk.tokens, device),
         train_store=train_store,
         eval_stores=by_split(eval_store),
+        mixture=mixture,
+        mixed=mixed,
         pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
         device=device,
         dist=dist,
@@ -262,10 +270,10 @@ def restore_or_start(run: Run, resume: str | None, micro: int, console: Console)
 
 def window_at(run: Run, state: LoopState, step: int | None = None) -> np.ndarray:
     """The sequence indices of the optimizer step `step` (default `state.step`): a function
-    of (seed, epoch)."""
+    of (seed, epoch) and the mixture (data/mixture.py)."""
     epoch, in_epoch = divmod(state.step if step is None else step, run.steps_per_epoch)
     if state.order is None or state.order[0] != epoch:
-        state.order = (epoch, epoch_order(len(run.train_store), run.cfg.run.seed, epoch))
+        state.order = (epoch, run.mixture.order(run.cfg.run.seed, epoch))
     return window_indices(state.order[1], in_epoch, run.cfg.batch.global_batch)
 
 
@@ -583,12 +591,15 @@ def train(
     resume: str | None = None,
     console: Console | None = None,
     changes: dict[str, list] | None = None,
+    mixture: Mixture | None = None,
 ) -> TrainResult:
     """Train `model` on `train_store` as `cfg` says; writes the run directory
     (docs/architecture.md, "Run directory"). `eval_store`: one store, or {split: store} for
-    named eval sets. `changes`: see `open_log`."""
+    named eval sets. `changes`: see `open_log`; `mixture`: see `setup_run`."""
     dist, console = dist or DistInfo(), console or default_console
-    run = setup_run(cfg, model, tokenizer, train_store, eval_store, device=device, dist=dist)
+    run = setup_run(
+        cfg, model, tokenizer, train_store, eval_store, device=device, dist=dist, mixture=mixture
+    )
     state = restore_or_start(run, resume, micro_batch, console)
     signals.defer_to_step_end()  # a SIGTERM from now on ends the current step with a checkpoint
     start = state.step
@@ -616,6 +627,7 @@ def train(
                     sequences=win.sequences,
                     micro_batch=state.micro,
                     grad_accum=k,
+                    sources=run.mixture.count(indices) if run.mixed else None,
                     **rank_budget(run, state.step - 1),
                 )
             else:

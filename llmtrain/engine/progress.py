@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import resource
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from types import TracebackType
 from typing import Any
 
@@ -47,17 +47,27 @@ class LogInterval:
     grad_norm_sum: float = 0.0
     tokens: int = 0
     sequences: int = 0
+    sources: dict[str, int] = field(default_factory=dict)  # a mixture's sequences per source
 
-    def add(self, loss: float, grad_norm: float, tokens: int, sequences: int) -> None:
+    def add(
+        self,
+        loss: float,
+        grad_norm: float,
+        tokens: int,
+        sequences: int,
+        sources: dict[str, int] | None = None,
+    ) -> None:
         self.steps += 1
         self.loss_sum += loss
         self.grad_norm_sum += grad_norm
         self.tokens += tokens
         self.sequences += sequences
+        for name, n in (sources or {}).items():
+            self.sources[name] = self.sources.get(name, 0) + n
 
     def close(self) -> dict[str, Any]:
-        """The record's fields (mean loss and grad_norm, summed tokens and sequences); then
-        the interval is emptied for the next record."""
+        """The record's fields (mean loss and grad_norm, summed tokens, sequences and, for a
+        mixture, sequences per source); then the interval is emptied for the next record."""
         n = max(self.steps, 1)
         fields = {
             "loss": self.loss_sum / n,
@@ -65,8 +75,11 @@ class LogInterval:
             "tokens": self.tokens,
             "sequences": self.sequences,
         }
+        if self.sources:
+            fields["sources"] = dict(self.sources)
         self.steps = self.tokens = self.sequences = 0
         self.loss_sum = self.grad_norm_sum = 0.0
+        self.sources = {}
         return fields
 
     def state_dict(self) -> dict[str, Any]:
@@ -135,14 +148,24 @@ class TrainLog:
         self.events.append(record)
         self.metrics.write(record)
 
-    def trained(self, step: int, *, loss: float, lr: float, grad_norm: float, **batch: Any) -> None:
+    def trained(
+        self,
+        step: int,
+        *,
+        loss: float,
+        lr: float,
+        grad_norm: float,
+        sources: dict[str, int] | None = None,
+        **batch: Any,
+    ) -> None:
         """One optimizer step done: `batch` holds this step's tokens, sequences, micro_batch,
-        grad_accum. Writes a train record every `log_every` steps, and on the first and last:
-        `loss` and `grad_norm` are means and `tokens` and `sequences` sums over the steps since
-        the previous record (LogInterval); lr, micro_batch and grad_accum are this step's."""
+        grad_accum; `sources` a mixture's sequences per source. Writes a train record every
+        `log_every` steps, and on the first and last: `loss` and `grad_norm` are means and
+        `tokens`, `sequences` and `sources` sums over the steps since the previous record
+        (LogInterval); lr, micro_batch and grad_accum are this step's."""
         now = time.perf_counter()
         self._tokens_since_log += batch["tokens"]
-        self.interval.add(loss, grad_norm, batch["tokens"], batch["sequences"])
+        self.interval.add(loss, grad_norm, batch["tokens"], batch["sequences"], sources)
         if step % self.log_every == 0 or step in (1, self.total):
             fields = self.interval.close()
             mean_loss, mean_grad_norm = fields["loss"], fields["grad_norm"]
@@ -155,6 +178,7 @@ class TrainLog:
                 **batch,
                 "tokens": fields["tokens"],
                 "sequences": fields["sequences"],
+                **({"sources": fields["sources"]} if "sources" in fields else {}),
                 "tokens_per_s": self._tokens_since_log / max(now - self._t_log, 1e-9),
                 "elapsed_s": now - self._t_start,
             }

@@ -95,7 +95,10 @@ def _plain(value: Any) -> Any:
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """{'a': {'b': 1}} → {'a.b': 1}; lists and empty dicts are leaves."""
+    """{'a': {'b': 1}} → {'a.b': 1}; a list of mappings by index ({'t': [{'w': 1}]} →
+    {'t.0.w': 1}: a mixture's sources, key by key); other lists and empty dicts are leaves."""
+    if isinstance(tree, list) and tree and all(isinstance(v, dict) for v in tree):
+        tree = {str(i): v for i, v in enumerate(tree)}
     if not isinstance(tree, dict) or not tree:
         return {prefix.rstrip("."): tree} if prefix else {}
     out: dict[str, Any] = {}
@@ -138,6 +141,8 @@ def is_safe(key: str) -> bool:
 def refusal(change: Change, step: int) -> str | None:
     """Why `change` cannot be resumed with (None: it can)."""
     if not is_safe(change.key):
+        if change.key.startswith("data.train.") and change.key.endswith(".weight"):
+            return "changes how the mixture draws, so the data order"
         return "changes what the run trains"
     if change.key == "train.max_steps" and isinstance(change.new, int) and change.new < step:
         return f"below the checkpoint's step {step}; resume to {step} steps or more"

@@ -294,7 +294,8 @@ def open_run(
 def input_source(
     path: str, *, text_field: str | None = None, label_field: str | None = None, like: Any
 ) -> DataSourceConfig:
-    """A corpus given on the command line, read like `like` (the run's data.train): its
+    """A corpus given on the command line, read like `like` (the run's data.train, a mixture's
+    first source): its
     format rules, fields and txt split unless overridden."""
     base = {k: v for k, v in like.model_dump().items() if k in DataSourceConfig.model_fields}
     # documents are text: a conversation format of an SFT run's data does not carry over
