@@ -28,7 +28,7 @@ from llmtrain.data.tokenizer import load_tokenizer
 from llmtrain.engine import allocator, threads
 from llmtrain.engine.distributed import DistInfo, barrier, resolve_device, setup, teardown
 from llmtrain.engine.loop import TrainResult, find_start, is_isolated, train
-from llmtrain.engine.model import build_model, check_document_isolation
+from llmtrain.engine.model import build_model, check_document_isolation, model_device
 from llmtrain.engine.provenance import Resume, check_resume, check_total, clear_run
 from llmtrain.engine.signals import sigterm_guard
 from llmtrain.errors import LLMTrainError
@@ -84,9 +84,9 @@ def prepare(cfg: Config, dist: DistInfo, device: torch.device) -> tuple[Any, Any
             " sequence-classification needs one label per document"
         )
     num_labels = cfg.model.num_labels or (len(label_names) if label_names else None)
-    model = build_model(cfg, tokenizer, num_labels, label_names)
+    model = build_model(cfg, tokenizer, num_labels, label_names, device)
     if is_isolated(cfg):
-        check_document_isolation(model, torch.device("cpu"))
+        check_document_isolation(model, model_device(model))
     micro = resolve_micro(cfg, model, device, dist)
     plan = Plan(cfg, model, device, micro, len(train_store), dist, host_threads, policy)
     return tokenizer, train_store, eval_store, plan

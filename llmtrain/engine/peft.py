@@ -26,6 +26,7 @@ import torch
 
 from llmtrain.config.schema import PeftConfig
 from llmtrain.engine.parallel import unwrap
+from llmtrain.engine.quantize import is_quantized, merge_dequantized
 from llmtrain.errors import LLMTrainError
 from llmtrain.util.atomic import atomic_dir
 
@@ -123,10 +124,13 @@ def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor], where
 def save_adapter_then_merge(model: torch.nn.Module, adapter_dir: Path, tokenizer: Any) -> Any:
     """Write the adapter (and the tokenizer) to `adapter_dir` atomically, then merge the
     adapters into the base weights and return that plain transformers model. The peft model is
-    consumed: its layers are replaced by the merged ones (no copy of the base is made)."""
+    consumed: its layers are replaced by the merged ones (no copy of the base is made). A
+    quantized base is dequantized first (engine/quantize.py)."""
     peft_model = unwrap(model)
     with atomic_dir(Path(adapter_dir)) as tmp:
         peft_model.save_pretrained(tmp)
         if hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(tmp)
+    if is_quantized(peft_model):
+        return merge_dequantized(peft_model, Path(adapter_dir))
     return peft_model.merge_and_unload()
