@@ -20,7 +20,7 @@ from transformers import (
 from llmtrain.config import Config
 from llmtrain.engine.peft import apply_peft
 from llmtrain.engine.precision import cast_by_role, compute_dtype, frozen_dtype, param_dtype
-from llmtrain.engine.quantize import bnb_config, quant_compute_dtype
+from llmtrain.engine.quantize import bnb_config, keep_training_layout, quant_compute_dtype
 from llmtrain.errors import LLMTrainError
 
 
@@ -132,6 +132,8 @@ def build_model(
     if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     master, frozen = storage_dtypes(cfg)
+    if m.quantize is not None:
+        keep_training_layout(model)
     if m.quantize is not None and frozen == torch.float32:
         # peft's preparation upcasts every unquantized weight to fp32: what frozen fp32 asks
         # for; with a bf16/fp16 frozen dtype it would make the fp32 copy this avoids.

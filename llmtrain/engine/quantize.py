@@ -63,6 +63,17 @@ def is_quantized(model: torch.nn.Module) -> bool:
     )
 
 
+def keep_training_layout(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel. On a CPU
+    with AVX512-BF16 the first forward in eval mode (an eval, a model check) converts a
+    layer in place to a packed layout with bf16 block scales, which rounds the weights again
+    and sends later training passes through a kernel with no autograd formula (torch warns
+    that gradients may be silently wrong). Training and evaluation then see one base."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 def _dequantized_dtype(base: Any) -> torch.dtype:
     """What the quantized layers become in `final/`: their compute dtype (4-bit), else the
     dtype of the weights that were never quantized (the embeddings)."""
