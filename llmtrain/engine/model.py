@@ -18,6 +18,7 @@ from transformers import (
 )
 
 from llmtrain.config import Config
+from llmtrain.engine import allocator
 from llmtrain.engine.peft import apply_peft
 from llmtrain.engine.precision import cast_by_role, compute_dtype, frozen_dtype, param_dtype
 from llmtrain.engine.quantize import bnb_config, keep_training_layout, quant_compute_dtype
@@ -145,6 +146,7 @@ def build_model(
     if m.peft is not None:  # after checkpointing: peft then turns input grads on
         model = apply_peft(model, m.peft, m.task)
     cast_by_role(model, master, frozen)
+    allocator.trim()  # the transient copies of loading (bf16 before nf4) leave the process
     model.train()
     return model
 
