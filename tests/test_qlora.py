@@ -20,7 +20,7 @@ from safetensors import safe_open
 
 from llmtrain.engine.checkpoint import list_checkpoints
 from llmtrain.engine.faults import SimulatedKill
-from llmtrain.engine.model import build_model, frozen_kinds, weight_bytes
+from llmtrain.engine.model import build_model, frozen_kinds, total_parameters, weight_bytes
 from llmtrain.engine.quantize import is_quantized
 from llmtrain.errors import LLMTrainError
 
@@ -58,6 +58,7 @@ def test_the_base_is_4bit_and_only_adapters_train(tmp_path, base):
     _, frozen_q = weight_bytes(model)
     _, frozen_bf16 = weight_bytes(plain)
     assert frozen_q < 0.75 * frozen_bf16  # the linear layers at ~4.1 bits instead of 16
+    assert total_parameters(model) == total_parameters(plain)  # 4-bit weights count in full
 
 
 def test_qlora_accumulation_is_exact_in_fp32(tmp_path, base):

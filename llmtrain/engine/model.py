@@ -214,8 +214,15 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 
 def total_parameters(model: torch.nn.Module) -> int:
-    """All parameters, frozen ones (a PEFT base) included, tied weights counted once."""
-    return sum(p.numel() for p in model.parameters())
+    """All parameters, frozen ones (a PEFT base) included, tied weights counted once; a 4-bit
+    weight counts its original shape (its storage packs two values in a byte)."""
+    return sum(_logical_numel(p) for p in model.parameters())
+
+
+def _logical_numel(p: torch.Tensor) -> int:
+    state = getattr(p, "quant_state", None)
+    shape = getattr(state, "shape", None)
+    return int(torch.Size(shape).numel()) if shape is not None else p.numel()
 
 
 @torch.no_grad()
