@@ -87,7 +87,7 @@ def merge_dequantized(peft_model: Any, adapter_dir: Path) -> Any:
     """The plain transformers model for `final/`: the base dequantized (transformers'
     `dequantize`), then the adapters read back from `adapter_dir` and merged by peft, so
     `final/` equals what a user gets from the published pieces. Merging into the 4-bit layers
-    themselves would quantize the merged weights again and lose the update."""
+    themselves would quantize the merged weights a second time."""
     from peft import PeftModel
 
     base = peft_model.unload()  # the bitsandbytes base, adapters dropped (they are on disk)
