@@ -248,4 +248,10 @@ def test_generate_and_evaluate_use_a_qlora_run(tmp_path, tok_dir):
     assert res.exit_code == 0, res.output
     res = CliRunner().invoke(app, ["evaluate", str(tmp_path / "run"), "--json"])
     assert res.exit_code == 0, res.output
-    assert json.loads(res.stdout)["loss"] > 0
+    from_final = json.loads(res.stdout)["loss"]
+    # a checkpoint: the quantized base is built again from model.pretrained, adapters loaded
+    ckpt = list_checkpoints(tmp_path / "run" / "checkpoints")[-1]
+    args = ["evaluate", str(tmp_path / "run"), "--checkpoint", str(ckpt), "--json"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert abs(json.loads(res.stdout)["loss"] - from_final) < 0.05 * from_final
