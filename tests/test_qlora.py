@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -154,6 +155,37 @@ def test_8bit_base_trains_on_cpu(tmp_path, base):
     assert any(
         float(t.abs().max()) > 0 for k, t in adapter_weights(tmp_path).items() if "lora_B" in k
     )
+
+
+SGD = {"name": "sgd", "lr": 0.5, "momentum": 0.9}
+
+
+def _ddp_ranks(root: str, base: str) -> None:
+    """2 gloo ranks, micro 2 x k 2 x world 2 = global 8, QLoRA in fp32 compute."""
+    from llmtrain.engine.distributed import setup, teardown
+    from llmtrain.engine.loop import train
+
+    torch.set_num_threads(1)
+    dist = setup(torch.device("cpu"))
+    try:
+        cfg = llama_cfg(Path(root) / "ddp", Path(base), quantize=NF4, precision="fp32",
+                        micro=2, optim=SGD)  # fmt: skip
+        tok = FakeTokenizer()
+        model = build_model(cfg, tok, None)
+        train(cfg, model, tok, _store(), None, micro_batch=2, device=torch.device("cpu"), dist=dist)
+    finally:
+        teardown()
+
+
+@pytest.mark.slow
+def test_qlora_under_ddp_equals_one_process(tmp_path, base):
+    """The same bound as the accumulation test: only the grouping of fp32 sums differs."""
+    from dist_helpers import run_function
+
+    run_function("test_qlora:_ddp_ranks", str(tmp_path), str(base))
+    single = tmp_path / "single"
+    run_train(llama_cfg(single, base, quantize=NF4, precision="fp32", micro=8, optim=SGD), _store())
+    assert _rel(adapter_weights(single), adapter_weights(tmp_path / "ddp")) < 2e-5
 
 
 # ------------------------------------------------------------------------------- validation
