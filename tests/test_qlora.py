@@ -287,3 +287,22 @@ def test_generate_and_evaluate_use_a_qlora_run(tmp_path, tok_dir):
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     assert abs(json.loads(res.stdout)["loss"] - from_final) < 0.05 * from_final
+
+
+def test_shipped_8b_recipe_validates_with_a_stand_in(tmp_path, monkeypatch):
+    """configs/llama-8b-qlora.yaml with a tiny Llama (and a tokenizer with a chat template)
+    where the 8B would be: the recipe's keys and values pass every rule."""
+    from test_chunk import bpe_tokenizer
+    from typer.testing import CliRunner
+
+    from llmtrain.cli import app
+
+    root = Path(__file__).resolve().parents[1]
+    tok = bpe_tokenizer()
+    tok.chat_template = (root / "configs" / "chat-template.jinja").read_text()
+    model = save_llama(tmp_path, vocab_size=len(tok), max_position_embeddings=4096)
+    tok.save_pretrained(model)
+    monkeypatch.chdir(root)
+    sets = ["--set", f"model.pretrained={model}", "--set", f"tokenizer.path={model}"]
+    res = CliRunner().invoke(app, ["validate", "configs/llama-8b-qlora.yaml", *sets])
+    assert res.exit_code == 0, res.output
