@@ -27,6 +27,8 @@ from llmtrain.errors import LLMTrainError
 
 pytest.importorskip("bitsandbytes")
 
+SGD = {"name": "sgd", "lr": 0.5, "momentum": 0.9}  # each update linear in the gradient
+
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
@@ -68,8 +70,7 @@ def test_qlora_accumulation_is_exact_in_fp32(tmp_path, base):
     (per-micro-batch matmuls, then the accumulation), so each adapter tensor agrees to a few
     hundred fp32 ulps (unit roundoff 6e-8): bound 2e-5 relative. The mean-of-micro-means
     error this guards against is of order 1e-2 with these unequal lengths."""
-    opt = {"name": "sgd", "lr": 0.5, "momentum": 0.9}
-    kw = {"quantize": NF4, "precision": "fp32", "steps": 3, "optim": opt}
+    kw = {"quantize": NF4, "precision": "fp32", "steps": 3, "optim": SGD}
     run_train(llama_cfg(tmp_path / "m2", base, micro=2, **kw), _store())
     run_train(llama_cfg(tmp_path / "m8", base, micro=8, **kw), _store())
     a, b = adapter_weights(tmp_path / "m2"), adapter_weights(tmp_path / "m8")
@@ -80,6 +81,17 @@ def test_qlora_accumulation_is_exact_in_fp32(tmp_path, base):
         _store(),
     )
     assert _rel(a, adapter_weights(tmp_path / "seq")) > 1e-3
+
+
+def test_gradient_checkpointing_gives_the_same_qlora_adapters(tmp_path, base):
+    """What the 8B recipe runs: checkpointed blocks over a 4-bit base still train the adapters
+    inside them (peft turns the embeddings' input grads on), to fp32 rounding of the recompute
+    (same bound and reason as the accumulation test)."""
+    kw = {"quantize": NF4, "precision": "fp32", "steps": 2, "optim": SGD}
+    run_train(llama_cfg(tmp_path / "plain", base, **kw), _store())
+    ckpt = llama_cfg(tmp_path / "ckpt", base, model={"gradient_checkpointing": True}, **kw)
+    run_train(ckpt, _store())
+    assert _rel(adapter_weights(tmp_path / "plain"), adapter_weights(tmp_path / "ckpt")) < 2e-5
 
 
 def _resume_cfg(out, base):
@@ -155,9 +167,6 @@ def test_8bit_base_trains_on_cpu(tmp_path, base):
     assert any(
         float(t.abs().max()) > 0 for k, t in adapter_weights(tmp_path).items() if "lora_B" in k
     )
-
-
-SGD = {"name": "sgd", "lr": 0.5, "momentum": 0.9}
 
 
 def _ddp_ranks(root: str, base: str) -> None:
