@@ -19,7 +19,7 @@ from transformers import (
 
 from llmtrain.config import Config
 from llmtrain.engine import allocator
-from llmtrain.engine.peft import apply_peft
+from llmtrain.engine.peft import apply_peft, prepare_quantized
 from llmtrain.engine.precision import cast_by_role, compute_dtype, frozen_dtype, param_dtype
 from llmtrain.engine.quantize import bnb_config, keep_training_layout, quant_compute_dtype
 from llmtrain.errors import LLMTrainError
@@ -79,6 +79,13 @@ def storage_dtypes(cfg: Config) -> tuple[torch.dtype, torch.dtype]:
     return param_dtype(precision), frozen_dtype(cfg.model.frozen_dtype, precision)
 
 
+def _accelerate_installed() -> bool:
+    """transformers places weights with a device_map only through accelerate (optional)."""
+    import importlib.util
+
+    return importlib.util.find_spec("accelerate") is not None
+
+
 def load_kwargs(cfg: Config, device: torch.device | None) -> dict[str, Any]:
     """from_pretrained's arguments: the dtype the weights are stored in while training, so no
     fp32 copy is made of a base that stays bf16; straight onto `device`; quantized there.
@@ -88,8 +95,8 @@ def load_kwargs(cfg: Config, device: torch.device | None) -> dict[str, Any]:
     master, frozen = storage_dtypes(cfg)
     dtype = frozen if m.peft is not None else master
     kwargs: dict[str, Any] = {"dtype": torch.float32 if dtype == torch.float64 else dtype}
-    if device is not None:
-        kwargs["device_map"] = {"": str(device)}
+    if device is not None and device.type != "cpu" and _accelerate_installed():
+        kwargs["device_map"] = {"": str(device)}  # else: loaded on the host, moved after
     if m.quantize is not None:
         compute = quant_compute_dtype(m.quantize, compute_dtype(cfg.train.precision))
         kwargs["quantization_config"] = bnb_config(m.quantize, compute)
@@ -138,9 +145,7 @@ def build_model(
     if m.quantize is not None and frozen == torch.float32:
         # peft's preparation upcasts every unquantized weight to fp32: what frozen fp32 asks
         # for; with a bf16/fp16 frozen dtype it would make the fp32 copy this avoids.
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model = prepare_quantized(model)
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if m.peft is not None:  # after checkpointing: peft then turns input grads on

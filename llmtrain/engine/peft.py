@@ -5,6 +5,7 @@ base stays frozen and only the adapters (plus, for classification, the head, whi
 `modules_to_save`) train. This module is the one place that knows peft:
 
   apply_peft        wrap the built model (input grads on for gradient checkpointing)
+  prepare_quantized peft's preparation of a quantized base (fp32 frozen dtype)
   is_peft           whether a module is such a model
   trainable_state   what a checkpoint holds for it: the trainable tensors, by name
   load_trainable    put those tensors back, bit-exact, refusing a set that does not match
@@ -80,6 +81,12 @@ def apply_peft(model: torch.nn.Module, p: PeftConfig, task: str) -> torch.nn.Mod
     if checkpointing and not hasattr(model, "_require_grads_hook"):
         model.enable_input_require_grads()  # peft did it, unless it saw no checkpointing
     return wrapped
+
+
+def prepare_quantized(model: torch.nn.Module) -> torch.nn.Module:
+    """peft's `prepare_model_for_kbit_training` (freeze, unquantized weights to fp32); the
+    checkpointing it could switch on is build_model's business."""
+    return _peft().prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
 def is_peft(model: torch.nn.Module) -> bool:
