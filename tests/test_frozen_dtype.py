@@ -155,7 +155,7 @@ def sharded_base(tmp_path_factory) -> Path:
 @pytest.mark.parametrize(
     ("peft", "quantize"),
     [
-        (True, None),
+        pytest.param(True, None, marks=pytest.mark.slow),  # ~18 s on a shared 2-core machine
         pytest.param(False, None, marks=pytest.mark.slow),
         pytest.param(True, {"bits": 4}, marks=pytest.mark.slow),
     ],
