@@ -29,7 +29,7 @@ from llmtrain.data.tokenizer import load_tokenizer
 from llmtrain.engine.checkpoint import check_total
 from llmtrain.engine.distributed import DistInfo, barrier, resolve_device, setup, teardown
 from llmtrain.engine.loop import TrainResult, find_start, train
-from llmtrain.engine.model import build_model, check_document_isolation
+from llmtrain.engine.model import build_model, check_document_isolation, model_device
 from llmtrain.engine.signals import sigterm_guard
 from llmtrain.errors import LLMTrainError
 from llmtrain.host import allocator, threads
@@ -102,9 +102,10 @@ def prepare(cfg: Config, dist: DistInfo, device: torch.device) -> tuple[Any, Any
             " sequence-classification needs one label per document"
         )
     num_labels = cfg.model.num_labels or (len(label_names) if label_names else None)
-    model = build_model(cfg, tokenizer, num_labels, label_names)
+    model = build_model(cfg, tokenizer, num_labels, label_names, device)
+    allocator.trim()  # the transient copies of loading (bf16 before nf4) leave the process
     if cfg.data.is_isolated:
-        check_document_isolation(model, torch.device("cpu"))
+        check_document_isolation(model, model_device(model))
     micro = resolve_micro(cfg, model, device, dist)
     n = mixture.epoch_size if mixture is not None else len(train_store)
     plan = Plan(cfg, model, device, micro, n, dist, host_threads, policy, mixture)

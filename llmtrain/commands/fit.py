@@ -10,7 +10,7 @@ from llmtrain.console import console
 from llmtrain.data.batching import grad_accum, steps_per_epoch, total_steps
 from llmtrain.data.mixture import Mixture
 from llmtrain.engine.loss import describe_loss
-from llmtrain.engine.model import count_parameters, total_parameters
+from llmtrain.engine.model import count_parameters, frozen_kinds, total_parameters, weight_bytes
 from llmtrain.engine.optim import effective_lr, optimizer_state_bytes, resolve_warmup
 from llmtrain.pipeline import Plan, fit
 from llmtrain.probe.memory import fmt_bytes
@@ -25,6 +25,20 @@ def trainable_text(plan: Plan) -> str:
         return text
     rank = f" r={p.r}" if "r" in METHODS[p.method][1] else ""
     return text + f", {p.method}{rank} on {p.target_modules}"
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def weights_text(plan: Plan) -> str:
+    """The bytes of the weights as stored, trainable (master dtype) and frozen (their kinds)."""
+    trainable, frozen = weight_bytes(plan.model)
+    master = "fp64" if plan.cfg.train.precision == "fp64" else "fp32"
+    text = f"{_mib(trainable)} trainable ({master})"
+    if frozen:
+        text += f" + {_mib(frozen)} frozen ({', '.join(frozen_kinds(plan.model))})"
+    return text
 
 
 def banner(plan: Plan) -> Table:
@@ -49,6 +63,7 @@ def banner(plan: Plan) -> Table:
             f"{total_parameters(plan.model) / 1e6:.2f}M parameters",
         ),
         ("trainable", trainable_text(plan)),
+        ("weights", weights_text(plan)),
         ("device", device),
         *host_rows(plan),
         ("precision", cfg.train.precision),

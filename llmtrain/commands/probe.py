@@ -82,7 +82,7 @@ def _measure(cfg: Config, use_cache: bool) -> tuple[DistInfo, ProbeResult]:
         num_labels = None
         if cfg.model.task == "sequence-classification":
             num_labels = cfg.model.num_labels or PROBE_NUM_LABELS
-        model = build_model(cfg, tokenizer, num_labels).to(device)
+        model = build_model(cfg, tokenizer, num_labels, device=device)
         return dist, probe_for_config(cfg, model, device, dist=dist, use_cache=use_cache)
     finally:
         teardown()

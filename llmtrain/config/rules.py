@@ -383,7 +383,7 @@ def _peft(cfg: Config, raw: dict[str, Any]) -> Iterator[Problem]:
         )
     if p.r < 1 and "r" in METHODS[p.method][1]:
         yield ("model", "peft", "r"), f"must be at least 1 (got {p.r}); 8 to 64 is usual"
-    if cfg.train.parallel == "fsdp":
+    if cfg.train.parallel == "fsdp" and cfg.model.quantize is None:  # _quantize says it
         yield (
             ("train", "parallel"),
             "fsdp is not supported with model.peft (the frozen base is small to replicate next "
@@ -410,7 +410,10 @@ def _peft_method_keys(cfg: Config, raw: dict[str, Any]) -> Iterator[Problem]:
     if p is None or not isinstance(written, dict):
         return
     common = METHODS[p.method][1]
+    defaults = {k: f.default for k, f in type(p).model_fields.items()}
     for key in written:
+        if key in defaults and written[key] == defaults[key]:
+            continue  # at its default it changes nothing (a resolved config lists every key)
         methods = _ONLY_FOR.get(key)
         if methods is not None and p.method not in methods:
             yield (
@@ -480,6 +483,72 @@ def _peft_options(cfg: Config, raw: dict[str, Any]) -> Iterator[Problem]:
         elif key not in fields:
             hint = did_you_mean(key, fields) or f"; its fields: {', '.join(sorted(fields))}"
             yield (("model", "peft", "options", key), f"not a field of peft's {cls.__name__}{hint}")
+
+
+@rule("model", "train")
+def _frozen_dtype(cfg: Config, raw: dict[str, Any]) -> Iterator[Problem]:
+    """The frozen weights meet the forward in its compute dtype: fp32, or that dtype."""
+    setting, precision = cfg.model.frozen_dtype, cfg.train.precision
+    if setting in ("auto", precision) or (setting == "fp32" and precision != "fp64"):
+        return
+    allowed = {"fp64": "auto", "fp32": "auto or fp32"}.get(precision, f"auto, fp32 or {precision}")
+    yield (
+        ("model", "frozen_dtype"),
+        f"{setting} does not go with train.precision: {precision} (the forward computes in "
+        f"{precision}, and a {setting} weight would meet {precision} ones); use {allowed}",
+    )
+
+
+def _bitsandbytes_installed() -> bool:
+    """Whether bitsandbytes can be imported, without importing it (it imports torch)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("bitsandbytes") is not None
+    except (ImportError, ValueError):  # ValueError: a module set to None in sys.modules
+        return False
+
+
+@rule("model", "train")
+def _quantize(cfg: Config, raw: dict[str, Any]) -> Iterator[Problem]:
+    """A quantized base is frozen (needs model.peft), single-device or DDP, 4-bit options only
+    with bits 4, and bitsandbytes installed."""
+    q = cfg.model.quantize
+    if q is None:
+        return
+    if cfg.model.peft is None:
+        yield (
+            ("model", "quantize"),
+            "a quantized base cannot be fine-tuned in full: add model.peft (LoRA trains over "
+            "the quantized base, QLoRA) or remove model.quantize",
+        )
+    if cfg.train.parallel == "fsdp":
+        yield (
+            ("train", "parallel"),
+            "fsdp is not supported with model.quantize (FSDP + QLoRA is a later issue); use "
+            "train.parallel: ddp",
+        )
+    if cfg.train.precision == "fp64":
+        yield (
+            ("train", "precision"),
+            "fp64 is not supported with model.quantize (bitsandbytes computes in fp32, bf16 or "
+            "fp16); use fp32 for exact checks, or remove model.quantize",
+        )
+    written = (raw.get("model") or {}).get("quantize") or {}
+    if q.bits == 8:
+        for key in ("type", "double_quant", "compute_dtype"):
+            if isinstance(written, dict) and key in written:
+                yield (
+                    ("model", "quantize", key),
+                    "applies to bits: 4 only (bits: 8 is LLM.int8, which has no 4-bit type, "
+                    "nested scales or compute dtype); remove it or set bits: 4",
+                )
+    if not _bitsandbytes_installed():
+        yield (
+            ("model", "quantize"),
+            "needs the bitsandbytes package: pip install 'llmtrain[qlora]', or remove "
+            "model.quantize",
+        )
 
 
 @rule("model", hf=True)

@@ -200,6 +200,25 @@ class PeftConfig(Section):
     )
 
 
+class QuantizeConfig(Section):
+    """A quantized frozen base (QLoRA): bitsandbytes through transformers' BitsAndBytesConfig."""
+
+    bits: Literal[4, 8] = Field(
+        4, description="4 (nf4/fp4 blocks, QLoRA) | 8 (LLM.int8); needs model.peft."
+    )
+    type: Literal["nf4", "fp4"] = Field(
+        "nf4", description="bits 4: the 4-bit data type (nf4 is QLoRA's NormalFloat)."
+    )
+    double_quant: bool = Field(
+        True, description="bits 4: quantize the block scales too (about 0.4 bits/param saved)."
+    )
+    compute_dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="dtype the quantized layers dequantize to for their matmuls; auto = the "
+        "compute dtype of train.precision.",
+    )
+
+
 class ModelConfig(Section):
     """Which transformer to train: from scratch (`arch`) or a local checkpoint (`pretrained`)."""
 
@@ -243,6 +262,17 @@ class ModelConfig(Section):
         description="Parameter-efficient fine-tuning of model.pretrained with peft (LoRA, "
         "AdaLoRA...); "
         "null trains every weight.",
+    )
+    frozen_dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="dtype of the weights that do not train (a PEFT base); auto = the compute "
+        "dtype of train.precision (bf16 for bf16, fp32 for fp32, fp64 for fp64). Trainable "
+        "weights always keep fp32 (fp64) master copies.",
+    )
+    quantize: QuantizeConfig | None = Field(
+        None,
+        description="Quantize the frozen base with bitsandbytes (QLoRA); needs model.peft. "
+        "null = off.",
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -18,8 +19,9 @@ from transformers import (
 )
 
 from llmtrain.config import Config
-from llmtrain.engine.peft import apply_peft
-from llmtrain.engine.precision import param_dtype
+from llmtrain.engine.peft import apply_peft, prepare_quantized
+from llmtrain.engine.precision import cast_by_role, compute_dtype, frozen_dtype, param_dtype
+from llmtrain.engine.quantize import bnb_config, keep_training_layout, quant_compute_dtype
 from llmtrain.errors import LLMTrainError
 
 
@@ -92,38 +94,138 @@ def build_hf_config(cfg: Config, tokenizer: Any, num_labels: int | None, label_n
     return hf
 
 
+def storage_dtypes(cfg: Config) -> tuple[torch.dtype, torch.dtype]:
+    """(master dtype of the trainable weights, dtype of the frozen ones)."""
+    precision = cfg.train.precision
+    return param_dtype(precision), frozen_dtype(cfg.model.frozen_dtype, precision)
+
+
+def _accelerate_installed() -> bool:
+    """transformers places weights with a device_map only through accelerate (optional)."""
+    import importlib.util
+
+    return importlib.util.find_spec("accelerate") is not None
+
+
+def load_kwargs(cfg: Config, device: torch.device | None) -> dict[str, Any]:
+    """from_pretrained's arguments: the dtype the weights are stored in while training, so no
+    fp32 copy is made of a base that stays bf16; straight onto `device`; quantized there.
+    fp64 is loaded as fp32 and cast after: weights created fresh (a new classification head)
+    are then initialised exactly as they always were."""
+    m = cfg.model
+    master, frozen = storage_dtypes(cfg)
+    dtype = frozen if m.peft is not None else master
+    kwargs: dict[str, Any] = {"dtype": torch.float32 if dtype == torch.float64 else dtype}
+    if device is not None and device.type != "cpu" and _accelerate_installed():
+        kwargs["device_map"] = {"": str(device)}  # else: loaded on the host, moved after
+    if m.quantize is not None:
+        compute = quant_compute_dtype(m.quantize, compute_dtype(cfg.train.precision))
+        kwargs["quantization_config"] = bnb_config(m.quantize, compute)
+    if m.attn_implementation != "auto":
+        kwargs["attn_implementation"] = m.attn_implementation
+    return kwargs
+
+
+def _instantiate(cfg: Config, hf: Any, device: torch.device | None) -> PreTrainedModel:
+    m = cfg.model
+    auto = auto_class(m.task)
+    torch.manual_seed(cfg.run.seed)
+    try:
+        if m.pretrained:
+            return auto.from_pretrained(m.pretrained, config=hf, **load_kwargs(cfg, device))
+        attn = (
+            {}
+            if m.attn_implementation == "auto"
+            else {"attn_implementation": m.attn_implementation}
+        )
+        model = auto.from_config(hf, dtype=torch.float32, **attn)
+        return model.to(device) if device is not None else model
+    except ValueError as e:
+        raise LLMTrainError(
+            f"model: cannot build {m.task} for {m.arch or m.pretrained}: {e}"
+        ) from e
+    except (SafetensorError, OSError) as e:  # damaged or unreadable weights in model.pretrained
+        raise LLMTrainError(
+            f"model.pretrained: cannot load {m.pretrained} ({type(e).__name__}: "
+            f"{' '.join(str(e).split())})"
+        ) from e
+
+
 def build_model(
     cfg: Config,
     tokenizer: Any,
     num_labels: int | None,
     label_names: list[str] | None = None,
+    device: torch.device | None = None,
 ) -> PreTrainedModel:
-    """The model for `cfg.model.task`, in the precision's weight dtype, in train mode, on CPU."""
+    """The model for `cfg.model.task` in train mode, loaded onto `device` (CPU if None):
+    trainable weights in the master dtype, frozen ones in `model.frozen_dtype`, a quantized
+    base as bitsandbytes stores it."""
     m = cfg.model
-    hf = build_hf_config(cfg, tokenizer, num_labels, label_names)
-    auto = auto_class(m.task)
-    kwargs: dict[str, Any] = {}
-    if m.attn_implementation != "auto":
-        kwargs["attn_implementation"] = m.attn_implementation
-    torch.manual_seed(cfg.run.seed)
-    try:
-        if m.pretrained:
-            model = auto.from_pretrained(m.pretrained, config=hf, dtype=torch.float32, **kwargs)
-        else:
-            model = auto.from_config(hf, dtype=torch.float32, **kwargs)
-    except ValueError as e:
-        raise LLMTrainError(
-            f"model: cannot build {m.task} for {m.arch or m.pretrained}: {e}"
-        ) from e
+    model = _instantiate(cfg, build_hf_config(cfg, tokenizer, num_labels, label_names), device)
     if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
+    master, frozen = storage_dtypes(cfg)
+    if m.quantize is not None:
+        keep_training_layout(model)
+    if m.quantize is not None and frozen == torch.float32:
+        # peft's preparation upcasts every unquantized weight to fp32: what frozen fp32 asks
+        # for; with a bf16/fp16 frozen dtype it would make the fp32 copy this avoids.
+        model = prepare_quantized(model)
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if m.peft is not None:  # after checkpointing: peft then turns input grads on
         model = apply_peft(model, m.peft, m.task)
-    model.to(param_dtype(cfg.train.precision))
+    cast_by_role(model, master, frozen)
     model.train()
     return model
+
+
+def weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
+    """(bytes of the trainable weights, bytes of the frozen ones) as stored, tied weights
+    once; a quantized weight counts its packed data and its block scales."""
+    trainable = frozen = 0
+    for p in model.parameters():
+        size = p.numel() * p.element_size() + _quant_state_bytes(p)
+        if p.requires_grad:
+            trainable += size
+        else:
+            frozen += size
+    return trainable, frozen
+
+
+def _quant_state_bytes(p: torch.Tensor) -> int:
+    """The block scales bitsandbytes keeps beside a 4-bit weight (nested ones included)."""
+    state = getattr(p, "quant_state", None)
+    total = 0
+    while state is not None:
+        for name in ("absmax", "code", "offset"):
+            t = getattr(state, name, None)
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+        state = getattr(state, "state2", None)
+    return total
+
+
+def frozen_kinds(model: torch.nn.Module) -> list[str]:
+    """The storage of the frozen weights: dtype names, 'nf4'/'fp4'/'int8' for quantized ones."""
+    kinds = set()
+    for p in model.parameters():
+        if p.requires_grad:
+            continue
+        state = getattr(p, "quant_state", None)
+        if state is not None:
+            kinds.add(str(getattr(state, "quant_type", "4-bit")))
+        elif p.dtype == torch.int8:
+            kinds.add("int8")
+        else:
+            kinds.add(str(p.dtype).removeprefix("torch."))
+    return sorted(kinds)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where the model's weights are (the first parameter's device)."""
+    return next(model.parameters()).device
 
 
 def enable_tf32(device: torch.device) -> bool:
@@ -142,8 +244,15 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 
 def total_parameters(model: torch.nn.Module) -> int:
-    """All parameters, frozen ones (a PEFT base) included, tied weights counted once."""
-    return sum(p.numel() for p in model.parameters())
+    """All parameters, frozen ones (a PEFT base) included, tied weights counted once; a 4-bit
+    weight counts its original shape (its storage packs two values in a byte)."""
+    return sum(_logical_numel(p) for p in model.parameters())
+
+
+def _logical_numel(p: torch.Tensor) -> int:
+    state = getattr(p, "quant_state", None)
+    shape = getattr(state, "shape", None)
+    return int(torch.Size(shape).numel()) if shape is not None else p.numel()
 
 
 @torch.no_grad()

@@ -7,6 +7,7 @@ stays frozen and only the adapters (plus, for classification, the head, which pe
 
   method_config     peft's config object for `model.peft`
   apply_peft        wrap the built model (input grads on for gradient checkpointing)
+  prepare_quantized peft's preparation of a quantized base (fp32 frozen dtype)
   is_peft           whether a module is such a model
   trainable_state   what a checkpoint holds for it: the trainable tensors, by name
   load_trainable    put those tensors back, bit-exact, refusing a set that does not match
@@ -32,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from llmtrain.config.peft_methods import ADALORA_FIELDS, METHODS
 from llmtrain.config.schema import PeftConfig
 from llmtrain.engine.parallel import unwrap
+from llmtrain.engine.quantize import is_quantized, merge_dequantized
 from llmtrain.errors import LLMTrainError
 from llmtrain.util.atomic import atomic_dir, remove_path
 
@@ -113,6 +115,12 @@ def apply_peft(model: torch.nn.Module, p: PeftConfig, task: str) -> torch.nn.Mod
     return wrapped
 
 
+def prepare_quantized(model: torch.nn.Module) -> torch.nn.Module:
+    """peft's `prepare_model_for_kbit_training` (freeze, unquantized weights to fp32); the
+    checkpointing it could switch on is build_model's business."""
+    return _peft().prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
 def is_peft(model: torch.nn.Module) -> bool:
     """True for a peft model (under DDP/compile wrappers too); False when peft is absent."""
     try:
@@ -155,7 +163,8 @@ def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor], where
 def save_adapter_then_merge(model: torch.nn.Module, adapter_dir: Path, tokenizer: Any) -> Any:
     """Write the adapter (and the tokenizer) to `adapter_dir` atomically, then merge the
     adapters into the base weights and return that plain transformers model. The peft model is
-    consumed: its layers are replaced by the merged ones (no copy of the base is made)."""
+    consumed: its layers are replaced by the merged ones (no copy of the base is made). A
+    quantized base is dequantized first (engine/quantize.py)."""
     peft_model = unwrap(model)
     initial = getattr(peft_model, INITIAL_ATTR, None)
     with atomic_dir(Path(adapter_dir)) as tmp, warnings.catch_warnings():
@@ -167,6 +176,8 @@ def save_adapter_then_merge(model: torch.nn.Module, adapter_dir: Path, tokenizer
             save_converted(peft_model, tmp, initial)
         if hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(tmp)
+    if is_quantized(peft_model):
+        return merge_dequantized(peft_model, Path(adapter_dir))
     return peft_model.merge_and_unload()
 
 
