@@ -19,6 +19,7 @@ from peft_helpers import adapter_weights, max_rel, peft_cfg, save_base
 from run_helpers import refused_by_validate
 from safetensors.torch import load_file
 
+from llmtrain import plot
 from llmtrain.commands import report as report_cmd
 from llmtrain.engine import step as step_module
 from llmtrain.engine.adalora import STATE_KEY
@@ -148,7 +149,7 @@ def test_accumulation_is_exact_through_reallocations(tmp_path, base):
     assert budgets[0] == 4 * len(kept) and budgets[-1] == 2 * len(kept)
     assert budgets == sorted(budgets, reverse=True) and len(set(budgets)) > 2
     # `report` plots it against the step
-    shown = report_cmd.panels(report_cmd.load_runs([str(runs[8])]))
+    shown = plot.panels(report_cmd.load_runs([str(runs[8])]))
     assert ("rank_budget", "AdaLoRA total rank budget") in shown
     assert report_cmd.execute([str(runs[8])]).stat().st_size > 0
 
