@@ -474,10 +474,19 @@ def test_subprocess_entry_points_and_no_torch_on_import(workdir: Path) -> None:
 
 
 def test_check_model_false_skips_only_the_hf_rules(workdir: Path) -> None:
-    (workdir / "cfg.yaml").write_text(edit(("    seq_len: 32", "    seq_len: 128")))
-    assert load_config("cfg.yaml", check_model=False).data.chunk.seq_len == 128
-    with pytest.raises(ConfigError, match="position limit"):
+    # What only the HF config class knows (its fields, its defaults, the size bound) waits
+    # for fit / validate; a position limit written in the YAML is checked without it.
+    (workdir / "cfg.yaml").write_text(edit(("    n_positions: 64", "    n_positionz: 64")))
+    assert load_config("cfg.yaml", check_model=False).model.config == {
+        "n_layer": 1,
+        "n_positionz": 64,
+    }
+    with pytest.raises(ConfigError, match="n_positionz: not a field of GPT2Config"):
         load_config("cfg.yaml")
+    (workdir / "cfg.yaml").write_text(edit(("    seq_len: 32", "    seq_len: 128")))
+    for check_model in (True, False):
+        with pytest.raises(ConfigError, match="128 is above the model's position limit"):
+            load_config("cfg.yaml", check_model=check_model)
     with pytest.raises(ConfigError, match="micro_batch: must be at most"):
         load_config("cfg.yaml", ["batch.micro_batch=9"], check_model=False)
 
