@@ -155,7 +155,7 @@ def _guarded(command: str, work: Callable[[], Any], interrupted: str = "interrup
         raise typer.Exit(1) from None
 
 
-def _load(config: str, overrides: list[str] | None, *, check_model: bool = True) -> Any:
+def _load(config: str, overrides: list[str] | None, *, check_model: bool | str = True) -> Any:
     from llmtrain.config import load_config
 
     return load_config(config, overrides or (), check_model=check_model)
@@ -320,7 +320,7 @@ def chunk(
         # a seq_len above the positions of a pretrained config.json, or of a limit written in
         # model.config, fails here, not after building a useless store. fit and validate run
         # them all.
-        cfg = _load(config, set_, check_model=False)
+        cfg = _load(config, set_, check_model="light")
         from llmtrain.commands import chunk as command
 
         command.execute(cfg, force=force, workers=workers, as_json=as_json)

@@ -70,10 +70,10 @@ def _pretrained(tmp_path: Path, positions: int) -> Path:
     return d
 
 
-@pytest.mark.parametrize("check_model", [True, False])
+@pytest.mark.parametrize("check_model", [True, "light"])
 def test_position_limits_fire_without_the_model_checks(tmp_path, tok_dir, check_model):
     """A pretrained config.json's limit (with roberta's padding offset) and one written under
-    model.config are checked at chunk's validation (check_model=False) as at fit's."""
+    model.config are checked at chunk's validation (check_model="light") as at fit's."""
     corpus = write_jsonl(tmp_path / "train.jsonl", 4)
     model = {"pretrained": str(_pretrained(tmp_path, 32))}
     with pytest.raises(ConfigError, match=r"32 is above .* max_position_embeddings=32 \(minus 2"):
@@ -92,8 +92,19 @@ def test_what_needs_the_class_waits_for_fit_and_validate(tmp_path, tok_dir):
     corpus = write_jsonl(tmp_path / "train.jsonl", 4)
     cfg = _config(tmp_path, tok_dir, corpus, "d")
     big = ["data.chunk.seq_len=2048", "model.config.n_embd=1000000"]
-    assert load_config(cfg, big, check_model=False).data.chunk.seq_len == 2048
+    assert load_config(cfg, big, check_model="light").data.chunk.seq_len == 2048
     with pytest.raises(ConfigError) as e:
         load_config(cfg, big)
     text = "\n".join(e.value.messages)
     assert "position limit n_positions=1024" in text and "builds a model of" in text
+
+
+def test_a_trained_runs_config_skips_the_model_checks(tmp_path, tok_dir):
+    """check_model=False (how predict / evaluate / generate read a run's config) checks no
+    model, so a base model directory moved after training is no error there; chunk's "light"
+    validation names it."""
+    corpus = write_jsonl(tmp_path / "train.jsonl", 4)
+    cfg = _config(tmp_path, tok_dir, corpus, "e", pretrained=str(tmp_path / "moved"))
+    assert load_config(cfg, check_model=False).model.pretrained == str(tmp_path / "moved")
+    with pytest.raises(ConfigError, match=r"model\.pretrained: no such directory"):
+        load_config(cfg, check_model="light")

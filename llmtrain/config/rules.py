@@ -4,10 +4,10 @@ A rule gets the validated config (a section is None where it failed validation, 
 it are skipped) and the user's raw mapping (to tell a value written in the file from a
 default), and yields `(key path, message)` problems. Rules marked `hf=True` read the model's
 HF config class and import transformers (hence torch: transformers' configuration_utils imports
-torch whenever it is installed) lazily. Commands that never build the model (`chunk`) load with
-`check_model=False`: the hf rules are skipped and the `hf=False, light=True` rules run in their
-place, with the checks that need only the files (a pretrained config.json, keys written in the
-YAML).
+torch whenever it is installed) lazily. `check_model=False` skips them (a trained run's config);
+`chunk`, which never builds the model, loads with `check_model="light"`: the `light=True` rules
+run in their place, with the checks that need only files (a pretrained config.json, keys
+written in the YAML).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Literal
 
 from llmtrain.config.messages import KeyPath, Problem, did_you_mean, dotted, kind_of, show_value
 from llmtrain.config.peft_methods import ADALORA_FIELDS, BOOKKEEPING, METHODS, owner_of
@@ -39,6 +39,8 @@ Rule = Callable[[Config, dict[str, Any]], Iterator[Problem]]
 # (sections, when, rule): when is "always", "model" (the hf rules) or "light" (their torch-free
 # stand-in, run only when the hf rules are skipped).
 RULES: list[tuple[tuple[str, ...], str, Rule]] = []
+# check_config's model checks: all (True), none (False) or the torch-free part ("light").
+ModelCheck = bool | Literal["light"]
 
 
 def rule(*sections: str, hf: bool = False, light: bool = False) -> Callable[[Rule], Rule]:
@@ -46,7 +48,7 @@ def rule(*sections: str, hf: bool = False, light: bool = False) -> Callable[[Rul
 
     `hf=True` marks rules that read the model's HF config class: importing transformers also
     imports torch (seconds), so commands that never build the model can skip them.
-    `light=True` marks a rule that runs only when they are skipped (`check_model=False`).
+    `light=True` marks a rule that runs only with `check_model="light"`, in their place.
     """
 
     def register(fn: Rule) -> Rule:
@@ -57,13 +59,13 @@ def rule(*sections: str, hf: bool = False, light: bool = False) -> Callable[[Rul
 
 
 def check_config(
-    cfg: Config, data: dict[str, Any] | None = None, *, check_model: bool = True
+    cfg: Config, data: dict[str, Any] | None = None, *, check_model: ModelCheck = True
 ) -> list[Problem]:
     """Every cross-field problem of `cfg` (whose sections may be None where invalid)."""
     problems: list[Problem] = []
-    skipped = "light" if check_model else "model"
+    runs = {"always", "light" if check_model == "light" else "model" if check_model else ""}
     for sections, when, fn in RULES:
-        if when == skipped:
+        if when not in runs:
             continue
         if all(getattr(cfg, s, None) is not None for s in sections):
             problems += list(fn(cfg, data or {}))
