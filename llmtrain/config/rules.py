@@ -37,7 +37,7 @@ from llmtrain.config.schema import (
 # A rule gets the config and the user's mapping (to tell a value set in the file from a default).
 Rule = Callable[[Config, dict[str, Any]], Iterator[Problem]]
 # (sections, when, rule): when is "always", "model" (the hf rules) or "light" (their torch-free
-# stand-in, run only when the hf rules are skipped).
+# stand-in, run in their place with check_model="light").
 RULES: list[tuple[tuple[str, ...], str, Rule]] = []
 # check_config's model checks: all (True), none (False) or the torch-free part ("light").
 ModelCheck = bool | Literal["light"]
