@@ -155,7 +155,7 @@ def _guarded(command: str, work: Callable[[], Any], interrupted: str = "interrup
         raise typer.Exit(1) from None
 
 
-def _load(config: str, overrides: list[str] | None, *, check_model: bool = True) -> Any:
+def _load(config: str, overrides: list[str] | None, *, check_model: bool | str = True) -> Any:
     from llmtrain.config import load_config
 
     return load_config(config, overrides or (), check_model=check_model)
@@ -314,9 +314,13 @@ def chunk(
     """Tokenize the corpus and cut it into fixed-length chunks (the on-disk token store)."""
 
     def work() -> None:
-        # The model's checks too (transformers is loaded for the tokenizer anyway): a seq_len
-        # above its positions fails here as in `validate`, not after building a useless store.
-        cfg = _load(config, set_)
+        # Without the checks that need the model's HF config class: transformers imports
+        # torch with it (seconds, the largest fixed cost of a chunk process), and chunking
+        # never builds the model. Their torch-free part still runs (rules._model_limits_light):
+        # a seq_len above the positions of a pretrained config.json, or of a limit written in
+        # model.config, fails here, not after building a useless store. fit and validate run
+        # them all.
+        cfg = _load(config, set_, check_model="light")
         from llmtrain.commands import chunk as command
 
         command.execute(cfg, force=force, workers=workers, as_json=as_json)

@@ -61,6 +61,13 @@ failure is one line naming the key and its `file:line:col`):
   from the path), all text or all instruction data; `weight` and `name` only in such a list;
 - `model.num_labels` only with sequence-classification; `flash_attention_2` not with
   `run.device: cpu`.
+
+`llmtrain chunk` checks all of these except what needs transformers' config class or peft
+(both import torch, seconds that chunking never needs): unknown `model.config` keys, the
+class's default position limit, the `MAX_PARAMETERS` size bound, `model.peft` options and
+target names wait for `validate`, `fit` and `probe-batch`. A `model.pretrained` config.json,
+and a position limit or depth written in `model.config` / `config_overrides`, are
+checked by `chunk` too.
 """
 
 

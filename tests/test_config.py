@@ -490,19 +490,31 @@ def test_subprocess_entry_points_and_no_torch_on_import(workdir: Path) -> None:
     (workdir / "cfg.yaml").write_text(BASE)
     code = (
         "import sys; from llmtrain.config import load_config; "
-        "load_config('cfg.yaml', check_model=False); print('torch' in sys.modules)"
+        "load_config('cfg.yaml', check_model='light'); print('torch' in sys.modules)"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert proc.stdout.strip() == "False"
 
 
 def test_check_model_false_skips_only_the_hf_rules(workdir: Path) -> None:
-    (workdir / "cfg.yaml").write_text(edit(("    seq_len: 32", "    seq_len: 128")))
-    assert load_config("cfg.yaml", check_model=False).data.chunk.seq_len == 128
-    with pytest.raises(ConfigError, match="position limit"):
+    # What only the HF config class knows (its fields, its defaults, the size bound) waits
+    # for fit / validate; a position limit written in the YAML is checked without it.
+    (workdir / "cfg.yaml").write_text(edit(("    n_positions: 64", "    n_positionz: 64")))
+    assert load_config("cfg.yaml", check_model="light").model.config == {
+        "n_layer": 1,
+        "n_positionz": 64,
+    }
+    with pytest.raises(ConfigError, match="n_positionz: not a field of GPT2Config"):
         load_config("cfg.yaml")
-    with pytest.raises(ConfigError, match="micro_batch: must be at most"):
-        load_config("cfg.yaml", ["batch.micro_batch=9"], check_model=False)
+    (workdir / "cfg.yaml").write_text(edit(("    seq_len: 32", "    seq_len: 128")))
+    for check_model in (True, "light"):
+        with pytest.raises(ConfigError, match="128 is above the model's position limit"):
+            load_config("cfg.yaml", check_model=check_model)
+    # False (a trained run's config) skips the model checks altogether.
+    assert load_config("cfg.yaml", check_model=False).data.chunk.seq_len == 128
+    for check_model in (False, "light"):
+        with pytest.raises(ConfigError, match="micro_batch: must be at most"):
+            load_config("cfg.yaml", ["batch.micro_batch=9"], check_model=check_model)
 
 
 def test_position_offset_twins_agree():

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from llmtrain.config.messages import KeyPath, dotted, kind_of, show_value, validation_problems
-from llmtrain.config.rules import check_config
+from llmtrain.config.rules import ModelCheck, check_config
 from llmtrain.config.schema import Config
 from llmtrain.errors import ConfigError
 
@@ -321,21 +321,23 @@ def _all_paths(value: Any, path: KeyPath) -> list[KeyPath]:
 
 
 def load_config(
-    path: str | os.PathLike[str], overrides: Sequence[str] = (), *, check_model: bool = True
+    path: str | os.PathLike[str], overrides: Sequence[str] = (), *, check_model: ModelCheck = True
 ) -> Config:
     """Read, merge, override and validate a config file; every problem in one ConfigError.
 
     Relative paths inside the config (data, tokenizer, output_dir...) are relative to the
     current working directory, not to the config file — like any command-line path.
     `check_model=False` skips the rules that need the model's HF config class (they import
-    transformers, hence torch): for commands such as `chunk` that never build the model.
+    transformers, hence torch) and the model checks altogether (a trained run's config, whose
+    base model may have moved); `"light"` runs their torch-free part instead: for `chunk`,
+    which never builds the model.
     """
     cfg, _ = load_config_with_positions(path, overrides, check_model=check_model)
     return cfg
 
 
 def load_config_with_positions(
-    path: str | os.PathLike[str], overrides: Sequence[str] = (), *, check_model: bool = True
+    path: str | os.PathLike[str], overrides: Sequence[str] = (), *, check_model: ModelCheck = True
 ) -> tuple[Config, Positions]:
     """`load_config`, also returning where each key was defined (for later error messages)."""
     data, positions = _read_with_extends(os.fspath(path))

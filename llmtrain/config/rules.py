@@ -3,8 +3,11 @@
 A rule gets the validated config (a section is None where it failed validation, and rules on
 it are skipped) and the user's raw mapping (to tell a value written in the file from a
 default), and yields `(key path, message)` problems. Rules marked `hf=True` read the model's
-HF config class and import transformers (hence torch) lazily, so `llmtrain validate` on a
-config, and commands that never build the model, stay light.
+HF config class and import transformers (hence torch: transformers' configuration_utils imports
+torch whenever it is installed) lazily. `check_model=False` skips them (a trained run's config);
+`chunk`, which never builds the model, loads with `check_model="light"`: the `light=True` rules
+run in their place, with the checks that need only files (a pretrained config.json, keys
+written in the YAML).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Literal
 
 from llmtrain.config.messages import KeyPath, Problem, did_you_mean, dotted, kind_of, show_value
 from llmtrain.config.peft_methods import ADALORA_FIELDS, BOOKKEEPING, METHODS, owner_of
@@ -33,30 +36,36 @@ from llmtrain.config.schema import (
 
 # A rule gets the config and the user's mapping (to tell a value set in the file from a default).
 Rule = Callable[[Config, dict[str, Any]], Iterator[Problem]]
-RULES: list[tuple[tuple[str, ...], bool, Rule]] = []
+# (sections, when, rule): when is "always", "model" (the hf rules) or "light" (their torch-free
+# stand-in, run in their place with check_model="light").
+RULES: list[tuple[tuple[str, ...], str, Rule]] = []
+# check_config's model checks: all (True), none (False) or the torch-free part ("light").
+ModelCheck = bool | Literal["light"]
 
 
-def rule(*sections: str, hf: bool = False) -> Callable[[Rule], Rule]:
+def rule(*sections: str, hf: bool = False, light: bool = False) -> Callable[[Rule], Rule]:
     """Register a cross-field rule; it runs only when its sections validated.
 
     `hf=True` marks rules that read the model's HF config class: importing transformers also
     imports torch (seconds), so commands that never build the model can skip them.
+    `light=True` marks a rule that runs only with `check_model="light"`, in their place.
     """
 
     def register(fn: Rule) -> Rule:
-        RULES.append((sections, hf, fn))
+        RULES.append((sections, "model" if hf else "light" if light else "always", fn))
         return fn
 
     return register
 
 
 def check_config(
-    cfg: Config, data: dict[str, Any] | None = None, *, check_model: bool = True
+    cfg: Config, data: dict[str, Any] | None = None, *, check_model: ModelCheck = True
 ) -> list[Problem]:
     """Every cross-field problem of `cfg` (whose sections may be None where invalid)."""
     problems: list[Problem] = []
-    for sections, hf, fn in RULES:
-        if hf and not check_model:
+    runs = {"always", "light" if check_model == "light" else "model" if check_model else ""}
+    for sections, when, fn in RULES:
+        if when not in runs:
             continue
         if all(getattr(cfg, s, None) is not None for s in sections):
             problems += list(fn(cfg, data or {}))
@@ -734,11 +743,40 @@ def _model_limits(cfg: Config, raw: dict[str, Any]) -> Iterator[Problem]:
     yield from _layer_count(values, m.config, m.config_overrides, where_limit)
     if m.arch or m.config_overrides:  # a pretrained model as saved was built once already
         yield from _model_size(m.arch, m.pretrained, m.config, m.config_overrides, m.task)
+    yield from _positions(cfg, values, model_type, where_limit)
+
+
+@rule("model", light=True)
+def _model_limits_light(cfg: Config, raw: dict[str, Any]) -> Iterator[Problem]:
+    """_model_limits without transformers (so without torch), for `chunk`: everything a
+    pretrained config.json says, and for model.arch what the YAML writes (the depth, a position
+    limit); the class defaults, unknown fields and the size bound wait for fit or validate."""
+    m = cfg.model
+    if bool(m.arch) == bool(m.pretrained):
+        return
+    if m.pretrained:
+        values, model_type, problems = _pretrained_config(m.pretrained, m.config_overrides)
+        where: KeyPath = ("model", "config_overrides")
+    else:
+        problems = _too_many_layers(m.config, m.config_overrides)
+        values = None if problems else {**m.config, **m.config_overrides}
+        model_type, where = str(m.arch), ("model", "config")
+    yield from problems
+    if values is None:
+        return
+    yield from _layer_count(values, m.config, m.config_overrides, where)
+    yield from _positions(cfg, values, model_type, where)
+
+
+def _positions(
+    cfg: Config, values: dict[str, Any], model_type: str, where: KeyPath
+) -> Iterator[Problem]:
+    """data.chunk.seq_len within the model's first position limit among `values`."""
     if cfg.data is None:
         return
     for key in _POSITION_KEYS:
         limit = values.get(key)
-        if isinstance(limit, int) and limit > 0:
+        if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
             usable = limit - 2 if model_type in _POSITION_OFFSET else limit
             seq_len = cfg.data.chunk.seq_len
             if seq_len > usable:
@@ -747,7 +785,7 @@ def _model_limits(cfg: Config, raw: dict[str, Any]) -> Iterator[Problem]:
                     (
                         f"{seq_len} is above the model's position limit {key}={limit}"
                         + (" (minus 2 for padding offset)" if usable != limit else "")
-                        + f"; use seq_len <= {usable} or raise {dotted(where_limit)}.{key}"
+                        + f"; use seq_len <= {usable} or raise {dotted(where)}.{key}"
                     ),
                 )
             break
