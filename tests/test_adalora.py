@@ -15,8 +15,14 @@ import pytest
 import torch
 from dist_helpers import run_function
 from fit_helpers import FakeTokenizer, random_store, run_train
-from peft_helpers import adapter_weights, max_rel, peft_cfg, save_base
-from run_helpers import refused_by_validate
+from peft_helpers import (
+    adapter_weights,
+    max_rel,
+    peft_cfg,
+    save_base,
+    train_one_rank,
+    validate_model,
+)
 from safetensors.torch import load_file
 
 from llmtrain import plot
@@ -224,26 +230,7 @@ def test_adapter_keeps_the_rank_pattern_and_final_is_merged(tmp_path, base):
 # ------------------------------------------------------------------------------------ DDP
 def _ddp_ranks(root: str, base: str) -> None:
     """2 gloo ranks, micro 2 × k 2 × world 2 = global 8."""
-    from llmtrain.engine.distributed import setup, teardown
-    from llmtrain.engine.loop import train
-
-    torch.set_num_threads(1)
-    dist = setup(torch.device("cpu"))
-    try:
-        cfg = _cfg(Path(root) / "ddp", Path(base), micro=2)
-        tok = FakeTokenizer()
-        train(
-            cfg,
-            build_model(cfg, tok, None),
-            tok,
-            random_store(48, seed=1),
-            None,
-            micro_batch=2,
-            device=torch.device("cpu"),
-            dist=dist,
-        )
-    finally:
-        teardown()
+    train_one_rank(_cfg(Path(root) / "ddp", Path(base), micro=2), random_store(48, seed=1), 2)
 
 
 @pytest.mark.slow
@@ -257,15 +244,7 @@ def test_two_ranks_reach_the_rank_pattern_of_one_process(tmp_path, base):
 
 # ----------------------------------------------------------------------------- validation
 def _validate(tmp_path: Path, base: Path, peft: str, steps: int = 10) -> str:
-    (tmp_path / "corpus.txt").write_text("hello world\n" * 20)
-    (tmp_path / "c.yaml").write_text(
-        f"run: {{output_dir: {tmp_path / 'out'}, device: cpu}}\n"
-        f"model:\n  pretrained: {base}\n  peft:\n{peft}"
-        f"tokenizer: {{train: {{vocab_size: 300}}}}\n"
-        f"data: {{train: {{path: {tmp_path / 'corpus.txt'}}}, chunk: {{seq_len: 16}}}}\n"
-        f"train: {{max_steps: {steps}}}\n"
-    )
-    return refused_by_validate(tmp_path / "c.yaml")
+    return validate_model(tmp_path, f"  pretrained: {base}\n  peft:\n{peft}", steps=steps)
 
 
 def test_schedule_rules_name_the_line(tmp_path, base):

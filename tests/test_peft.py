@@ -17,8 +17,15 @@ import pytest
 import torch
 from dist_helpers import run_function
 from fit_helpers import FakeTokenizer, random_store, run_train
-from peft_helpers import adapter_weights, max_rel, peft_cfg, save_base
-from run_helpers import refused_by_validate
+from peft_helpers import (
+    adapter_weights,
+    max_rel,
+    peft_cfg,
+    probe_copying_nothing,
+    save_base,
+    train_one_rank,
+    validate_model,
+)
 from safetensors import safe_open
 
 from llmtrain.engine.checkpoint import list_checkpoints
@@ -205,51 +212,18 @@ def test_merged_final_equals_the_adapter_model(tmp_path, bases, arch, method):
 def test_probe_leaves_a_peft_model_as_it_was_and_copies_no_module(tmp_path, bases, monkeypatch):
     """The probe trains the live PEFT model (never a copy of the frozen base) and puts every
     tensor back: adapters, head and base bit-identical afterwards."""
-    import copy
-
-    from llmtrain.probe import probe_for_config
-
     probe = {"max_micro": 8, "memory_limit": "64GiB", "cache": False}
     cfg = peft_cfg(tmp_path, bases["gpt2"], batch={"micro_batch": "auto", "probe": probe})
     model = build_model(cfg, FakeTokenizer(), None)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    real_deepcopy = copy.deepcopy
-
-    def guarded(obj, memo=None):
-        assert not isinstance(obj, torch.nn.Module), "the probe copied a module"
-        return real_deepcopy(obj, memo)
-
-    monkeypatch.setattr(copy, "deepcopy", guarded)
-    result = probe_for_config(cfg, model, torch.device("cpu"), use_cache=False)
+    result = probe_copying_nothing(cfg, model, monkeypatch)
     assert result.micro_batch == 8  # a tiny model fits the cap
-    after = model.state_dict()
-    assert sorted(after) == sorted(before) and all(torch.equal(before[k], after[k]) for k in before)
     assert all(p.grad is None for p in model.parameters())
 
 
 # ------------------------------------------------------------------------------------ DDP
 def _ddp_ranks(root: str, base: str) -> None:
     """2 gloo ranks, micro 2 × k 2 × world 2 = global 8, with LoRA."""
-    from llmtrain.engine.distributed import setup, teardown
-    from llmtrain.engine.loop import train
-
-    torch.set_num_threads(1)
-    dist = setup(torch.device("cpu"))
-    try:
-        cfg = peft_cfg(Path(root) / "ddp", Path(base), micro=2)
-        tok = FakeTokenizer()
-        train(
-            cfg,
-            build_model(cfg, tok, None),
-            tok,
-            _store("gpt2", 40),
-            None,
-            micro_batch=2,
-            device=torch.device("cpu"),
-            dist=dist,
-        )
-    finally:
-        teardown()
+    train_one_rank(peft_cfg(Path(root) / "ddp", Path(base), micro=2), _store("gpt2", 40), 2)
 
 
 @pytest.mark.slow
@@ -262,16 +236,7 @@ def test_lora_under_ddp_equals_one_process(tmp_path, bases):
 
 # ----------------------------------------------------------------------------- validation
 def _validate(tmp_path: Path, model: str, extra: str = "") -> str:
-    """`llmtrain validate` on a config with this model section; returns its output."""
-    (tmp_path / "corpus.txt").write_text("hello world\n" * 20)
-    (tmp_path / "c.yaml").write_text(
-        f"run: {{output_dir: {tmp_path / 'out'}, device: cpu}}\n"
-        f"model:\n{model}"
-        f"tokenizer: {{train: {{vocab_size: 300}}}}\n"
-        f"data: {{train: {{path: {tmp_path / 'corpus.txt'}}}, chunk: {{seq_len: 16}}}}\n"
-        f"train: {{max_steps: 2{extra}}}\n"
-    )
-    return refused_by_validate(tmp_path / "c.yaml")
+    return validate_model(tmp_path, model, train_extra=extra)
 
 
 def test_peft_from_scratch_and_bad_rank_are_refused(tmp_path):

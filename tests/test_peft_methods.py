@@ -13,8 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 from fit_helpers import FakeTokenizer, random_store, run_train
-from peft_helpers import adapter_weights, max_rel, peft_cfg, save_base
-from run_helpers import refused_by_validate
+from peft_helpers import (
+    adapter_weights,
+    max_rel,
+    peft_cfg,
+    probe_copying_nothing,
+    save_base,
+    validate_model,
+)
 from safetensors.torch import load_file
 
 from llmtrain.engine.checkpoint import list_checkpoints
@@ -105,24 +111,10 @@ def test_method_keeps_every_guarantee(tmp_path, bert, monkeypatch, method):
 def test_probe_leaves_the_model_as_it_was_and_copies_no_module(tmp_path, bert, monkeypatch, method):
     """As for LoRA (test_peft.py): the probe trains the live model, never a copy, and puts
     every tensor back — so it costs no memory beyond training itself."""
-    import copy
-
-    from llmtrain.probe import probe_for_config
-
     probe = {"max_micro": 4, "memory_limit": "64GiB", "cache": False}
     cfg = _cfg(tmp_path, bert, method, batch={"micro_batch": "auto", "probe": probe})
     model = build_model(cfg, FakeTokenizer(), 3)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    real_deepcopy = copy.deepcopy
-
-    def guarded(obj, memo=None):
-        assert not isinstance(obj, torch.nn.Module), "the probe copied a module"
-        return real_deepcopy(obj, memo)
-
-    monkeypatch.setattr(copy, "deepcopy", guarded)
-    assert probe_for_config(cfg, model, torch.device("cpu"), use_cache=False).micro_batch == 4
-    after = model.state_dict()
-    assert sorted(after) == sorted(before) and all(torch.equal(before[k], after[k]) for k in before)
+    assert probe_copying_nothing(cfg, model, monkeypatch).micro_batch == 4
 
 
 # ---------------------------------------------------------------------------- LoRA+ and init
@@ -185,15 +177,8 @@ def test_a_pissa_or_olora_adapter_loads_on_the_original_base(tmp_path, bert, ini
 
 # ----------------------------------------------------------------------------- validation
 def _validate(tmp_path: Path, base: Path, peft: str) -> str:
-    (tmp_path / "corpus.txt").write_text("hello world\n" * 20)
-    (tmp_path / "c.yaml").write_text(
-        f"run: {{output_dir: {tmp_path / 'out'}, device: cpu}}\n"
-        f"model:\n  pretrained: {base}\n  task: sequence-classification\n  peft:\n{peft}"
-        f"tokenizer: {{train: {{vocab_size: 300}}}}\n"
-        f"data: {{train: {{path: {tmp_path / 'corpus.txt'}}}, chunk: {{seq_len: 16}}}}\n"
-        f"train: {{max_steps: 4}}\n"
-    )
-    return refused_by_validate(tmp_path / "c.yaml")
+    model = f"  pretrained: {base}\n  task: sequence-classification\n  peft:\n{peft}"
+    return validate_model(tmp_path, model, steps=4)
 
 
 def test_options_are_checked_against_peft_s_config_class(tmp_path, bert):
