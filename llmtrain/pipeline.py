@@ -33,8 +33,9 @@ from llmtrain.engine.signals import sigterm_guard
 from llmtrain.errors import LLMTrainError
 from llmtrain.host import allocator, threads
 from llmtrain.probe.plan import resolve_micro_batch
-from llmtrain.rundir.provenance import Resume, check_resume, clear_run
-from llmtrain.util.atomic import atomic_write
+from llmtrain.rundir import data_record
+from llmtrain.rundir.provenance import Resume, check_resume, claim_run_dir, clear_run
+from llmtrain.util.atomic import atomic_write, remove_stale_temps
 from llmtrain.util.locks import hold_run_dir
 
 
@@ -99,24 +100,68 @@ def fit(
     resume: str | None = None,
     dry_run: bool = False,
     overwrite: bool = False,
+    accept_data_change: bool = False,
     console: Console | None = None,
     on_plan: Callable[[Plan], None] | None = None,
 ) -> TrainResult | None:
     """Run every stage of `fit` as the run directory's one writer (util/locks.py: rank 0
-    holds it for the job), SIGTERM handled (engine/signals.py); `overwrite` first removes
-    the outputs of an earlier run (rundir/provenance.py). Returns the TrainResult (None for
-    a dry run)."""
+    holds it for the job), SIGTERM handled (engine/signals.py), in a run directory of its own
+    (claim_run_dir); `overwrite` first removes the outputs of an earlier run
+    (rundir/provenance.py). `accept_data_change`: resume although the data changed
+    (rundir/data_record.py). Returns the TrainResult (None for a dry run)."""
     out = Path(cfg.run.output_dir)
     main = is_rank_zero()  # the process group does not exist yet
     caller_threads = torch.get_num_threads()  # the run sets its own (host/threads.py)
     try:
         with hold_run_dir(out, enabled=main, notice=say), sigterm_guard():
+            if main:
+                claim_run_dir(out, write=not dry_run)
+            if main and not dry_run:
+                sweep_run_dir(out)
             if overwrite and main and not dry_run:
                 for path in clear_run(out):
                     say(f"--overwrite: removed {path}")
-            return run_stages(cfg, resume=resume, dry_run=dry_run, console=console, on_plan=on_plan)
+            return run_stages(
+                cfg,
+                resume=resume,
+                dry_run=dry_run,
+                accept_data_change=accept_data_change,
+                console=console,
+                on_plan=on_plan,
+            )
     finally:
         torch.set_num_threads(caller_threads)  # an in-process caller keeps its own setting
+
+
+def sweep_run_dir(out: Path) -> None:
+    """What a killed run left in the run root and in checkpoints/ (`.tmp-*`/`.old-*` of a
+    dead pid: a half-written final/, metrics.jsonl or checkpoint); the store's own are swept
+    where the stores are opened."""
+    swept = remove_stale_temps(out) + remove_stale_temps(out / layout.CHECKPOINTS_DIR)
+    if swept:
+        say(f"removed what a killed run left: {', '.join(str(p) for p in swept)}")
+
+
+def check_data(
+    cfg: Config, resumed: Resume | None, accept: bool, stores: dict[str, Any] | None = None
+) -> dict[str, list[Any]]:
+    """A resume's data against the run's record (rundir/data_record.py): the corpora before
+    the stores are built, the stores (`stores`) once open. Returns the accepted changes."""
+    if resumed is None:
+        return {}
+    run_dir = resumed.checkpoint.parent.parent
+    recorded = data_record.read_record(run_dir)
+    if recorded is None and stores is None:
+        say(
+            f"warning: {data_record.record_path(run_dir)} is missing (a run of an older "
+            "llmtrain); the data cannot be compared with the run's"
+        )
+    now = data_record.store_record(stores) if stores else data_record.corpus_record(cfg)
+    changed = data_record.compare_data(recorded, now, run_dir, accept)
+    if changed:
+        flag = data_record.ACCEPT_FLAG
+        say(f"warning: resuming on changed data ({', '.join(changed)}), as {flag} asks")
+    return changed
 
 
 def check_provenance(cfg: Config, resume: str | None, console: Console) -> Resume | None:
@@ -136,6 +181,7 @@ def run_stages(
     *,
     resume: str | None = None,
     dry_run: bool = False,
+    accept_data_change: bool = False,
     console: Console | None = None,
     on_plan: Callable[[Plan], None] | None = None,
 ) -> TrainResult | None:
@@ -146,12 +192,15 @@ def run_stages(
     if resume is None and not dry_run and main:
         find_start(out, None)  # refuse an earlier run's directory before any work is done
     resumed = check_provenance(cfg, resume, console)  # before a store is rebuilt
+    data_changes = check_data(cfg, resumed, accept_data_change)
     device = resolve_device(cfg.run.device)
     dist = setup(device)
     if dist.enabled:
         device = resolve_device(cfg.run.device, dist.local_rank)
     try:
         tokenizer, train_store, eval_store, plan = prepare(cfg, dist, device)
+        stores = {"train": train_store, **({"eval": eval_store} if eval_store else {})}
+        data_changes |= check_data(cfg, resumed, accept_data_change, stores)
         if dist.is_main and on_plan is not None:
             on_plan(plan)
         if resumed is not None:
@@ -162,6 +211,8 @@ def run_stages(
             return None
         if dist.is_main:
             write_resolved_config(cfg, out)
+            record = {**data_record.corpus_record(cfg), **data_record.store_record(stores)}
+            data_record.write_record(out, record)
         result = train(
             cfg,
             plan.model,
@@ -174,6 +225,7 @@ def run_stages(
             resume=resume,
             console=console,
             changes=resumed.changes if resumed is not None else None,
+            data_changes=data_changes,
         )
     finally:
         teardown()

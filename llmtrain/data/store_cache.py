@@ -25,9 +25,10 @@ from llmtrain.data.chunk_spec import resolve_spec
 from llmtrain.data.chunking import ChunkSpec
 from llmtrain.data.corpus import corpus_fingerprint
 from llmtrain.data.encode import build_stores, set_workers
-from llmtrain.data.store import FORMAT_VERSION, TokenStore
+from llmtrain.data.store import FORMAT_VERSION, META, TokenStore
 from llmtrain.errors import LLMTrainError
 from llmtrain.util.atomic import remove_stale_temps
+from llmtrain.util.owned import check_replaceable, is_ours, mark, user_entries
 
 if TYPE_CHECKING:  # transformers is only needed by the caller that loads the tokenizer
     from rich.console import Console
@@ -55,6 +56,25 @@ class ChunkReport:
 def store_root(cfg: Config) -> Path:
     """Where the stores live: data.store, or <run.output_dir>/store; splits are subfolders."""
     return Path(cfg.data.store) if cfg.data.store else Path(cfg.run.output_dir) / layout.STORE_DIR
+
+
+def claim_store_root(root: Path) -> None:
+    """Make `root` the stores' folder, marked as ours; refuse a folder that holds anything
+    else (a store of an older llmtrain, recognised by its train/meta.json, is adopted)."""
+    ours = is_ours(root, "stores")
+    if (
+        not ours
+        and not is_ours(root / "train", "store", (META,))
+        and (root.is_symlink() or user_entries(root))
+    ):
+        shown = ", ".join(user_entries(root)[:3]) or "a symbolic link"
+        raise LLMTrainError(
+            f"{root}: not a store folder llmtrain made (it holds {shown}); llmtrain writes its "
+            "stores only into a folder of its own: point data.store at an empty or new folder"
+        )
+    root.mkdir(parents=True, exist_ok=True)
+    if not ours:
+        mark(root, "stores")
 
 
 def _splits(cfg: Config) -> list[str]:
@@ -141,6 +161,7 @@ def ensure_stores(
     fp = stores_fingerprint(cfg, tok_fp)
     # What a killed `chunk` left (kill -9 runs no cleanup), swept before the store is reused
     # too, or it would stay forever beside an up-to-date store; this process has none open yet.
+    claim_store_root(root)
     swept = remove_stale_temps(root)
     if not force:
         stores = _reusable(root, names, fp, cfg.data.store_verify)
@@ -151,8 +172,8 @@ def ensure_stores(
             }
             report = ChunkReport(stores, splits, up_to_date=True, root=root)
             return _with_notes(report, cfg, swept, None, console)
-    root.mkdir(parents=True, exist_ok=True)
     if "eval" not in names and (root / "eval").exists():
+        check_replaceable(root / "eval", "store", (META,))
         shutil.rmtree(root / "eval")  # a stale eval store from an earlier config would mislead
     meta = _store_meta(cfg, spec, fp, tok_fp)
     stores, splits = build_stores(

@@ -28,6 +28,7 @@ from llmtrain.config.schema import PeftConfig
 from llmtrain.engine.parallel import unwrap
 from llmtrain.errors import LLMTrainError
 from llmtrain.util.atomic import atomic_dir
+from llmtrain.util.owned import check_replaceable, confined, mark
 
 
 def _peft() -> Any:
@@ -125,8 +126,11 @@ def save_adapter_then_merge(model: torch.nn.Module, adapter_dir: Path, tokenizer
     adapters into the base weights and return that plain transformers model. The peft model is
     consumed: its layers are replaced by the merged ones (no copy of the base is made)."""
     peft_model = unwrap(model)
-    with atomic_dir(Path(adapter_dir)) as tmp:
+    adapter_dir = confined(Path(adapter_dir).parent, Path(adapter_dir))
+    check_replaceable(adapter_dir, "adapter", ("adapter_config.json",))
+    with atomic_dir(adapter_dir) as tmp:
         peft_model.save_pretrained(tmp)
         if hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(tmp)
+        mark(tmp, "adapter")
     return peft_model.merge_and_unload()

@@ -26,6 +26,7 @@ from typing import Any
 
 from llmtrain import layout
 from llmtrain.errors import LLMTrainError
+from llmtrain.util.owned import confined
 
 
 def lock_path(output_dir: Path) -> Path:
@@ -91,7 +92,7 @@ def _open_locked(path: Path) -> int:
     """An fd of `path` holding its flock, the file still being the one at `path` (a holder
     that removed it as we opened it leaves us a lock on a deleted inode: open again)."""
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as e:
@@ -109,7 +110,7 @@ def _open_locked(path: Path) -> int:
 
 def acquire(output_dir: Path, notice: Callable[[str], None]) -> int:
     """Take the run directory's lock (see the module doc); returns the held fd."""
-    path = lock_path(output_dir)
+    path = confined(Path(output_dir), lock_path(output_dir))  # the lock is written to
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = _open_locked(path)
     owner = _read_owner(fd)

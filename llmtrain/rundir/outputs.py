@@ -1,0 +1,45 @@
+"""Where a command may write its output: never over one of its inputs, nor over a file of a
+run directory (its config, metrics, checkpoints, final model...)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from llmtrain import layout
+from llmtrain.errors import ConfigError
+
+
+def _same(a: Path, b: Path) -> bool:
+    """Whether `a` and `b` are one file (through links and `..` alike)."""
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
+
+
+def check_output(
+    output: str | Path, *, option: str, inputs: Iterable[Path] = (), runs: Iterable[Path] = ()
+) -> Path:
+    """`output`, refused (exit 2, one line) when it is one of `inputs`, a directory, or inside
+    one of the run directories `runs` under a name llmtrain keeps its own files by."""
+    out = Path(output)
+    if out.is_dir():
+        raise ConfigError(f"{option} {output}: a directory; give a file to write")
+    for path in inputs:
+        if _same(out, Path(path)):
+            raise ConfigError(
+                f"{option} {output}: is the input {path}; writing would replace it: choose "
+                "another file"
+            )
+    for run in runs:
+        try:
+            rel = out.resolve().relative_to(Path(run).resolve())
+        except ValueError:
+            continue
+        if rel.parts and rel.parts[0] in layout.RUN_FILES:
+            raise ConfigError(
+                f"{option} {output}: {rel.as_posix()} belongs to the run {run}; writing would "
+                "replace it: choose a file outside the run's own files"
+            )
+    return out
