@@ -493,6 +493,7 @@ def find_resume(output_dir: Path, resume: str) -> Checkpoint | None:
     checkpoint, or an error naming it."""
     if resume != "auto":
         return read_checkpoint(Path(resume))
+    confined(Path(output_dir), checkpoint_dir(output_dir))  # a link would read another run
     for path in reversed(list_checkpoints(checkpoint_dir(output_dir))):
         try:
             return read_checkpoint(path)
