@@ -148,16 +148,30 @@ def test_no_write_follows_a_symlink_out_of_the_run(copy, tmp_path, name):
     assert (tree(outside) if outside.is_dir() else outside.read_bytes()) == before
 
 
-def test_overwrite_removes_a_link_never_its_target(copy, tmp_path):
+@pytest.mark.parametrize("name", ["metrics.jsonl", "checkpoints"])
+def test_overwrite_removes_a_link_never_its_target(copy, tmp_path, name):
     run = copy[1]
-    outside = tmp_path / "outside.jsonl"
-    outside.write_text("keep\n")
-    (run / "metrics.jsonl").unlink()
-    (run / "metrics.jsonl").symlink_to(outside)
+    outside = tmp_path / "outside"
+    os.replace(run / name, outside)
+    (run / name).symlink_to(outside)
+    before = tree(outside) if outside.is_dir() else outside.read_bytes()
     from llmtrain.rundir.provenance import clear_run
 
-    assert run / "metrics.jsonl" in clear_run(run)
-    assert outside.read_text() == "keep\n" and not os.path.lexists(run / "metrics.jsonl")
+    assert run / name in clear_run(run)
+    assert (tree(outside) if outside.is_dir() else outside.read_bytes()) == before
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".old-")]
+    assert not os.path.lexists(run / name)
+
+
+def test_a_tokenizer_folder_that_is_not_ours_is_not_replaced(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    config = lm_setup(tmp_path, corpus)
+    mine = tmp_path / "run" / "tokenizer"
+    mine.mkdir(parents=True)
+    (mine / "vocab.txt").write_text("my vocabulary")
+    err = one_line(cli("fit", str(config)), 1)
+    assert f"{mine}: not a directory llmtrain made" in err
+    assert tree(mine) == {"vocab.txt": b"my vocabulary"}
 
 
 def test_no_output_is_written_over_an_input_or_a_run_file(finished, tmp_path):
