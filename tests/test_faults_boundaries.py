@@ -148,6 +148,23 @@ def test_no_write_follows_a_symlink_out_of_the_run(copy, tmp_path, name):
     assert (tree(outside) if outside.is_dir() else outside.read_bytes()) == before
 
 
+def test_the_default_store_may_not_be_a_link_a_named_data_store_may(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    cfg = tiny_lm_config(tmp_path / "run", corpus, name="x", max_steps=1)
+    (tmp_path / "disk").mkdir()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "store").symlink_to(tmp_path / "disk")
+    config = write_config(tmp_path / "c.yaml", cfg)
+    err = one_line(cli("chunk", str(config)), 1)
+    assert f"{tmp_path / 'run' / 'store'}: a symbolic link" in err
+    assert not any((tmp_path / "disk").iterdir())
+    (tmp_path / "named").symlink_to(tmp_path / "disk")
+    cfg["data"]["store"] = str(tmp_path / "named")  # the user's own choice of place
+    res = cli("chunk", str(write_config(tmp_path / "c.yaml", cfg)))
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "disk" / "train" / "meta.json").is_file()
+
+
 @pytest.mark.parametrize("name", ["metrics.jsonl", "checkpoints"])
 def test_overwrite_removes_a_link_never_its_target(copy, tmp_path, name):
     run = copy[1]

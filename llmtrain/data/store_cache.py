@@ -28,7 +28,7 @@ from llmtrain.data.encode import build_stores, set_workers
 from llmtrain.data.store import FORMAT_VERSION, META, TokenStore
 from llmtrain.errors import LLMTrainError
 from llmtrain.util.atomic import remove_stale_temps
-from llmtrain.util.owned import check_replaceable, is_ours, mark, user_entries
+from llmtrain.util.owned import check_replaceable, confined, is_ours, mark, user_entries
 
 if TYPE_CHECKING:  # transformers is only needed by the caller that loads the tokenizer
     from rich.console import Console
@@ -58,16 +58,17 @@ def store_root(cfg: Config) -> Path:
     return Path(cfg.data.store) if cfg.data.store else Path(cfg.run.output_dir) / layout.STORE_DIR
 
 
-def claim_store_root(root: Path) -> None:
+def claim_store_root(cfg: Config, root: Path) -> None:
     """Make `root` the stores' folder, marked as ours; refuse a folder that holds anything
-    else (a store of an older llmtrain, recognised by its train/meta.json, is adopted)."""
-    ours = is_ours(root, "stores")
-    if (
-        not ours
-        and not is_ours(root / "train", "store", (META,))
-        and (root.is_symlink() or user_entries(root))
-    ):
-        shown = ", ".join(user_entries(root)[:3]) or "a symbolic link"
+    else (a store of an older llmtrain, recognised by its train/meta.json, is adopted). The
+    default `<output_dir>/store` may not be a symbolic link (writes stay in the run); a
+    `data.store` the user names may be one (stores on another disk): its target is judged."""
+    if cfg.data.store is None:
+        confined(Path(cfg.run.output_dir), root)
+    real = root.resolve()
+    ours = is_ours(real, "stores")
+    if not ours and not is_ours(real / "train", "store", (META,)) and user_entries(real):
+        shown = ", ".join(user_entries(real)[:3])
         raise LLMTrainError(
             f"{root}: not a store folder llmtrain made (it holds {shown}); llmtrain writes its "
             "stores only into a folder of its own: point data.store at an empty or new folder"
@@ -161,7 +162,7 @@ def ensure_stores(
     fp = stores_fingerprint(cfg, tok_fp)
     # What a killed `chunk` left (kill -9 runs no cleanup), swept before the store is reused
     # too, or it would stay forever beside an up-to-date store; this process has none open yet.
-    claim_store_root(root)
+    claim_store_root(cfg, root)
     swept = remove_stale_temps(root)
     if not force:
         stores = _reusable(root, names, fp, cfg.data.store_verify)
