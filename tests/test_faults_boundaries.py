@@ -148,6 +148,37 @@ def test_no_write_follows_a_symlink_out_of_the_run(copy, tmp_path, name):
     assert (tree(outside) if outside.is_dir() else outside.read_bytes()) == before
 
 
+def test_each_writer_refuses_a_link_by_itself(tmp_path):
+    """The writers check too, not only `fit`'s claim of the run directory up front."""
+    from llmtrain.engine.metrics import MetricsWriter, truncate_after
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "log").write_text('{"step": 9}\n')
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").symlink_to(outside / "log")
+    (run / "checkpoints").symlink_to(outside)
+    with pytest.raises(LLMTrainError, match="a symbolic link"):
+        truncate_after(run / "metrics.jsonl", 1)
+    with pytest.raises(LLMTrainError, match="a symbolic link"):
+        MetricsWriter(
+            run / "metrics.jsonl", enabled=True, jsonl=True, tensorboard=False, fresh=True
+        )
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(LLMTrainError, match="a symbolic link"):
+        ckpt.save_checkpoint(
+            run,
+            1,
+            model=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            train_state=ckpt.TrainState(step=1, micro_batch=1),
+            parts={},
+            keep=2,
+        )
+    assert tree(outside) == {"log": b'{"step": 9}\n'}
+
+
 def test_the_default_store_may_not_be_a_link_a_named_data_store_may(tmp_path):
     corpus = write_corpus(tmp_path / "corpus.txt")
     cfg = tiny_lm_config(tmp_path / "run", corpus, name="x", max_steps=1)

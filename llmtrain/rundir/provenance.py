@@ -28,7 +28,7 @@ from llmtrain.config.schema import section_class
 from llmtrain.engine import checkpoint as ckpt
 from llmtrain.errors import ConfigError, LLMTrainError
 from llmtrain.util.atomic import remove_path, temp_sibling
-from llmtrain.util.owned import is_ours, mark, read_mark
+from llmtrain.util.owned import confined, is_ours, mark, read_mark
 
 # Keys (or `prefix.` for a whole section) that change how long, how often or where a run
 # goes, never what one optimizer step computes. Everything else is refused on resume.
@@ -218,6 +218,9 @@ def claim_run_dir(out: Path, *, write: bool = True) -> None:
     write over it, or `--overwrite` delete it). A run of an older llmtrain, recognised by its
     config.resolved.yaml, is adopted. `write`: False only checks (a dry run writes nothing)."""
     out = Path(out)
+    for name in layout.RUN_FILES:  # before any work: a link would lead a write out of the run
+        if name != layout.STORE_DIR:  # the stores' folder is judged where it is opened
+            confined(out, out / name)
     if is_ours(out, "run"):
         return
     if not is_ours(out, "run", (layout.CONFIG_FILE,)):
