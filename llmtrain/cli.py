@@ -223,6 +223,9 @@ def fit(
         if overwrite and resume is not None:
             raise ConfigError("--overwrite starts the run over and --resume continues it: use one")
         if overwrite and not dry_run:
+            from llmtrain.rundir.outputs import check_corpus_outside_run
+
+            check_corpus_outside_run(cfg)  # before listing what would be deleted
             _confirm_overwrite(cfg.run.output_dir, yes)
         command = ["fit", config]
         command += ["--resume", resume] if resume is not None else []

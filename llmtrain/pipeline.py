@@ -34,6 +34,7 @@ from llmtrain.errors import LLMTrainError
 from llmtrain.host import allocator, threads
 from llmtrain.probe.plan import resolve_micro_batch
 from llmtrain.rundir import data_record
+from llmtrain.rundir.outputs import check_corpus_outside_run
 from llmtrain.rundir.provenance import Resume, check_resume, claim_run_dir, clear_run
 from llmtrain.util.atomic import atomic_write, remove_stale_temps
 from llmtrain.util.locks import hold_run_dir
@@ -115,6 +116,7 @@ def fit(
     try:
         with hold_run_dir(out, enabled=main, notice=say), sigterm_guard():
             if main:
+                check_corpus_outside_run(cfg)
                 claim_run_dir(out, write=not dry_run)
             if main and not dry_run:
                 sweep_run_dir(out)

@@ -244,6 +244,19 @@ def test_no_output_is_written_over_an_input_or_a_run_file(finished, tmp_path):
     assert after == before
 
 
+def test_a_corpus_inside_the_runs_own_files_is_refused(copy, finished):
+    config, run = copy
+    corpus = run / "checkpoints" / "corpus.txt"  # --overwrite would delete it
+    shutil.copy2(finished / "corpus.txt", corpus)
+    cfg = json.loads(config.read_text())
+    cfg["data"]["train"]["path"] = str(corpus)
+    write_config(config, cfg)
+    for extra in ([], ["--overwrite", "--yes"]):
+        err = one_line(cli("fit", str(config), *extra), 2)
+        assert f"data.train: {corpus} is inside the run's own checkpoints" in err
+    assert corpus.read_bytes() == (finished / "corpus.txt").read_bytes()
+
+
 def test_an_empty_output_dir_is_refused_naming_the_key(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     corpus = write_corpus(tmp_path / "corpus.txt")

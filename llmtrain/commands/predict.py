@@ -216,7 +216,8 @@ def execute(
         source = source.model_copy(update={"id_field": id_field or None})
     if output is not None:  # before any work: never over an input or the run's own files
         inputs = corpus_files(source, key="--input")
-        check_output(output, option="--output", inputs=inputs, runs=[trained.path])
+        runs = [trained.path, *([Path(checkpoint).parent.parent] if checkpoint else [])]
+        check_output(output, option="--output", inputs=inputs, runs=runs)
     with tempfile.TemporaryDirectory(prefix="llmtrain-predict-") as tmp:
         docs = encode_input(trained, source, Path(tmp), spec=scoring_spec(trained), key="input")
         micro = inference_batch(trained, batch)

@@ -8,6 +8,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from llmtrain import layout
+from llmtrain.config import Config
+from llmtrain.data.corpus import corpus_files
 from llmtrain.errors import ConfigError
 
 
@@ -43,3 +45,24 @@ def check_output(
                 "replace it: choose a file outside the run's own files"
             )
     return out
+
+
+def check_corpus_outside_run(cfg: Config) -> None:
+    """`fit` writes (and `--overwrite` deletes) the run's own files: a corpus file among them
+    would be replaced or deleted, or read back as training data. Refused, exit 2."""
+    run = Path(cfg.run.output_dir).resolve()
+    sources = [("data.train", cfg.data.train), ("data.eval", cfg.data.eval)]
+    for key, source in sources:
+        if source is None:
+            continue
+        for file in corpus_files(source, key=key):
+            try:
+                rel = Path(file).resolve().relative_to(run)
+            except ValueError:
+                continue
+            if rel.parts and rel.parts[0] in layout.RUN_FILES:
+                raise ConfigError(
+                    f"{key}: {file} is inside the run's own {rel.parts[0]} (run.output_dir "
+                    f"{cfg.run.output_dir}), which fit writes and --overwrite deletes: move the "
+                    "corpus out of it"
+                )
