@@ -303,14 +303,23 @@ def test_a_link_inside_a_checkpoint_is_refused_and_resume_falls_back(copy, tmp_p
     assert not newest.is_symlink() and ckpt.read_checkpoint(newest.parent).train.step == 8
 
 
-def test_a_link_inside_final_is_refused(copy, tmp_path):
+@pytest.mark.parametrize(
+    ("command", "name"),
+    [
+        ("evaluate", "final/model.safetensors"),
+        ("evaluate", "final/tokenizer.json"),
+        ("evaluate", "final"),
+        ("evaluate", "config.resolved.yaml"),
+        ("report", "metrics.jsonl"),
+    ],
+)
+def test_what_is_read_from_a_run_never_comes_through_a_link(copy, tmp_path, command, name):
     _, run = copy
-    weights = run / "final" / "model.safetensors"
-    shutil.copy2(weights, tmp_path / "w.safetensors")
-    weights.unlink()
-    weights.symlink_to(tmp_path / "w.safetensors")
-    err = one_line(cli("evaluate", str(run)), 1)
-    assert f"{weights}: unreadable checkpoint (a symbolic link" in err
+    real = tmp_path / "elsewhere"
+    os.replace(run / name, real)
+    (run / name).symlink_to(real)  # the same bytes: only the link is wrong
+    err = one_line(cli(command, str(run), *(["--json"] if command == "report" else [])), 1)
+    assert f"{run / name}: " in err and "a symbolic link" in err, err
 
 
 # ---------------------------------------------- 3. resume never trains on changed data

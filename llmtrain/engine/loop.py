@@ -450,7 +450,7 @@ def save_final(run: Run, tokenizer: Any) -> Path | None:
 
         hf_logging.disable_progress_bar()  # our own output only
         final = confined(run.out, run.out / layout.FINAL_DIR)
-        check_replaceable(final, "final", (ckpt.MANIFEST,))
+        check_replaceable(final, "final", (ckpt.MANIFEST, "config.json"))
         if is_peft(raw):
             raw = save_adapter_then_merge(raw, run.out / layout.ADAPTER_DIR, tokenizer)
         if hasattr(raw.config, "use_cache"):

@@ -8,9 +8,9 @@ existed, the file that has always identified it (`legacy`: a store's meta.json, 
 config.resolved.yaml, `final/`'s checksums.json). Anything else is refused with one line,
 whatever it holds: a folder of the user's own files is never taken for one of ours.
 
-Writes never go through a symbolic link below the directory they belong to (`confined`): a
-link named like one of our files or folders would otherwise let a write land, or a delete
-strike, outside the run.
+Writes (and the reads of a run's own files) never go through a symbolic link below the
+directory they belong to (`confined`): a link named like one of our files or folders would
+otherwise let a write land, a delete strike, or a read come from outside the run.
 """
 
 from __future__ import annotations
@@ -89,7 +89,8 @@ def confined(root: Path, path: Path) -> Path:
         here = here / part
         if here.is_symlink():
             raise LLMTrainError(
-                f"{here}: a symbolic link (to {os.readlink(here)}); llmtrain writes only "
-                f"inside {root}, never through a link: remove the link and run again"
+                f"{here}: a symbolic link (to {os.readlink(here)}); llmtrain reads and writes "
+                f"a run's files only inside {root}, never through a link: replace the link "
+                "with the file itself and run again"
             )
     return path
