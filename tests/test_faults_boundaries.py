@@ -347,6 +347,15 @@ def test_resume_refuses_an_edited_corpus_until_accepted_and_records_it(tmp_path)
     assert res.exit_code == 0, res.output
 
 
+def test_a_store_rebuilt_elsewhere_from_the_same_data_is_the_same_data(copy, tmp_path):
+    config, run = copy
+    sets = ["train.max_steps=9", f"data.store={tmp_path / 'moved'}", "data.workers=2"]
+    res = cli("fit", str(config), "--resume", "auto", *[x for s in sets for x in ("--set", s)])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "moved" / "train" / "meta.json").is_file()  # built anew, not reused
+    assert "data_changed" not in (run / "metrics.jsonl").read_text()
+
+
 def _edit_label_names(store: Path, fix_mark: bool) -> None:
     meta_path = store / "meta.json"
     meta = json.loads(meta_path.read_text())
