@@ -113,10 +113,11 @@ def fit(
     out = Path(cfg.run.output_dir)
     main = is_rank_zero()  # the process group does not exist yet
     caller_threads = torch.get_num_threads()  # the run sets its own (host/threads.py)
+    if main:
+        check_corpus_outside_run(cfg)  # before the lock creates the run directory
     try:
         with hold_run_dir(out, enabled=main, notice=say), sigterm_guard():
             if main:
-                check_corpus_outside_run(cfg)
                 claim_run_dir(out, write=not dry_run)
             if main and not dry_run:
                 sweep_run_dir(out)

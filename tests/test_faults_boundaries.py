@@ -257,6 +257,14 @@ def test_a_corpus_inside_the_runs_own_files_is_refused(copy, finished):
     assert corpus.read_bytes() == (finished / "corpus.txt").read_bytes()
 
 
+def test_a_run_inside_its_corpus_folder_is_refused(tmp_path):
+    write_corpus(tmp_path / "docs" / "a.txt")
+    cfg = tiny_lm_config(tmp_path / "docs" / "run", tmp_path / "docs", name="x", max_steps=1)
+    err = one_line(cli("fit", str(write_config(tmp_path / "c.yaml", cfg))), 2)
+    assert f"data.train: the corpus folder {tmp_path / 'docs'} holds run.output_dir" in err
+    assert sorted(p.name for p in (tmp_path / "docs").iterdir()) == ["a.txt"]
+
+
 def test_an_empty_output_dir_is_refused_naming_the_key(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     corpus = write_corpus(tmp_path / "corpus.txt")

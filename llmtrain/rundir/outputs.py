@@ -49,12 +49,21 @@ def check_output(
 
 def check_corpus_outside_run(cfg: Config) -> None:
     """`fit` writes (and `--overwrite` deletes) the run's own files: a corpus file among them
-    would be replaced or deleted, or read back as training data. Refused, exit 2."""
+    would be replaced or deleted, and a run inside a corpus folder read back as training data.
+    Refused, exit 2."""
     run = Path(cfg.run.output_dir).resolve()
     sources = [("data.train", cfg.data.train), ("data.eval", cfg.data.eval)]
     for key, source in sources:
         if source is None:
             continue
+        paths = [source.path] if isinstance(source.path, str) else source.path
+        for folder in (Path(p).resolve() for p in paths if Path(p).is_dir()):
+            if run == folder or folder in run.parents:  # its outputs would become corpus files
+                raise ConfigError(
+                    f"{key}: the corpus folder {folder} holds run.output_dir "
+                    f"{cfg.run.output_dir}; what fit writes there would be read as training "
+                    "data next time: put the run outside the corpus"
+                )
         for file in corpus_files(source, key=key):
             try:
                 rel = Path(file).resolve().relative_to(run)
