@@ -7,6 +7,8 @@ otherwise (docs/architecture.md, "Token store"). A reused store's content is ver
 the checksums in its meta.json (`data.store_verify`: full, sampled, or auto by size); one that
 matches but is damaged or was edited is an error, never a silent rebuild or a silent train.
 What a killed build left behind (`.tmp-*` / `.old-*` of a dead pid) is swept on every call.
+The stores' folder is llmtrain's own (`claim_store_root`, util/owned.py): one that holds
+anything else is refused, never written into or replaced.
 """
 
 from __future__ import annotations
@@ -160,9 +162,9 @@ def ensure_stores(
     names = _splits(cfg)
     tok_fp = tokenizer_fingerprint(tokenizer)
     fp = stores_fingerprint(cfg, tok_fp)
+    claim_store_root(cfg, root)  # never a folder of someone else's files
     # What a killed `chunk` left (kill -9 runs no cleanup), swept before the store is reused
     # too, or it would stay forever beside an up-to-date store; this process has none open yet.
-    claim_store_root(cfg, root)
     swept = remove_stale_temps(root)
     if not force:
         stores = _reusable(root, names, fp, cfg.data.store_verify)
