@@ -233,6 +233,14 @@ def fit(
     yes: Annotated[
         bool, typer.Option("--yes", "-y", help="With --overwrite: delete without asking.")
     ] = False,
+    accept_data_change: Annotated[
+        bool,
+        typer.Option(
+            "--accept-data-change",
+            help="With --resume: continue although the corpus or the token store changed since "
+            "the run trained on it (recorded in metrics.jsonl as a data_changed event).",
+        ),
+    ] = False,
 ) -> None:
     """Train a model: tokenize, chunk, probe the micro-batch, train with exact accumulation."""
 
@@ -241,18 +249,28 @@ def fit(
         if overwrite and resume is not None:
             raise ConfigError("--overwrite starts the run over and --resume continues it: use one")
         if overwrite and not dry_run:
+            from llmtrain.rundir.outputs import check_corpus_outside_run
+
+            check_corpus_outside_run(cfg)  # before listing what would be deleted
             _confirm_overwrite(cfg.run.output_dir, yes)
         command = ["fit", config]
         command += ["--resume", resume] if resume is not None else []
         command += ["--dry-run"] if dry_run else []
         command += ["--overwrite", "--yes"] if overwrite else []
+        command += ["--accept-data-change"] if accept_data_change else []
         if _relaunch(nproc, command, set_, cfg):
             return
         from llmtrain.commands import fit as command
         from llmtrain.engine.signals import Preempted
 
         try:
-            command.execute(cfg, resume=resume, dry_run=dry_run, overwrite=overwrite)
+            command.execute(
+                cfg,
+                resume=resume,
+                dry_run=dry_run,
+                overwrite=overwrite,
+                accept_data_change=accept_data_change,
+            )
         except Preempted as e:  # SIGTERM: not an error; say how to continue
             _exiting()
             say(f"llmtrain fit: {e}", every_rank=True)
@@ -280,8 +298,9 @@ def _confirm_overwrite(output_dir: str, yes: bool) -> None:
     --yes). Nothing to delete: nothing to ask."""
     from pathlib import Path
 
-    from llmtrain.rundir.provenance import describe, run_outputs
+    from llmtrain.rundir.provenance import claim_run_dir, describe, run_outputs
 
+    claim_run_dir(Path(output_dir), write=False)  # never offer to delete what is not ours
     doomed = run_outputs(Path(output_dir))
     if not doomed:
         return

@@ -24,6 +24,11 @@ PROBE_SNAPSHOT_FILE = "probe-snapshot.safetensors"  # the CPU probe's snapshot, 
 REPORT_FILE = "report.png"
 WANDB_DIR = "wandb"  # log.wandb's local files (offline runs: not yet synced)
 TRACKERS_FILE = "trackers.json"  # the W&B / MLflow run ids a resume continues
+DATA_RECORD_FILE = "data.resolved.json"  # the fingerprints of the data the run trains on
+# What marks a directory as llmtrain's own (a run, a store, a split's store, `final/`): it
+# deletes or replaces only what carries it (util/owned.py). A checkpoint's mark is COMPLETE.
+OWNER_MARK = ".llmtrain"
+COMPLETE_FILE = "complete"  # written last into a checkpoint: without it, not a checkpoint
 
 # What `fit --overwrite` removes; the token stores, the trained tokenizer and
 # probe-cache.json are caches keyed by what they depend on, and stay.
@@ -33,10 +38,14 @@ RUN_OUTPUTS = (
     ADAPTER_DIR,
     METRICS_FILE,
     CONFIG_FILE,
+    DATA_RECORD_FILE,
     TENSORBOARD_DIR,
     WANDB_DIR,
     TRACKERS_FILE,
 )
+# Every name llmtrain gives a file of its own in a run directory: no command writes its output
+# over one of them (rundir/outputs.py).
+RUN_FILES = (*RUN_OUTPUTS, LOCK_FILE, STORE_DIR, TOKENIZER_DIR, PROBE_CACHE_FILE, OWNER_MARK)
 
 
 def checkpoint_name(step: int) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +34,10 @@ from llmtrain.engine.signals import sigterm_guard
 from llmtrain.errors import LLMTrainError
 from llmtrain.host import allocator, threads
 from llmtrain.probe.plan import resolve_micro_batch
-from llmtrain.rundir.provenance import Resume, check_resume, clear_run
-from llmtrain.util.atomic import atomic_write
+from llmtrain.rundir import data_record
+from llmtrain.rundir.outputs import check_corpus_outside_run
+from llmtrain.rundir.provenance import Resume, check_resume, claim_run_dir, clear_run
+from llmtrain.util.atomic import atomic_write, remove_stale_temps
 from llmtrain.util.locks import hold_run_dir
 
 
@@ -52,6 +54,7 @@ class Plan:
     threads: threads.Threads | None = None  # intra-op threads set for the run (and why)
     allocator: allocator.Policy | None = None  # the CPU allocator policy applied
     mixture: Mixture | None = None  # data.train as a list of sources: what an epoch draws
+    stores: dict[str, Any] = field(default_factory=dict)  # every split's store, by split
 
 
 def resolve_micro(cfg: Config, model: Any, device: Any, dist: DistInfo) -> int:
@@ -108,7 +111,7 @@ def prepare(cfg: Config, dist: DistInfo, device: torch.device) -> tuple[Any, Any
         check_document_isolation(model, model_device(model))
     micro = resolve_micro(cfg, model, device, dist)
     n = mixture.epoch_size if mixture is not None else len(train_store)
-    plan = Plan(cfg, model, device, micro, n, dist, host_threads, policy, mixture)
+    plan = Plan(cfg, model, device, micro, n, dist, host_threads, policy, mixture, report.stores)
     return tokenizer, train_store, eval_store, plan
 
 
@@ -118,24 +121,70 @@ def fit(
     resume: str | None = None,
     dry_run: bool = False,
     overwrite: bool = False,
+    accept_data_change: bool = False,
     console: Console | None = None,
     on_plan: Callable[[Plan], None] | None = None,
 ) -> TrainResult | None:
     """Run every stage of `fit` as the run directory's one writer (util/locks.py: rank 0
-    holds it for the job), SIGTERM handled (engine/signals.py); `overwrite` first removes
-    the outputs of an earlier run (rundir/provenance.py). Returns the TrainResult (None for
-    a dry run)."""
+    holds it for the job), SIGTERM handled (engine/signals.py), in a run directory of its own
+    (claim_run_dir); `overwrite` first removes the outputs of an earlier run
+    (rundir/provenance.py). `accept_data_change`: resume although the data changed
+    (rundir/data_record.py). Returns the TrainResult (None for a dry run)."""
     out = Path(cfg.run.output_dir)
     main = is_rank_zero()  # the process group does not exist yet
     caller_threads = torch.get_num_threads()  # the run sets its own (host/threads.py)
+    if main:
+        check_corpus_outside_run(cfg)  # before the lock creates the run directory
     try:
         with hold_run_dir(out, enabled=main, notice=say), sigterm_guard():
+            if main:
+                claim_run_dir(out, write=not dry_run)
+            if main and not dry_run:
+                sweep_run_dir(out)
             if overwrite and main and not dry_run:
                 for path in clear_run(out):
                     say(f"--overwrite: removed {path}")
-            return run_stages(cfg, resume=resume, dry_run=dry_run, console=console, on_plan=on_plan)
+            return run_stages(
+                cfg,
+                resume=resume,
+                dry_run=dry_run,
+                accept_data_change=accept_data_change,
+                console=console,
+                on_plan=on_plan,
+            )
     finally:
         torch.set_num_threads(caller_threads)  # an in-process caller keeps its own setting
+
+
+def sweep_run_dir(out: Path) -> None:
+    """What a killed run left in the run root and in checkpoints/ (`.tmp-*`/`.old-*` of a
+    dead pid: a half-written final/, metrics.jsonl or checkpoint); the store's own are swept
+    where the stores are opened."""
+    swept = remove_stale_temps(out) + remove_stale_temps(out / layout.CHECKPOINTS_DIR)
+    if swept:
+        say(f"removed what a killed run left: {', '.join(str(p) for p in swept)}")
+
+
+def check_data(
+    cfg: Config, resumed: Resume | None, accept: bool, stores: dict[str, Any] | None = None
+) -> dict[str, list[Any]]:
+    """A resume's data against the run's record (rundir/data_record.py): the corpora before
+    the stores are built, the stores (`stores`) once open. Returns the accepted changes."""
+    if resumed is None:
+        return {}
+    run_dir = resumed.checkpoint.parent.parent
+    recorded = data_record.read_record(run_dir)
+    if recorded is None and stores is None:
+        say(
+            f"warning: {data_record.record_path(run_dir)} is missing (a run of an older "
+            "llmtrain); the data cannot be compared with the run's"
+        )
+    now = data_record.store_record(stores) if stores else data_record.corpus_record(cfg)
+    changed = data_record.compare_data(recorded, now, run_dir, accept)
+    if changed:
+        flag = data_record.ACCEPT_FLAG
+        say(f"warning: resuming on changed data ({', '.join(changed)}), as {flag} asks")
+    return changed
 
 
 def check_provenance(cfg: Config, resume: str | None, console: Console) -> Resume | None:
@@ -155,6 +204,7 @@ def run_stages(
     *,
     resume: str | None = None,
     dry_run: bool = False,
+    accept_data_change: bool = False,
     console: Console | None = None,
     on_plan: Callable[[Plan], None] | None = None,
 ) -> TrainResult | None:
@@ -165,12 +215,14 @@ def run_stages(
     if resume is None and not dry_run and main:
         find_start(out, None)  # refuse an earlier run's directory before any work is done
     resumed = check_provenance(cfg, resume, console)  # before a store is rebuilt
+    data_changes = check_data(cfg, resumed, accept_data_change)
     device = resolve_device(cfg.run.device)
     dist = setup(device)
     if dist.enabled:
         device = resolve_device(cfg.run.device, dist.local_rank)
     try:
         tokenizer, train_store, eval_store, plan = prepare(cfg, dist, device)
+        data_changes |= check_data(cfg, resumed, accept_data_change, plan.stores)
         if dist.is_main and on_plan is not None:
             on_plan(plan)
         if resumed is not None:
@@ -181,6 +233,8 @@ def run_stages(
             return None
         if dist.is_main:
             write_resolved_config(cfg, out)
+            record = {**data_record.corpus_record(cfg), **data_record.store_record(plan.stores)}
+            data_record.write_record(out, record)
         result = train(
             cfg,
             plan.model,
@@ -194,6 +248,7 @@ def run_stages(
             console=console,
             changes=resumed.changes if resumed is not None else None,
             mixture=plan.mixture,
+            data_changes=data_changes,
         )
     finally:
         teardown()

@@ -162,7 +162,8 @@ def test_pipeline_builds_a_store_per_set_and_evaluate_has_a_row_each(named_run, 
     from llmtrain.commands import evaluate as evaluate_cmd
 
     run = named_run / "run"
-    assert sorted(p.name for p in (run / "store").iterdir()) == ["eval-books", "eval-web", "train"]
+    stores = sorted(p.name for p in (run / "store").iterdir() if p.is_dir())
+    assert stores == ["eval-books", "eval-web", "train"]
     logged = {r["split"]: r for r in read_metrics(run / "metrics.jsonl") if r["step"] == 4}
     result = evaluate_cmd.execute(str(run), as_json=True)
     payload = json.loads(capsys.readouterr().out)
@@ -234,5 +235,5 @@ def test_a_stale_eval_store_is_removed_when_the_sets_change(named_run, tmp_path)
     cfg_data["train"].pop("best_metric")
     cfg = load(write_config(tmp_path / "single.yaml", cfg_data))
     report = ensure_stores(cfg, load_tokenizer(cfg), progress=False)
-    assert sorted(p.name for p in store.iterdir()) == ["eval", "train"]
+    assert sorted(p.name for p in store.iterdir() if p.is_dir()) == ["eval", "train"]
     assert list(report.stores) == ["train", "eval"]

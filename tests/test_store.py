@@ -97,16 +97,19 @@ def _damage_truncate(p):
 
 
 def _damage_meta_count(p):
+    (p / ".llmtrain").unlink()  # a store of before marks: only the structural checks
     m = json.loads((p / "meta.json").read_text())
     m["num_chunks"] = 5
     (p / "meta.json").write_text(json.dumps(m))
 
 
 def _damage_meta_json(p):
+    (p / ".llmtrain").unlink()  # a store of before marks: only the structural checks
     (p / "meta.json").write_text("{not json")
 
 
 def _damage_version(p):
+    (p / ".llmtrain").unlink()  # a store of before marks: only the structural checks
     m = json.loads((p / "meta.json").read_text())
     m["format_version"] = 99
     (p / "meta.json").write_text(json.dumps(m))

@@ -155,7 +155,14 @@ def _warmup_text(cfg: Config, steps: int) -> str:
     return text if cfg.optim.warmup_steps is not None else f"{text} (default: 5% of {steps} steps)"
 
 
-def execute(cfg: Config, *, resume: str | None, dry_run: bool, overwrite: bool = False) -> None:
+def execute(
+    cfg: Config,
+    *,
+    resume: str | None,
+    dry_run: bool,
+    overwrite: bool = False,
+    accept_data_change: bool = False,
+) -> None:
     """Entry point of `llmtrain fit` (called by llmtrain.cli after validation); the plan and
     the closing line are printed by rank 0 alone."""
 
@@ -168,6 +175,13 @@ def execute(cfg: Config, *, resume: str | None, dry_run: bool, overwrite: bool =
                 "dry run: tokenizer, stores, model and micro-batch resolved; not training"
             )
 
-    result = fit(cfg, resume=resume, dry_run=dry_run, overwrite=overwrite, on_plan=show)
+    result = fit(
+        cfg,
+        resume=resume,
+        dry_run=dry_run,
+        overwrite=overwrite,
+        accept_data_change=accept_data_change,
+        on_plan=show,
+    )
     if result is not None and result.final_dir is not None:
         console.print(f"done: step {result.step}, final model in {result.final_dir}")

@@ -27,6 +27,7 @@ from rich.table import Table
 from rich.text import Text
 
 from llmtrain.console import human_console
+from llmtrain.data.corpus import corpus_files
 from llmtrain.engine.evaluate import (
     StoreOutputs,
     document_losses,
@@ -35,6 +36,7 @@ from llmtrain.engine.evaluate import (
     forward_store,
 )
 from llmtrain.engine.step import StepSpec
+from llmtrain.rundir.outputs import check_output
 from llmtrain.rundir.trained import (
     InputStore,
     TrainedRun,
@@ -214,6 +216,10 @@ def execute(
     )
     if id_field is not None:
         source = source.model_copy(update={"id_field": id_field or None})
+    if output is not None:  # before any work: never over an input or the run's own files
+        inputs = corpus_files(source, key="--input")
+        runs = [trained.path, *([Path(checkpoint).parent.parent] if checkpoint else [])]
+        check_output(output, option="--output", inputs=inputs, runs=runs)
     with tempfile.TemporaryDirectory(prefix="llmtrain-predict-") as tmp:
         docs = encode_input(trained, source, Path(tmp), spec=scoring_spec(trained), key="input")
         micro = inference_batch(trained, batch)

@@ -23,6 +23,7 @@ from llmtrain.config.schema import HIGHER_IS_BETTER
 from llmtrain.console import human_console, say
 from llmtrain.errors import LLMTrainError
 from llmtrain.plot import RunMetrics, draw
+from llmtrain.rundir.outputs import check_output
 from llmtrain.rundir.trained import read_run_metrics, run_name
 from llmtrain.util.atomic import atomic_write
 
@@ -170,6 +171,8 @@ def execute(run_dirs: list[str], *, output: str | None = None, as_json: bool = F
             Path(run_dirs[0]) / layout.REPORT_FILE if len(runs) == 1 else Path(layout.REPORT_FILE)
         )
     )
+    metrics = [Path(d) / layout.METRICS_FILE for d in run_dirs]
+    check_output(path, option="--output", inputs=metrics, runs=[Path(d) for d in run_dirs])
     atomic_write(path, draw(runs))
     rows = [summary(r) for r in runs]
     if as_json:

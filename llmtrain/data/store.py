@@ -41,6 +41,7 @@ import numpy as np
 
 from llmtrain.errors import LLMTrainError
 from llmtrain.util.atomic import replace_dir, temp_sibling
+from llmtrain.util.owned import check_replaceable, mark, read_mark
 
 FORMAT_VERSION = 1
 META = "meta.json"
@@ -110,6 +111,8 @@ class TokenStoreWriter:
         self.dtype = token_dtype(vocab_size)
         self.vocab_size = vocab_size
         self.extra_meta = dict(meta or {})
+        # Replaces only a store of llmtrain's own, never a folder that merely has its name.
+        check_replaceable(self.path, "store", (META,), "point data.store at an empty folder")
         self.tmp = temp_sibling(self.path)
         shutil.rmtree(self.tmp, ignore_errors=True)  # this pid's own leftover, if any
         self._tokens = self._names = self._mask = None
@@ -302,7 +305,11 @@ class TokenStoreWriter:
             "stats": stats,
             "files": files,
         }
-        (self.tmp / META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+        text = (json.dumps(meta, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+        (self.tmp / META).write_bytes(text)
+        # meta.json gives the files their meaning (label_names, counts, dtype): its own
+        # checksum sits in the mark, and in each run that trains on the store.
+        mark(self.tmp, "store", meta_sha256=hashlib.sha256(text).hexdigest())
         replace_dir(self.tmp, self.path)
         return TokenStore.open(self.path)
 
@@ -410,8 +417,15 @@ def _read_meta(path: Path) -> dict[str, Any]:
         raise LLMTrainError(f"{path}: no token store here (run `llmtrain chunk` first)")
     if not meta_path.is_file():
         raise LLMTrainError(f"{meta_path}: missing; the store is incomplete, rebuild it")
+    raw = meta_path.read_bytes()
+    recorded = (read_mark(path) or {}).get("meta_sha256")  # absent: a store of before marks
+    if recorded is not None and hashlib.sha256(raw).hexdigest() != recorded:
+        raise LLMTrainError(
+            f"{meta_path}: checksum mismatch (sha256 as {path.name}/.llmtrain records it); "
+            "the store's metadata was edited, rebuild it with `llmtrain chunk --force`"
+        )
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        meta = json.loads(raw.decode("utf-8"))
         if not isinstance(meta, dict):
             raise ValueError("not a JSON object")
     except (ValueError, UnicodeDecodeError) as e:

@@ -7,6 +7,8 @@ otherwise (docs/architecture.md, "Token store"). A reused store's content is ver
 the checksums in its meta.json (`data.store_verify`: full, sampled, or auto by size); one that
 matches but is damaged or was edited is an error, never a silent rebuild or a silent train.
 What a killed build left behind (`.tmp-*` / `.old-*` of a dead pid) is swept on every call.
+The stores' folder is llmtrain's own (`claim_store_root`, util/owned.py): one that holds
+anything else is refused, never written into or replaced.
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ from llmtrain.data.chunking import ChunkSpec
 from llmtrain.data.corpus import corpus_fingerprint, train_fingerprint
 from llmtrain.data.encode import build_stores, set_workers
 from llmtrain.data.sft import sft_fingerprint
-from llmtrain.data.store import FORMAT_VERSION, TokenStore, split_folder
+from llmtrain.data.store import FORMAT_VERSION, META, TokenStore, split_folder
 from llmtrain.errors import LLMTrainError
 from llmtrain.util.atomic import remove_stale_temps
+from llmtrain.util.owned import check_replaceable, confined, is_ours, mark, user_entries
 
 if TYPE_CHECKING:  # transformers is only needed by the caller that loads the tokenizer
     from rich.console import Console
@@ -57,6 +60,26 @@ class ChunkReport:
 def store_root(cfg: Config) -> Path:
     """Where the stores live: data.store, or <run.output_dir>/store; splits are subfolders."""
     return Path(cfg.data.store) if cfg.data.store else Path(cfg.run.output_dir) / layout.STORE_DIR
+
+
+def claim_store_root(cfg: Config, root: Path) -> None:
+    """Make `root` the stores' folder, marked as ours; refuse a folder that holds anything
+    else (a store of an older llmtrain, recognised by its train/meta.json, is adopted). The
+    default `<output_dir>/store` may not be a symbolic link (writes stay in the run); a
+    `data.store` the user names may be one (stores on another disk): its target is judged."""
+    if cfg.data.store is None:
+        confined(Path(cfg.run.output_dir), root)
+    real = root.resolve()
+    ours = is_ours(real, "stores")
+    if not ours and not is_ours(real / "train", "store", (META,)) and user_entries(real):
+        shown = ", ".join(user_entries(real)[:3])
+        raise LLMTrainError(
+            f"{root}: not a store folder llmtrain made (it holds {shown}); llmtrain writes its "
+            "stores only into a folder of its own: point data.store at an empty or new folder"
+        )
+    root.mkdir(parents=True, exist_ok=True)
+    if not ours:
+        mark(root, "stores")
 
 
 def _splits(cfg: Config) -> list[str]:
@@ -178,6 +201,7 @@ def ensure_stores(
     names = _splits(cfg)
     tok_fp = tokenizer_fingerprint(tokenizer)
     fp = stores_fingerprint(cfg, tok_fp)
+    claim_store_root(cfg, root)  # never a folder of someone else's files
     # What a killed `chunk` left (kill -9 runs no cleanup), swept before the store is reused
     # too, or it would stay forever beside an up-to-date store; this process has none open yet.
     swept = remove_stale_temps(root)
@@ -192,8 +216,9 @@ def ensure_stores(
             return _with_notes(report, cfg, swept, None, console)
     root.mkdir(parents=True, exist_ok=True)
     # A store this config no longer has (an eval set, or a training source renamed or
-    # dropped) would mislead whoever reads the folder later.
+    # dropped) would mislead whoever reads the folder later; only a store of ours is removed.
     for stale in _stale_stores(root, names):
+        check_replaceable(stale, "store", (META,))
         shutil.rmtree(stale)
     meta = _store_meta(cfg, spec, fp, tok_fp)
     stores, splits = build_stores(

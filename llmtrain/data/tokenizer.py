@@ -38,6 +38,7 @@ from llmtrain.data.encode import document_batches
 from llmtrain.errors import LLMTrainError
 from llmtrain.util.atomic import atomic_dir
 from llmtrain.util.locks import exclusive
+from llmtrain.util.owned import check_replaceable, confined
 
 FINGERPRINT_FILE = "llmtrain_tokenizer.json"
 _FINGERPRINT_VERSION = 1
@@ -220,7 +221,7 @@ def _trained(cfg: Config, train: TokenizerTrainConfig) -> PreTrainedTokenizerFas
     target.parent.mkdir(parents=True, exist_ok=True)
     # Under torchrun every rank gets here at once: the first trains and saves, the others
     # wait on the lock and then find a valid cache.
-    with exclusive(target.parent / ".tokenizer.lock"):
+    with exclusive(confined(target.parent, target.parent / ".tokenizer.lock")):
         cached = _load_cached(target, want)
         if cached is not None:
             return cached
@@ -243,7 +244,9 @@ def _load_cached(target: Path, want: dict) -> PreTrainedTokenizerFast | None:
 
 
 def _save_atomic(tok: PreTrainedTokenizerFast, target: Path, fingerprint: dict) -> None:
-    """Write the cache beside `target` and swap it in whole: a crash never leaves half a cache."""
+    """Write the cache beside `target` and swap it in whole: a crash never leaves half a cache.
+    Only a cache of llmtrain's own is replaced: its fingerprint file is its mark."""
+    check_replaceable(confined(target.parent, target), "tokenizer", (FINGERPRINT_FILE,))
     with atomic_dir(target) as tmp:
         tok.save_pretrained(str(tmp))
         # Written last: a cache without its fingerprint file is never trusted.

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import re
 import shutil
@@ -44,8 +45,9 @@ from llmtrain.engine.parallel import is_fsdp, load_full_state
 from llmtrain.engine.peft import is_peft, load_trainable, trainable_state
 from llmtrain.errors import ConfigError, LLMTrainError
 from llmtrain.util.atomic import atomic_dir, remove_stale_temps
+from llmtrain.util.owned import check_replaceable, confined
 
-MARKER = "complete"
+MARKER = layout.COMPLETE_FILE
 MANIFEST = "checksums.json"
 FILES = ("model.safetensors", "optimizer.pt", "state.pt")
 FORMAT = 2  # 1: state.pt pickled numpy arrays, no checksums (read for old runs' sake)
@@ -181,10 +183,31 @@ def write_manifest(directory: Path, names: Iterable[str] = FILES) -> None:
     (directory / MANIFEST).write_text(text + "\n", encoding="utf-8")
 
 
+def is_plain_name(name: str) -> bool:
+    """A checksums.json entry names a file inside its directory: relative, no `..`, no `.`,
+    no empty part, no backslash (the same name on every platform)."""
+    parts = name.split("/")
+    return bool(name) and "\\" not in name and all(p not in ("", ".", "..") for p in parts)
+
+
+def check_no_links(path: Path) -> None:
+    """A checkpoint or `final/` holds no symbolic link, anywhere below it: what is read from a
+    run stays inside it (a link is refused rather than resolved, so there is nothing to
+    judge)."""
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in (*dirnames, *filenames):
+            entry = Path(dirpath) / name
+            if entry.is_symlink():
+                raise CheckpointRejected(
+                    entry, f"a symbolic link (to {os.readlink(entry)}); refused unread"
+                )
+
+
 def verify_manifest(path: Path, required: Iterable[str] = FILES) -> None:
     """Every file the manifest lists matches its recorded size and sha256, and it lists all of
     `required`, or CheckpointRejected names the file. A checkpoint of format 1 (or a `final/`
     of that time) has no manifest: it is read unverified, with a warning."""
+    check_no_links(path)
     manifest = path / MANIFEST
     if not manifest.is_file():
         say(
@@ -203,6 +226,10 @@ def verify_manifest(path: Path, required: Iterable[str] = FILES) -> None:
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointRejected(manifest, f"malformed ({type(e).__name__}: {e})") from e
     for name, (size, digest) in expected.items():
+        if not is_plain_name(name):
+            raise CheckpointRejected(
+                manifest, f"lists {name!r}: not a plain relative path inside the checkpoint"
+            )
         file = path / name
         if not file.is_file():
             raise CheckpointRejected(file, "missing")
@@ -253,7 +280,8 @@ def save_checkpoint(
     `model_state` / `optimizer_state`: full states gathered from a sharded (FSDP) model by
     `llmtrain.engine.parallel`, written in the same format instead of the module's own."""
     root = checkpoint_dir(output_dir)
-    final = checkpoint_path(output_dir, step)
+    final = confined(Path(output_dir), checkpoint_path(output_dir, step))
+    check_replaceable(final, "checkpoint", (MARKER,))
     if model_state is None and is_peft(model):  # the frozen base is model.pretrained itself
         model_state = trainable_state(model)
     optim_state = optimizer_state if optimizer_state is not None else optimizer.state_dict()
@@ -289,6 +317,7 @@ def list_checkpoints(root: Path) -> list[Path]:
         p
         for p in root.iterdir()
         if p.is_dir()
+        and not p.is_symlink()  # a link would lead out of the run
         and re.fullmatch(rf"{layout.CHECKPOINT_PREFIX}\d+", p.name)
         and (p / MARKER).is_file()
     ]
@@ -464,6 +493,7 @@ def find_resume(output_dir: Path, resume: str) -> Checkpoint | None:
     checkpoint, or an error naming it."""
     if resume != "auto":
         return read_checkpoint(Path(resume))
+    confined(Path(output_dir), checkpoint_dir(output_dir))  # a link would read another run
     for path in reversed(list_checkpoints(checkpoint_dir(output_dir))):
         try:
             return read_checkpoint(path)

@@ -71,6 +71,7 @@ from llmtrain.engine.step import (
 from llmtrain.engine.trackers import Trackers
 from llmtrain.errors import LLMTrainError
 from llmtrain.util.atomic import atomic_dir
+from llmtrain.util.owned import check_replaceable, confined, mark
 
 FP16_MAX_RETRIES = 30  # consecutive overflow-skipped attempts of one step before giving up
 
@@ -519,7 +520,8 @@ def save_final(run: Run, tokenizer: Any) -> Path | None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # our own output only
-        final = run.out / layout.FINAL_DIR
+        final = confined(run.out, run.out / layout.FINAL_DIR)
+        check_replaceable(final, "final", (ckpt.MANIFEST, "config.json"))
         if run.adalora is not None:
             run.adalora.finish()
         if is_peft(raw):
@@ -534,6 +536,7 @@ def save_final(run: Run, tokenizer: Any) -> Path | None:
             if hasattr(tokenizer, "save_pretrained"):
                 tokenizer.save_pretrained(tmp)
             ckpt.write_manifest(tmp, sorted(f.name for f in tmp.iterdir() if f.is_file()))
+            mark(tmp, "final")
     barrier()
     return final
 
@@ -545,11 +548,16 @@ def job_peak(run: Run) -> float | None:
 
 
 def open_log(
-    run: Run, state: LoopState, console: Console, changes: dict[str, list] | None = None
+    run: Run,
+    state: LoopState,
+    console: Console,
+    changes: dict[str, list] | None = None,
+    data_changes: dict[str, list] | None = None,
 ) -> TrainLog:
     """metrics.jsonl (appended to on resume, after `restore_or_start` cut it back) and the
     progress display; rank 0 alone writes. `changes`: the safe config changes of a resume
-    (rundir/provenance.py), recorded as a `config_changed` event at the resumed step."""
+    (rundir/provenance.py), recorded as a `config_changed` event at the resumed step;
+    `data_changes`: the data changes it accepted (rundir/data_record.py), `data_changed`."""
     cfg, is_main = run.cfg, run.dist.is_main
     fresh = state.step == 0
     metrics = MetricsWriter(
@@ -575,6 +583,8 @@ def open_log(
     )
     if changes and state.step > 0:
         log.event("config_changed", state.step, changes=changes)
+    if data_changes and state.step > 0:
+        log.event("data_changed", state.step, changes=data_changes, accepted=True)
     return log
 
 
@@ -592,10 +602,11 @@ def train(
     console: Console | None = None,
     changes: dict[str, list] | None = None,
     mixture: Mixture | None = None,
+    data_changes: dict[str, list] | None = None,
 ) -> TrainResult:
     """Train `model` on `train_store` as `cfg` says; writes the run directory
     (docs/architecture.md, "Run directory"). `eval_store`: one store, or {split: store} for
-    named eval sets. `changes`: see `open_log`; `mixture`: see `setup_run`."""
+    named eval sets. `changes`, `data_changes`: see `open_log`; `mixture`: see `setup_run`."""
     dist, console = dist or DistInfo(), console or default_console
     run = setup_run(
         cfg, model, tokenizer, train_store, eval_store, device=device, dist=dist, mixture=mixture
@@ -603,7 +614,10 @@ def train(
     state = restore_or_start(run, resume, micro_batch, console)
     signals.defer_to_step_end()  # a SIGTERM from now on ends the current step with a checkpoint
     start = state.step
-    with open_log(run, state, console, changes) as log, Prefetcher(run.spec, device) as pre:
+    with (
+        open_log(run, state, console, changes, data_changes) as log,
+        Prefetcher(run.spec, device) as pre,
+    ):
         run.prefetch = pre
         while state.step < run.total:
             log.step_started()

@@ -14,6 +14,8 @@ from typing import Any
 from llmtrain import layout
 from llmtrain.console import say
 from llmtrain.engine.trackers import Trackers
+from llmtrain.util.atomic import atomic_write
+from llmtrain.util.owned import confined
 
 TIMING_FIELDS = ("tokens_per_s", "elapsed_s", "mfu")  # the only fields that differ between reruns
 # How to get the tensorboard package: the extra exists only for an install of this project.
@@ -24,7 +26,7 @@ TENSORBOARD_HINT = (
 
 def truncate_after(path: Path, step: int) -> None:
     """Drop records (and events) with a step after `step`: they will be written again."""
-    if not path.is_file():
+    if not confined(path.parent, path).is_file():
         return
     kept = []
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
@@ -34,7 +36,7 @@ def truncate_after(path: Path, step: int) -> None:
                 kept.append(line)
         except (ValueError, TypeError, AttributeError):
             continue  # a line torn by a crash, or not a record of ours
-    path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+    atomic_write(path, "".join(f"{line}\n" for line in kept))
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -63,12 +65,14 @@ class MetricsWriter:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         if jsonl:
+            confined(path.parent, path)  # a link would send the records out of the run
             self._file = open(path, "w" if fresh else "a", encoding="utf-8")  # noqa: SIM115
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(path.parent / layout.TENSORBOARD_DIR))
+                tb_dir = confined(path.parent, path.parent / layout.TENSORBOARD_DIR)
+                self._tb = SummaryWriter(str(tb_dir))
             except ImportError:
                 say(
                     "log.tensorboard is on but the tensorboard package is not "

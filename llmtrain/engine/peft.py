@@ -36,6 +36,7 @@ from llmtrain.engine.parallel import unwrap
 from llmtrain.engine.quantize import is_quantized, merge_dequantized
 from llmtrain.errors import LLMTrainError
 from llmtrain.util.atomic import atomic_dir, remove_path
+from llmtrain.util.owned import check_replaceable, confined, mark
 
 
 def _peft() -> Any:
@@ -167,7 +168,9 @@ def save_adapter_then_merge(model: torch.nn.Module, adapter_dir: Path, tokenizer
     quantized base is dequantized first (engine/quantize.py)."""
     peft_model = unwrap(model)
     initial = getattr(peft_model, INITIAL_ATTR, None)
-    with atomic_dir(Path(adapter_dir)) as tmp, warnings.catch_warnings():
+    adapter_dir = confined(Path(adapter_dir).parent, Path(adapter_dir))
+    check_replaceable(adapter_dir, "adapter", ("adapter_config.json",))
+    with atomic_dir(adapter_dir) as tmp, warnings.catch_warnings():
         # AdaLoRA may prune a matrix to rank 0; peft takes that for an ungathered FSDP shard
         warnings.filterwarnings("ignore", message=".*have invalid shape.*")
         if initial is None:
@@ -176,8 +179,9 @@ def save_adapter_then_merge(model: torch.nn.Module, adapter_dir: Path, tokenizer
             save_converted(peft_model, tmp, initial)
         if hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(tmp)
+        mark(tmp, "adapter")
     if is_quantized(peft_model):
-        return merge_dequantized(peft_model, Path(adapter_dir))
+        return merge_dequantized(peft_model, adapter_dir)
     return peft_model.merge_and_unload()
 
 

@@ -28,6 +28,7 @@ from llmtrain.config.schema import section_class
 from llmtrain.engine import checkpoint as ckpt
 from llmtrain.errors import ConfigError, LLMTrainError
 from llmtrain.util.atomic import remove_path, temp_sibling
+from llmtrain.util.owned import confined, is_ours, mark, read_mark
 
 # Keys (or `prefix.` for a whole section) that change how long, how often or where a run
 # goes, never what one optimizer step computes. Everything else is refused on resume.
@@ -209,6 +210,8 @@ def run_outputs(out: Path) -> list[Path]:
 
 def describe(path: Path) -> str:
     """`checkpoints/ (3 checkpoints, 12.0 MiB)` for the confirmation list."""
+    if path.is_symlink():
+        return f"{path} (a symbolic link: the link alone)"
     if path.is_file():
         return f"{path} ({path.stat().st_size:,} bytes)"
     size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
@@ -217,9 +220,35 @@ def describe(path: Path) -> str:
     return f"{path}/ ({count}{size:,} bytes)"
 
 
+def claim_run_dir(out: Path, *, write: bool = True) -> None:
+    """Make `out` a run directory of llmtrain's own, marked so (util/owned.py); refuse one
+    that holds a file or folder named like a run output without being ours (llmtrain would
+    write over it, or `--overwrite` delete it). A run of an older llmtrain, recognised by its
+    config.resolved.yaml, is adopted. `write`: False only checks (a dry run writes nothing)."""
+    out = Path(out)
+    for name in layout.RUN_FILES:  # before any work: a link would lead a write out of the run
+        if name != layout.STORE_DIR:  # the stores' folder is judged where it is opened
+            confined(out, out / name)
+    if is_ours(out, "run"):
+        return
+    if not is_ours(out, "run", (layout.CONFIG_FILE,)):
+        taken = [name for name in layout.RUN_OUTPUTS if os.path.lexists(out / name)]
+        if taken or read_mark(out) is not None:
+            shown = ", ".join(taken) or f"the {layout.OWNER_MARK} mark of another kind"
+            raise LLMTrainError(
+                f"{out}: not a run directory llmtrain made, yet it holds {shown}; llmtrain "
+                "never writes over what it did not create: choose an empty or new run.output_dir"
+            )
+    if write:
+        mark(out, "run")
+
+
 def clear_run(out: Path) -> list[Path]:
     """Remove the run outputs; each is renamed aside first, so a crash half-way leaves no
-    half of a checkpoint (a `.old-*` sibling is swept by remove_stale_temps)."""
+    half of a checkpoint (a `.old-*` sibling is swept by remove_stale_temps). Only from a run
+    directory of llmtrain's own (claim_run_dir)."""
+    if not is_ours(Path(out), "run", (layout.CONFIG_FILE,)):
+        raise LLMTrainError(f"{out}: not a run directory llmtrain made; nothing deleted")
     removed = []
     for path in run_outputs(out):
         aside = temp_sibling(path, "old")

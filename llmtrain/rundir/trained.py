@@ -31,12 +31,13 @@ from llmtrain.data.encode import SplitWriter, document_batches
 from llmtrain.data.store import TokenStore
 from llmtrain.data.store_cache import store_root
 from llmtrain.data.tokenizer import ensure_special_tokens, load_tokenizer
-from llmtrain.engine.checkpoint import verify_manifest
+from llmtrain.engine.checkpoint import check_no_links, verify_manifest
 from llmtrain.engine.distributed import resolve_device
 from llmtrain.engine.model import auto_class, build_model, model_positions
 from llmtrain.engine.precision import param_dtype
 from llmtrain.errors import ConfigError, LLMTrainError
 from llmtrain.layout import CHECKPOINT_PREFIX, CHECKPOINTS_DIR, CONFIG_FILE, FINAL_DIR, METRICS_FILE
+from llmtrain.util.owned import confined
 
 # Config problems that do not matter to a command that never reads the run's corpora: the
 # corpus (or the tokenizer it was trained from) may have moved since the run.
@@ -76,7 +77,7 @@ def run_config_path(run_dir: str | Path) -> Path:
     path = Path(run_dir)
     if not path.is_dir():
         raise LLMTrainError(f"{path}: no such run directory (give a run's run.output_dir)")
-    config = path / CONFIG_FILE
+    config = confined(path, path / CONFIG_FILE)
     if not config.is_file():
         raise LLMTrainError(
             f"{path}: not a run directory (no {CONFIG_FILE}; `llmtrain fit` writes it when "
@@ -105,7 +106,7 @@ def read_run_config(run_dir: str | Path, *, needs_corpus: bool = True) -> Config
 def read_run_metrics(run_dir: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
     """(the records of `metrics.jsonl`, where a line could not be read): a crash may have
     torn the last line, which costs that record, not the report."""
-    path = Path(run_dir) / METRICS_FILE
+    path = confined(Path(run_dir), Path(run_dir) / METRICS_FILE)
     if not path.is_file():
         raise LLMTrainError(f"{path}: no such file; has the run logged a step yet?")
     records, bad = [], []
@@ -164,7 +165,9 @@ def _hf_quiet() -> None:
 def load_run_tokenizer(run_dir: Path, cfg: Config) -> Any:
     """The tokenizer saved in `final/` (what the run trained with), else the run's own
     (`tokenizer.path` or the cached trained one) for a run that has no final/ yet."""
-    final = run_dir / FINAL_DIR
+    final = confined(run_dir, run_dir / FINAL_DIR)
+    if final.is_dir():
+        check_no_links(final)  # before its first file is read (the tokenizer)
     if (final / "tokenizer.json").is_file():
         from transformers import AutoTokenizer
 

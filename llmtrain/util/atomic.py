@@ -201,8 +201,11 @@ def _alive(pid: int) -> bool:
 
 
 def remove_path(path: Path) -> None:
-    """Delete a file or a directory tree, whichever `path` is; gone already is fine."""
-    if path.is_dir():
+    """Delete a file or a directory tree, whichever `path` is; gone already is fine. A symbolic
+    link is removed itself, never what it points to."""
+    if path.is_symlink():
+        path.unlink()
+    elif path.is_dir():
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)

@@ -27,6 +27,7 @@ from typing import Any
 from llmtrain import layout
 from llmtrain.errors import LLMTrainError
 from llmtrain.util.atomic import is_out_of_space, no_space
+from llmtrain.util.owned import confined
 
 
 def lock_path(output_dir: Path) -> Path:
@@ -97,7 +98,7 @@ def _open_locked(path: Path, *, wait: bool = False) -> int:
     that removed it as we opened it leaves us a lock on a deleted inode: open again).
     `wait=False`: a lock held by another process is refused with its owner."""
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError as e:
@@ -115,7 +116,7 @@ def _open_locked(path: Path, *, wait: bool = False) -> int:
 
 def acquire(output_dir: Path, notice: Callable[[str], None]) -> int:
     """Take the run directory's lock (see the module doc); returns the held fd."""
-    path = lock_path(output_dir)
+    path = confined(Path(output_dir), lock_path(output_dir))  # the lock is written to
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = _open_locked(path)
