@@ -273,7 +273,7 @@ def test_an_empty_output_dir_is_refused_naming_the_key(tmp_path, monkeypatch):
     config = write_config(tmp_path / "c.yaml", cfg)
     for command in ("validate", "chunk"):
         err = one_line(cli(command, str(config)), 2)
-        assert "run.output_dir: is empty" in err
+        assert "run.output_dir: must name a directory (got an empty path)" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml", "corpus.txt"]
 
 

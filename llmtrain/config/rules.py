@@ -106,19 +106,6 @@ def _train_length(cfg: Config, raw: dict[str, Any]) -> Iterator[Problem]:
         yield ("train", "max_steps"), "is required: set train.max_steps or train.epochs"
 
 
-@rule("run")
-def _output_dir(cfg: Config, raw: dict[str, Any]) -> Iterator[Problem]:
-    # '' would be the current directory: the run's files would land among the user's own
-    if not cfg.run.output_dir.strip():
-        yield ("run", "output_dir"), "is empty: give the run's own directory, e.g. runs/my-run"
-
-
-@rule("data")
-def _store_dir(cfg: Config, raw: dict[str, Any]) -> Iterator[Problem]:
-    if cfg.data.store is not None and not cfg.data.store.strip():
-        yield ("data", "store"), "is empty: give a folder for the stores, or leave it unset"
-
-
 @rule("tokenizer")
 def _tokenizer_source(cfg: Config, raw: dict[str, Any]) -> Iterator[Problem]:
     t = cfg.tokenizer
