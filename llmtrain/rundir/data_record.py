@@ -28,6 +28,7 @@ from llmtrain.data.corpus import corpus_fingerprint
 from llmtrain.data.store import TokenStore
 from llmtrain.errors import ConfigError
 from llmtrain.util.atomic import atomic_write
+from llmtrain.util.owned import read_json_object
 
 ACCEPT_FLAG = "--accept-data-change"
 
@@ -59,14 +60,8 @@ def record_path(run_dir: Path) -> Path:
 def read_record(run_dir: Path) -> dict[str, str] | None:
     """The run's record; None when it has none (a run of an older llmtrain) or it is not a
     JSON object of strings (then nothing can be compared either)."""
-    path = record_path(run_dir)
-    if path.is_symlink() or not path.is_file():
-        return None
-    try:
-        found = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(found, dict) or not all(isinstance(v, str) for v in found.values()):
+    found = read_json_object(record_path(run_dir))
+    if found is None or not all(isinstance(v, str) for v in found.values()):
         return None
     return found
 

@@ -32,9 +32,10 @@ def mark(directory: Path, kind: str, **fields: Any) -> None:
     atomic_write(Path(directory) / MARK, json.dumps({"kind": kind, **fields}, sort_keys=True))
 
 
-def read_mark(directory: Path) -> dict[str, Any] | None:
-    """The mark's content; None when there is none (or it is not ours: a link, not JSON)."""
-    path = Path(directory) / MARK
+def read_json_object(path: Path) -> dict[str, Any] | None:
+    """A small JSON object llmtrain wrote (a mark, a record); None when it is absent, a link,
+    unreadable or not an object: nothing of it can be trusted then."""
+    path = Path(path)
     if path.is_symlink() or not path.is_file():
         return None
     try:
@@ -42,6 +43,11 @@ def read_mark(directory: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return found if isinstance(found, dict) else None
+
+
+def read_mark(directory: Path) -> dict[str, Any] | None:
+    """The mark's content; None when there is none (or it is not ours: a link, not JSON)."""
+    return read_json_object(Path(directory) / MARK)
 
 
 def is_ours(path: Path, kind: str, legacy: tuple[str, ...] = ()) -> bool:
