@@ -320,11 +320,10 @@ def _lr_scaling(cfg: Config, raw: dict[str, Any]) -> Iterator[Problem]:
 
 @rule("run", "optim", "train")
 def _optim_8bit(cfg: Config, raw: dict[str, Any]) -> Iterator[Problem]:
-    # find_spec looks for the package without importing it (bitsandbytes imports torch).
     name = cfg.optim.name
     if not name.endswith("adamw8bit"):
         return
-    if importlib.util.find_spec("bitsandbytes") is None:
+    if not _bitsandbytes_installed():
         yield (
             ("optim", "name"),
             f"{name} needs bitsandbytes, which is not installed: pip install 'llmtrain[qlora]' "
@@ -510,7 +509,6 @@ def _frozen_dtype(cfg: Config, raw: dict[str, Any]) -> Iterator[Problem]:
 
 def _bitsandbytes_installed() -> bool:
     """Whether bitsandbytes can be imported, without importing it (it imports torch)."""
-    import importlib.util
 
     try:
         return importlib.util.find_spec("bitsandbytes") is not None

@@ -588,6 +588,27 @@ def open_log(
     return log
 
 
+def log_trained(
+    run: Run,
+    state: LoopState,
+    log: TrainLog,
+    win: Window,
+    indices: np.ndarray,
+    **step: float | None,
+) -> None:
+    """The train record of the step just taken (`step`: its loss, lr and grad_norm)."""
+    log.trained(
+        state.step,
+        **step,
+        tokens=win.tokens,
+        sequences=win.sequences,
+        micro_batch=state.micro,
+        grad_accum=grad_accum(run.cfg.batch.global_batch, state.micro, run.dist.world_size),
+        sources=run.mixture.count(indices) if run.mixed else None,
+        **rank_budget(run, state.step - 1),
+    )
+
+
 def train(
     cfg: Config,
     model: torch.nn.Module,
@@ -631,19 +652,7 @@ def train(
             state.step += 1
             if outcome == "stepped":
                 state.last_loss = loss
-                k = grad_accum(cfg.batch.global_batch, state.micro, dist.world_size)
-                log.trained(
-                    state.step,
-                    loss=loss,
-                    lr=lr,
-                    grad_norm=grad_norm,
-                    tokens=win.tokens,
-                    sequences=win.sequences,
-                    micro_batch=state.micro,
-                    grad_accum=k,
-                    sources=run.mixture.count(indices) if run.mixed else None,
-                    **rank_budget(run, state.step - 1),
-                )
+                log_trained(run, state, log, win, indices, loss=loss, lr=lr, grad_norm=grad_norm)
             else:
                 state.skipped.append(state.step)
                 log.skipped(state.step)

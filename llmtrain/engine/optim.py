@@ -11,6 +11,7 @@ import math
 import torch
 
 from llmtrain.config import Config, OptimConfig
+from llmtrain.engine.quantize import import_bitsandbytes
 from llmtrain.errors import LLMTrainError
 
 # The default warmup (optim.warmup_steps: null) as a share of the run: long enough to settle
@@ -131,17 +132,6 @@ def _bnb_adamw8bit(
     bnb = import_bitsandbytes("optim.name: " + o.name)
     cls = bnb.optim.PagedAdamW8bit if paged else bnb.optim.AdamW8bit
     return cls(groups, lr=lr, betas=tuple(o.betas), eps=o.eps, min_8bit_size=MIN_8BIT_SIZE)
-
-
-def import_bitsandbytes(needed_by: str):
-    """bitsandbytes, or one line naming what needs it and how to install it."""
-    try:
-        import bitsandbytes
-    except ImportError as e:
-        raise LLMTrainError(
-            f"{needed_by} needs bitsandbytes, which is not installed: pip install 'llmtrain[qlora]'"
-        ) from e
-    return bitsandbytes
 
 
 # bitsandbytes' default: smaller tensors keep 32-bit moments.

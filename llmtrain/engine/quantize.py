@@ -21,24 +21,22 @@ from llmtrain.config.schema import QuantizeConfig
 from llmtrain.engine.precision import DTYPES
 from llmtrain.errors import LLMTrainError
 
-INSTALL_HINT = "pip install 'llmtrain[qlora]' (bitsandbytes)"
+INSTALL_HINT = "pip install 'llmtrain[qlora]'"
 
 
-def require_bitsandbytes() -> None:
-    """bitsandbytes is importable, or a one-line install hint."""
+def import_bitsandbytes(needed_by: str) -> Any:
+    """bitsandbytes, or one line naming what needs it and how to install it."""
     try:
-        import bitsandbytes  # noqa: F401
+        import bitsandbytes
     except ImportError as e:
-        raise LLMTrainError(
-            f"model.quantize needs the bitsandbytes package: {INSTALL_HINT}, or remove "
-            "model.quantize to keep the base in model.frozen_dtype"
-        ) from e
+        raise LLMTrainError(f"{needed_by} needs the bitsandbytes package: {INSTALL_HINT}") from e
+    return bitsandbytes
 
 
 def bnb_config(q: QuantizeConfig, compute: torch.dtype) -> Any:
     """BitsAndBytesConfig for `q`; `compute` is the resolved compute dtype (4-bit layers
     dequantize to it for their matmuls; LLM.int8 picks its own)."""
-    require_bitsandbytes()
+    import_bitsandbytes("model.quantize")
     from transformers import BitsAndBytesConfig
 
     if q.bits == 8:
