@@ -75,3 +75,21 @@ def test_what_matters_is_said_once_in_our_words(capsys):
         logging.getLogger("bitsandbytes.cextension").error("bitsandbytes library load error: x")
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith("warning: bitsandbytes could not load")
+
+
+def test_transformers_progress_bars_are_off_unless_debugging():
+    """transformers' "Loading weights" bar (every from_pretrained) would interleave with
+    llmtrain's own progress: the quiet setup turns it off before transformers is imported."""
+    code = (
+        "import sys; from llmtrain.util import quiet; quiet.apply(debug=sys.argv[1] == '1'); "
+        "from transformers.utils import logging; print(logging.is_progress_bar_enabled())"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
+    shown = {
+        debug: subprocess.run(
+            [sys.executable, "-c", code, debug], env=env, capture_output=True, text=True
+        ).stdout.strip()
+        for debug in ("0", "1")
+    }
+    assert shown == {"0": "False", "1": "True"}

@@ -73,6 +73,9 @@ def apply(*, debug: bool) -> None:
     _applied["done"] = True
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    # transformers' "Loading weights" bar (read when transformers is imported): llmtrain shows
+    # its own progress, and the bar would interleave with it on every from_pretrained
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     handler = _Resayer()
     for name in NOISY_LOGGERS:
         log = logging.getLogger(name)
