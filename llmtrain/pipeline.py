@@ -105,8 +105,9 @@ def prepare(cfg: Config, dist: DistInfo, device: torch.device) -> tuple[Any, Any
             " sequence-classification needs one label per document"
         )
     num_labels = cfg.model.num_labels or (len(label_names) if label_names else None)
-    model = build_model(cfg, tokenizer, num_labels, label_names, device)
-    allocator.trim()  # the transient copies of loading (bf16 before nf4) leave the process
+    with allocator.loading():  # loading's transient copies are handed back as they are freed
+        model = build_model(cfg, tokenizer, num_labels, label_names, device)
+    allocator.trim()
     if cfg.data.is_isolated:
         check_document_isolation(model, model_device(model))
     micro = resolve_micro(cfg, model, device, dist)

@@ -72,6 +72,35 @@ def test_retain_keeps_freed_memory_so_repeated_steps_do_not_fault():
     assert retain["faults"] < system["faults"] / 3  # measured: ~4x (this net), ~57x (4096 rows)
 
 
+LOADING = """
+    import json, re, torch
+    from llmtrain.host import allocator
+    allocator.apply("retain")
+
+    def anon():
+        return int(re.search(r"RssAnon:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+
+    base = anon()
+    with allocator.loading() if {loading} else open("/dev/null"):
+        transients = [torch.ones(2**21) for _ in range(20)]  # 20 x 8 MiB, as loading's copies
+        del transients
+        kept = torch.ones(2**21)  # what loading keeps (the model)
+    after = anon()
+    kept.add_(1)  # training afterwards: retain again (the same blocks reused, no new mapping)
+    print(json.dumps({{"grown_kib": after - base}}))
+"""
+
+
+def test_loading_hands_its_transients_back_under_retain():
+    """Under `retain` the freed transients of loading would stay resident (in the heap);
+    inside `allocator.loading()` each is its own mapping, returned when freed."""
+    retained = _in_fresh_process(LOADING.format(loading=False))["grown_kib"]
+    handed_back = _in_fresh_process(LOADING.format(loading=True))["grown_kib"]
+    mib = 1024
+    assert retained > 100 * mib, retained  # the 160 MiB of transients stayed
+    assert handed_back < 30 * mib, handed_back  # only the 8 MiB kept (and the interpreter's)
+
+
 def test_environment_turns_the_policy_off_and_user_malloc_settings_are_kept():
     off = _in_fresh_process(FAULTS.format(setting="retain"), {allocator.ENV: "system"})
     assert off["name"] == "system" and not off["applied"]
