@@ -2,8 +2,8 @@
 """LoRA and QLoRA at scale: `llmtrain fit` against a plain transformers + peft loop.
 
 One invocation saves a Llama-shaped stand-in with save_pretrained (bf16, sharded; 24 x 1536,
-vocab 32k, 0.69B parameters by default; `--small` for a 2-layer model that checks the script
-in a minute) and a BPE tokenizer beside it, then runs, each in its own subprocess:
+vocab 32k, untied head: 0.78B parameters by default; `--small` for a 2-layer model that checks
+the script in a minute) and a BPE tokenizer beside it, then runs, each in its own subprocess:
 
   plain-bf16   the ~20-line loop: from_pretrained(bf16), gradient checkpointing, peft LoRA r 16
                on all linear layers, AdamW, bf16 autocast, random ids
