@@ -255,10 +255,13 @@ def test_unknown_target_module_lists_the_linear_layers(tmp_path, bases):
     assert "target_modules.0" not in out  # query exists
 
 
-def test_fsdp_with_peft_is_refused(tmp_path, bases):
-    model = f"  pretrained: {bases['gpt2']}\n  peft: {{r: 4}}\n"
+def test_fsdp_with_adalora_is_refused_and_with_lora_accepted(tmp_path, bases):
+    model = f"  pretrained: {bases['gpt2']}\n  peft: {{r: 0}}\n"  # r refused, fsdp not
     out = _validate(tmp_path, model, ", parallel: fsdp")
-    assert "train.parallel: fsdp is not supported with model.peft" in out
+    assert "model.peft.r: must be at least 1" in out and "train.parallel" not in out
+    model = f"  pretrained: {bases['gpt2']}\n  peft: {{method: adalora, init_r: 4, target_r: 2}}\n"
+    out = _validate(tmp_path, model, ", parallel: fsdp")
+    assert "train.parallel: fsdp is not supported with model.peft.method: adalora" in out
 
 
 def test_missing_peft_package_is_a_one_line_hint(tmp_path, bases, monkeypatch):

@@ -221,19 +221,22 @@ def test_quantize_without_peft_names_both_keys(tmp_path, base):
     )
 
 
-def test_quantize_with_fsdp_and_fp64_are_refused(tmp_path, base):
+def test_8bit_with_fsdp_and_fp64_are_refused(tmp_path, base):
     out = _validate(
         tmp_path,
         base,
-        "  peft: {r: 4}\n  quantize: {bits: 4}\n",
+        "  peft: {r: 4}\n  quantize: {bits: 8}\n",
         ", parallel: fsdp, precision: fp64",
     )
-    assert (
-        "train.parallel: fsdp is not supported with model.quantize (FSDP + QLoRA is a later issue)"
-        in out
-    )
-    assert "fsdp is not supported with model.peft" not in out  # one line for the key
+    assert "train.parallel: fsdp is not supported with model.quantize.bits: 8" in out
     assert "train.precision: fp64 is not supported with model.quantize" in out
+
+
+def test_4bit_with_fsdp_is_accepted(tmp_path, base):
+    # fp64 is refused (validate must fail to return its output); fsdp is not
+    extra = ", parallel: fsdp, precision: fp64"
+    out = _validate(tmp_path, base, "  peft: {r: 4}\n  quantize: {bits: 4}\n", extra)
+    assert "train.precision: fp64 is not supported" in out and "train.parallel" not in out
 
 
 def test_4bit_options_with_bits_8_are_refused_with_their_line(tmp_path, base):

@@ -391,11 +391,13 @@ def _peft(cfg: Config, raw: dict[str, Any]) -> Iterator[Problem]:
         )
     if p.r < 1 and "r" in METHODS[p.method][1]:
         yield ("model", "peft", "r"), f"must be at least 1 (got {p.r}); 8 to 64 is usual"
-    if cfg.train.parallel == "fsdp" and cfg.model.quantize is None:  # _quantize says it
+    if cfg.train.parallel == "fsdp" and p.method == "adalora":
+        # The allocator ranks the singular values of whole matrices by |w * grad| every step
+        # and masks them in place; under FSDP2 each rank holds a row shard of each matrix.
         yield (
             ("train", "parallel"),
-            "fsdp is not supported with model.peft (the frozen base is small to replicate next "
-            "to its optimizer state); use train.parallel: ddp",
+            "fsdp is not supported with model.peft.method: adalora (its rank allocator scores "
+            "whole adapter matrices, which FSDP splits over ranks); use train.parallel: ddp",
         )
 
 
@@ -529,11 +531,11 @@ def _quantize(cfg: Config, raw: dict[str, Any]) -> Iterator[Problem]:
             "a quantized base cannot be fine-tuned in full: add model.peft (LoRA trains over "
             "the quantized base, QLoRA) or remove model.quantize",
         )
-    if cfg.train.parallel == "fsdp":
+    if cfg.train.parallel == "fsdp" and q.bits == 8:
         yield (
             ("train", "parallel"),
-            "fsdp is not supported with model.quantize (FSDP + QLoRA is a later issue); use "
-            "train.parallel: ddp",
+            "fsdp is not supported with model.quantize.bits: 8 (LLM.int8 keeps int8 weights, "
+            "and FSDP shards floating-point tensors only); use bits: 4 or train.parallel: ddp",
         )
     if cfg.train.precision == "fp64":
         yield (

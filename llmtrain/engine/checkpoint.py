@@ -42,7 +42,7 @@ from llmtrain import layout
 from llmtrain.console import say
 from llmtrain.engine.faults import kill_point
 from llmtrain.engine.parallel import is_fsdp, load_full_state
-from llmtrain.engine.peft import is_peft, load_trainable, trainable_state
+from llmtrain.engine.peft import check_trainable, is_peft, load_trainable, trainable_state
 from llmtrain.errors import ConfigError, LLMTrainError
 from llmtrain.util.atomic import atomic_dir, remove_stale_temps
 from llmtrain.util.owned import check_replaceable, confined
@@ -418,8 +418,11 @@ def apply_checkpoint(
     state (step, micro-batch...)."""
     path = ckpt.path
     if is_fsdp(model):  # every rank reads the full state and keeps its shard
+        file = path / "model.safetensors"
+        weights = _read_weights(file)
+        if is_peft(model):  # the trainable tensors alone, as one process writes them
+            check_trainable(model, weights, file)
         try:
-            weights = load_file(str(path / "model.safetensors"))
             load_full_state(model, optimizer, weights, ckpt.optimizer)
         except Exception as e:  # torch.distributed's state-dict APIs raise many types
             raise LLMTrainError(
@@ -452,12 +455,15 @@ def apply_checkpoint(
     return _restore_parts(ckpt, parts)
 
 
-def _load_peft_weights(model: torch.nn.Module, file: Path) -> None:
+def _read_weights(file: Path) -> dict[str, torch.Tensor]:
     try:
-        weights = load_file(str(file))
+        return load_file(str(file))
     except (SafetensorError, OSError) as e:
         raise LLMTrainError(f"{file}: cannot load ({type(e).__name__}: {e})") from e
-    load_trainable(model, weights, file)
+
+
+def _load_peft_weights(model: torch.nn.Module, file: Path) -> None:
+    load_trainable(model, _read_weights(file), file)
 
 
 def _restore_parts(ckpt: Checkpoint, parts: Mapping[str, Stateful]) -> TrainState:

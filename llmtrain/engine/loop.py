@@ -46,7 +46,7 @@ from llmtrain.engine.evaluate import evaluate
 from llmtrain.engine.faults import kill_point
 from llmtrain.engine.loss import resolve_loss_chunk, show_notice
 from llmtrain.engine.metrics import MetricsWriter, truncate_after
-from llmtrain.engine.model import enable_tf32, model_positions
+from llmtrain.engine.model import enable_tf32, model_positions, rebuild_on_host
 from llmtrain.engine.optim import build_optimizer, effective_lr, lr_at, resolve_warmup, set_lr
 from llmtrain.engine.parallel import (
     full_model_state,
@@ -407,7 +407,9 @@ def save(run: Run, state: LoopState) -> None:
     full weights and optimizer state to rank 0, which writes the single-process format."""
     barrier()  # every rank has finished the step before rank 0 writes it
     sharded = is_fsdp(run.raw_model)
-    model_state = full_model_state(run.raw_model) if sharded else None
+    # a PEFT checkpoint is the trainable tensors alone: the frozen base is never gathered
+    peft = is_peft(run.raw_model)
+    model_state = full_model_state(run.raw_model, trainable_only=peft) if sharded else None
     optimizer_state = full_optimizer_state(run.raw_model, run.optimizer) if sharded else None
     if run.dist.is_main:
         step, spe = state.step, run.steps_per_epoch
@@ -513,9 +515,13 @@ def save_final(run: Run, tokenizer: Any) -> Path | None:
     written atomically by rank 0; None on the other ranks. A PEFT
     model also writes `adapter/` and is then merged into its base for `final/` (in place)."""
     raw = run.raw_model
-    # FSDP: all ranks gather the full weights for rank 0's save_pretrained
-    state = full_model_state(raw, drop_tied=False) if is_fsdp(raw) else None
+    # FSDP: all ranks gather the full weights for rank 0's save_pretrained; with PEFT the
+    # adapters alone, which rank 0 puts into an unsharded copy (rebuild_on_host)
+    peft = is_peft(raw)
+    state = full_model_state(raw, drop_tied=False, trainable_only=peft) if is_fsdp(raw) else None
     final = None
+    if run.dist.is_main and state is not None and peft:
+        raw, state = rebuild_on_host(run.cfg, tokenizer, raw, state), None
     if run.dist.is_main:
         from transformers.utils import logging as hf_logging
 
@@ -524,7 +530,7 @@ def save_final(run: Run, tokenizer: Any) -> Path | None:
         check_replaceable(final, "final", (ckpt.MANIFEST, "config.json"))
         if run.adalora is not None:
             run.adalora.finish()
-        if is_peft(raw):
+        if peft:
             raw = save_adapter_then_merge(raw, run.out / layout.ADAPTER_DIR, tokenizer)
         if hasattr(raw.config, "use_cache"):
             raw.config.use_cache = True  # off while training; on for whoever generates

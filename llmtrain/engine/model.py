@@ -7,6 +7,7 @@ token ids come from the tokenizer, so a trained tokenizer and the model always a
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,7 +20,8 @@ from transformers import (
 )
 
 from llmtrain.config import Config
-from llmtrain.engine.peft import apply_peft, prepare_quantized
+from llmtrain.engine.parallel import unwrap
+from llmtrain.engine.peft import apply_peft, load_trainable, prepare_quantized
 from llmtrain.engine.precision import cast_by_role, compute_dtype, frozen_dtype, param_dtype
 from llmtrain.engine.quantize import bnb_config, keep_training_layout, quant_compute_dtype
 from llmtrain.errors import LLMTrainError
@@ -120,7 +122,9 @@ def load_kwargs(cfg: Config, device: torch.device | None) -> dict[str, Any]:
         kwargs["device_map"] = {"": str(device)}  # else: loaded on the host, moved after
     if m.quantize is not None:
         compute = quant_compute_dtype(m.quantize, compute_dtype(cfg.train.precision))
-        kwargs["quantization_config"] = bnb_config(m.quantize, compute)
+        # FSDP shards the packed codes only as floats (bnb_config); one process keeps uint8
+        storage = frozen if cfg.train.parallel == "fsdp" else None
+        kwargs["quantization_config"] = bnb_config(m.quantize, compute, storage)
     if m.attn_implementation != "auto":
         kwargs["attn_implementation"] = m.attn_implementation
     return kwargs
@@ -178,6 +182,24 @@ def build_model(
         model = apply_peft(model, m.peft, m.task)
     cast_by_role(model, master, frozen)
     model.train()
+    return model
+
+
+def rebuild_on_host(
+    cfg: Config, tokenizer: Any, like: torch.nn.Module, trainable: dict[str, torch.Tensor]
+) -> PreTrainedModel:
+    """One process's copy, on the host, of a PEFT model that trained sharded: the frozen base
+    rebuilt from `model.pretrained` as `build_model` built it (the module docstring of
+    engine/peft.py: the base is a function of the pretrained weights alone) and the gathered
+    `trainable` tensors put in. What a one-process run holds at its end, so `final/` and
+    `adapter/` come out in the same format; it costs one base in host memory on rank 0."""
+    hf = unwrap(like).get_base_model().config
+    labels = None
+    if cfg.model.task == "sequence-classification":
+        labels = [hf.id2label[i] for i in range(hf.num_labels)]
+    num_labels = hf.num_labels if labels is not None else None
+    model = build_model(cfg, tokenizer, num_labels, labels, torch.device("cpu"))
+    load_trainable(model, trainable, Path(cfg.run.output_dir))
     return model
 
 

@@ -53,8 +53,11 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def shard_units(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The blocks FSDP shards one by one: modules whose class transformers marks as
-    `_no_split_modules` (GPT2Block, LlamaDecoderLayer, BertLayer ...)."""
-    names = set(getattr(model, "_no_split_modules", None) or ())
+    `_no_split_modules` (GPT2Block, LlamaDecoderLayer, BertLayer ...). A peft model's blocks
+    are its base's, adapters inside: each block's frozen weights and adapters shard together,
+    so one all-gather per block serves both."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or ())
     return [m for m in model.modules() if m is not model and type(m).__name__ in names]
 
 
@@ -161,17 +164,29 @@ def tied_aliases(model: torch.nn.Module) -> dict[str, list[str]]:
     return {names[0]: names[1:] for names in tied}
 
 
-def full_model_state(model: torch.nn.Module, drop_tied: bool = True) -> dict[str, torch.Tensor]:
+def trainable_names(model: torch.nn.Module) -> set[str]:
+    """The names of the parameters that train (a PEFT model's adapters and head)."""
+    return {n for n, p in unwrap(model).named_parameters() if p.requires_grad}
+
+
+def full_model_state(
+    model: torch.nn.Module, drop_tied: bool = True, trainable_only: bool = False
+) -> dict[str, torch.Tensor]:
     """The whole model's weights on CPU; with `drop_tied`, tied aliases dropped — exactly what
-    `safetensors.torch.save_model` would store. Under FSDP a collective: every rank must call
-    it; rank 0 gets the weights, the others an empty dict."""
+    `safetensors.torch.save_model` would store; with `trainable_only`, the trainable tensors
+    alone (a PEFT checkpoint: the frozen base is never gathered). Under FSDP a collective:
+    every rank must call it; rank 0 gets the weights, the others an empty dict."""
     inner = unwrap(model)
     if is_fsdp(inner):
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-        state = get_model_state_dict(inner, options=_full_options(cpu_offload=True))
+        options = _full_options(cpu_offload=True, ignore_frozen_params=trainable_only)
+        state = get_model_state_dict(inner, options=options)
     else:
         state = {k: v.detach().cpu() for k, v in inner.state_dict().items()}
+    if trainable_only:  # buffers too are left to the rebuilt base
+        keep = trainable_names(inner)
+        state = {k: v for k, v in state.items() if k in keep}
     if state and drop_tied:
         for group in tied_aliases(inner).values():
             for alias in group:
@@ -208,14 +223,18 @@ def load_full_state(
     optimizer_state: dict | None,
 ) -> None:
     """Load a full (checkpoint-format) state into an FSDP model and its optimizer; every rank
-    passes the same full state and keeps its own shard. Plain/DDP models: load_state_dict."""
+    passes the same full state and keeps its own shard. Plain/DDP models: load_state_dict.
+    A state of the trainable tensors alone (a PEFT checkpoint, whose names the caller checked)
+    leaves the frozen base as built."""
     inner = unwrap(model)
     state = dict(model_state)
     for kept, group in tied_aliases(inner).items():
         for alias in group:
-            state.setdefault(alias, state[kept])
+            if kept in state:
+                state.setdefault(alias, state[kept])
+    partial = set(state) <= trainable_names(inner)  # strict loading would ask for the base
     if not is_fsdp(inner):
-        inner.load_state_dict(state)
+        inner.load_state_dict(state, strict=not partial)
         if optimizer is not None and optimizer_state is not None:
             optimizer.load_state_dict(optimizer_state)
         return
@@ -224,7 +243,7 @@ def load_full_state(
         set_optimizer_state_dict,
     )
 
-    set_model_state_dict(inner, state, options=_full_options())
+    set_model_state_dict(inner, state, options=_full_options(strict=not partial))
     if optimizer is None or optimizer_state is None:
         return
     names = _param_names(inner, optimizer)

@@ -144,6 +144,17 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:
     """Copy a `trainable_state` back into `model` (bit-exact); any difference in the set of
     names or shapes is an error naming `where`."""
+    params = check_trainable(model, state, where)
+    for name, p in params.items():
+        p.copy_(state[name])
+
+
+def check_trainable(
+    model: torch.nn.Module, state: dict[str, torch.Tensor], where: Path
+) -> dict[str, torch.nn.Parameter]:
+    """The model's trainable parameters by name, once `state` is known to hold each of them
+    at its full shape (a sharded parameter is compared at its full shape); any difference in
+    names or shapes is an error naming `where`."""
     params = {n: p for n, p in unwrap(model).named_parameters() if p.requires_grad}
     missing = sorted(set(params) - set(state))
     unexpected = sorted(set(state) - set(params))
@@ -153,12 +164,12 @@ def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor], where
             f"unexpected {unexpected[:3]}); was it written with another model.peft?"
         )
     for name, p in params.items():
-        if p.shape != state[name].shape:
+        if p.shape != state[name].shape:  # a DTensor's shape is the full one
             raise LLMTrainError(
                 f"{where}: {name} has shape {tuple(state[name].shape)}, the model "
                 f"{tuple(p.shape)}; was it written with another model.peft.r?"
             )
-        p.copy_(state[name])
+    return params
 
 
 def save_adapter_then_merge(model: torch.nn.Module, adapter_dir: Path, tokenizer: Any) -> Any:

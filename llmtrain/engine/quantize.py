@@ -33,9 +33,12 @@ def import_bitsandbytes(needed_by: str) -> Any:
     return bitsandbytes
 
 
-def bnb_config(q: QuantizeConfig, compute: torch.dtype) -> Any:
+def bnb_config(q: QuantizeConfig, compute: torch.dtype, storage: torch.dtype | None = None) -> Any:
     """BitsAndBytesConfig for `q`; `compute` is the resolved compute dtype (4-bit layers
-    dequantize to it for their matmuls; LLM.int8 picks its own)."""
+    dequantize to it for their matmuls; LLM.int8 picks its own). `storage`: the float dtype
+    the packed 4-bit codes are stored as (bitsandbytes' `quant_storage`; None: uint8). FSDP
+    shards only floating tensors, so under FSDP the codes ride in the frozen weights' dtype —
+    the FSDP-QLoRA recipe; the codes themselves, and so the base, are the same bytes."""
     import_bitsandbytes("model.quantize")
     from transformers import BitsAndBytesConfig
 
@@ -46,6 +49,7 @@ def bnb_config(q: QuantizeConfig, compute: torch.dtype) -> Any:
         bnb_4bit_quant_type=q.type,
         bnb_4bit_use_double_quant=q.double_quant,
         bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=storage or torch.uint8,
     )
 
 
