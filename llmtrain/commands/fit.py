@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich.console import RenderableType
 from rich.table import Table
 
 from llmtrain.config import Config
@@ -10,8 +11,15 @@ from llmtrain.console import console
 from llmtrain.data.batching import grad_accum, steps_per_epoch, total_steps
 from llmtrain.data.mixture import Mixture
 from llmtrain.engine.loss import describe_loss
-from llmtrain.engine.model import count_parameters, frozen_kinds, total_parameters, weight_bytes
+from llmtrain.engine.model import (
+    count_parameters,
+    frozen_kinds,
+    param_specs,
+    total_parameters,
+    weight_bytes,
+)
 from llmtrain.engine.optim import effective_lr, optimizer_state_bytes, resolve_warmup
+from llmtrain.engine.placement import Placement, place, table_rows
 from llmtrain.pipeline import Plan, fit
 from llmtrain.probe.memory import fmt_bytes
 
@@ -65,6 +73,7 @@ def banner(plan: Plan) -> Table:
         ("trainable", trainable_text(plan)),
         ("weights", weights_text(plan)),
         ("device", device),
+        *parallel_rows(plan),
         *host_rows(plan),
         ("precision", cfg.train.precision),
         (
@@ -93,11 +102,80 @@ def banner(plan: Plan) -> Table:
 
 
 def optimizer_text(cfg: Config, model) -> str:
-    """The optimizer and its state's bytes on this rank (an estimate from the kind and the
-    trainable parameters: engine.optim.optimizer_state_bytes)."""
+    """The optimizer and its state's bytes for the whole model (an estimate from the kind and
+    the trainable parameters: engine.optim.optimizer_state_bytes); under fsdp each rank holds
+    a shard of it (the per-rank table)."""
     o = cfg.optim
     est = optimizer_state_bytes(o.name, model, o.momentum)
-    return f"{o.name}, state ≈ {fmt_bytes(est)} (estimated from the trainable parameters)"
+    text = f"{o.name}, state ≈ {fmt_bytes(est)} (estimated from the trainable parameters"
+    return text + (", sharded over ranks)" if cfg.train.parallel == "fsdp" else ")")
+
+
+# ---------------------------------------------------------------- several ranks (torchrun)
+def parallel_rows(plan: Plan) -> list[tuple[str, str]]:
+    """'world 4 = 2 nodes × 2 per node, fsdp (...)' when the job has several ranks."""
+    d = plan.dist
+    if not d.enabled:
+        return []
+    if d.nodes * d.per_node == d.world_size:
+        nodes = f"{d.nodes} node{'s' if d.nodes > 1 else ''} × {d.per_node} per node"
+    else:  # nodes started with different --nproc-per-node
+        nodes = f"{d.nodes} nodes, {d.per_node} on rank 0's node"
+    wrapper = {"ddp": "ddp (replicated)", "fsdp": "fsdp (FSDP2, sharded)"}
+    return [("parallel", f"world {d.world_size} = {nodes}, {wrapper[plan.cfg.train.parallel]}")]
+
+
+def placement_of(plan: Plan) -> Placement:
+    """Every rank's weights, gradients and optimizer state under `train.parallel`, computed
+    from the unwrapped model (engine/placement.py): the dry run shows it before wrapping."""
+    o, d = plan.cfg.optim, plan.dist
+    return place(param_specs(plan.model), d.world_size, plan.cfg.train.parallel, o.name, o.momentum)
+
+
+def rank_table(placement: Placement) -> Table:
+    """Bytes per rank: each rank, or each column's minimum and maximum for many ranks."""
+    table = Table(title=f"per rank (world {placement.world})", title_justify="left")
+    for col in ("rank", "weights", "gradients", "optimizer state", "total"):
+        table.add_column(col, justify="left" if col == "rank" else "right")
+    rows = table_rows(placement)
+    if len(rows) < placement.world:
+        table.caption = f"each column's minimum and maximum over the {placement.world} ranks"
+    for label, b in rows:
+        table.add_row(label, *map(fmt_bytes, (b.weights, b.gradients, b.optimizer, b.total)))
+    return table
+
+
+def sharding_text(placement: Placement, k: int) -> str:
+    """What each rank holds of which parameters, and what the table leaves out."""
+    n, world = placement.tensors, placement.world
+    if not placement.sharded:
+        return (
+            f"replicated: every rank holds all {n} tensors ({placement.wrapper}); gradients "
+            "count DDP's all-reduce buckets, a second copy"
+        )
+    text = f"sharded: all {n} tensors (dim 0) over {world} ranks"
+    if placement.frozen:
+        text += f", the {placement.frozen} frozen ones too"
+    if placement.uneven:
+        text += (
+            f"; {len(placement.uneven)} with dim 0 not a multiple of {world}: each rank "
+            f"allocates ceil(dim 0 / {world}) rows, the last ranks' optimizer state is smaller"
+        )
+    if k > 1:  # set_requires_gradient_sync(False) keeps FSDP2's unsharded gradients
+        text += (
+            f"\nk = {k}: a window's gradients accumulate unsharded until its last micro-batch "
+            f"reduce-scatters them: {fmt_bytes(placement.full_gradients)} per rank meanwhile"
+        )
+    return text
+
+
+def placement_view(plan: Plan) -> list[RenderableType]:
+    """The per-rank table and the sharding line, for a job of several ranks."""
+    if not plan.dist.enabled:
+        return []
+    placement = placement_of(plan)
+    k = grad_accum(plan.cfg.batch.global_batch, plan.micro, plan.dist.world_size)
+    return [rank_table(placement), sharding_text(placement, k)]
 
 
 def adalora_rows(cfg: Config, steps: int) -> list[tuple[str, str]]:
@@ -168,6 +246,8 @@ def execute(
 
     def show(plan: Plan) -> None:
         console.print(banner(plan))
+        for part in placement_view(plan):
+            console.print(part)
         if plan.mixture is not None:
             console.print(mixture_table(plan.mixture))
         if dry_run:

@@ -9,6 +9,7 @@ process without those variables is world size 1 and every collective is a no-op.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,8 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    nodes: int = 1  # machines in the job (torchrun's agents)
+    local_world_size: int = 0  # ranks on this process's node; 0: unknown, all on one node
 
     @property
     def is_main(self) -> bool:
@@ -30,6 +33,20 @@ class DistInfo:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def per_node(self) -> int:
+        """Ranks on this process's node."""
+        return self.local_world_size or self.world_size
+
+
+def node_layout(environ: Mapping[str, str], world: int) -> tuple[int, int]:
+    """(nodes, ranks on this node) from torchrun's elastic agent, which sets GROUP_WORLD_SIZE
+    (the agents that joined the rendezvous: one per node) and LOCAL_WORLD_SIZE (its
+    nproc_per_node); without them, WORLD_SIZE // LOCAL_WORLD_SIZE, and one node by default."""
+    local = int(environ.get("LOCAL_WORLD_SIZE", world))
+    nodes = int(environ.get("GROUP_WORLD_SIZE", 0)) or max(1, world // max(local, 1))
+    return nodes, local
 
 
 def resolve_device(pref: str, local_rank: int = 0) -> torch.device:
@@ -52,7 +69,14 @@ def setup(device: torch.device) -> DistInfo:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend=backend)
-    return DistInfo(rank=rank, world_size=world, local_rank=local_rank)
+    nodes, local_world = node_layout(os.environ, world)
+    return DistInfo(
+        rank=rank,
+        world_size=world,
+        local_rank=local_rank,
+        nodes=nodes,
+        local_world_size=local_world,
+    )
 
 
 def teardown() -> None:

@@ -22,6 +22,7 @@ from transformers import (
 from llmtrain.config import Config
 from llmtrain.engine.parallel import unwrap
 from llmtrain.engine.peft import apply_peft, load_trainable, prepare_quantized
+from llmtrain.engine.placement import ParamSpec
 from llmtrain.engine.precision import cast_by_role, compute_dtype, frozen_dtype, param_dtype
 from llmtrain.engine.quantize import bnb_config, keep_training_layout, quant_compute_dtype
 from llmtrain.errors import LLMTrainError
@@ -207,13 +208,22 @@ def weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
     """(bytes of the trainable weights, bytes of the frozen ones) as stored, tied weights
     once; a quantized weight counts its packed data and its block scales."""
     trainable = frozen = 0
-    for p in model.parameters():
-        size = p.numel() * p.element_size() + _quant_state_bytes(p)
-        if p.requires_grad:
-            trainable += size
+    for spec in param_specs(model):
+        if spec.trainable:
+            trainable += spec.nbytes
         else:
-            frozen += size
+            frozen += spec.nbytes
     return trainable, frozen
+
+
+def param_specs(model: torch.nn.Module) -> list[ParamSpec]:
+    """Every parameter as stored, for the byte arithmetic (engine/placement.py): tied weights
+    once (named_parameters drops repeats), a quantized weight's packed shape with its block
+    scales as `side_bytes`."""
+    return [
+        ParamSpec(name, tuple(p.shape), p.element_size(), p.requires_grad, _quant_state_bytes(p))
+        for name, p in model.named_parameters()
+    ]
 
 
 def _quant_state_bytes(p: torch.Tensor) -> int:

@@ -141,24 +141,27 @@ _BNB_BLOCK = 256
 
 
 def optimizer_state_bytes(name: str, model: torch.nn.Module, momentum: float = 0.0) -> int:
-    """An estimate of the optimizer's state, from its kind and the trainable parameters (their
-    count and element size): Adam(W) two moments in the parameter's dtype, adamw8bit one byte
-    per moment plus one fp32 scale per 256-element block (fp32 under MIN_8BIT_SIZE), SGD a
+    """An estimate of the optimizer's state over the model's trainable parameters (tied
+    weights once): `state_bytes` of each."""
+    return sum(
+        state_bytes(name, p.numel(), p.element_size(), momentum)
+        for p in model.parameters()
+        if p.requires_grad
+    )
+
+
+def state_bytes(name: str, numel: int, element_size: int, momentum: float = 0.0) -> int:
+    """The optimizer's state for one trainable tensor of `numel` elements (under FSDP: the
+    rank's shard), from its kind: Adam(W) two moments in the parameter's dtype, adamw8bit one
+    byte per moment plus one fp32 scale per 256-element block (fp32 under MIN_8BIT_SIZE), SGD a
     momentum buffer when momentum > 0. Step counters and quantization maps are left out."""
-    total = 0
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        n, size = p.numel(), p.element_size()
-        if name == "sgd":
-            total += n * size if momentum > 0 else 0
-        elif not name.endswith("adamw8bit"):  # adamw, adam
-            total += 2 * n * size
-        elif n >= MIN_8BIT_SIZE:
-            total += 2 * (n + 4 * math.ceil(n / _BNB_BLOCK))
-        else:
-            total += 2 * n * 4
-    return total
+    if name == "sgd":
+        return numel * element_size if momentum > 0 else 0
+    if not name.endswith("adamw8bit"):  # adamw, adam
+        return 2 * numel * element_size
+    if numel >= MIN_8BIT_SIZE:
+        return 2 * (numel + 4 * math.ceil(numel / _BNB_BLOCK))
+    return 2 * numel * 4
 
 
 def _fused_ok(model: torch.nn.Module) -> bool:

@@ -54,8 +54,9 @@ from llmtrain import layout
 from llmtrain.data.batching import collate, supervised_count
 from llmtrain.engine.checkpoint import rng_state, set_rng_state
 from llmtrain.engine.distributed import DistInfo
-from llmtrain.engine.optim import optimizer_state_bytes
+from llmtrain.engine.model import param_specs
 from llmtrain.engine.parallel import unwrap
+from llmtrain.engine.placement import place
 from llmtrain.engine.step import StepSpec, Window, forward_backward, optimizer_step
 from llmtrain.probe.memory import MemoryBackend, OverBudget, fmt_bytes, is_oom
 from llmtrain.probe.result import Trial
@@ -249,14 +250,11 @@ def live_state(setup: TrialSetup) -> Iterator[LiveState]:
 
 
 def static_bytes(model: torch.nn.Module, optimizer_name: str, momentum: float = 0.0) -> int:
-    """Analytic weights + grads + optimizer state, each tensor at its real element size: frozen
-    bf16 or quantized (packed uint8) weights count what they hold, gradients exist for trainable
-    parameters only, and the optimizer's state is `engine.optim.optimizer_state_bytes` (8-bit
-    moments at about 1 byte each)."""
-    total = 0
-    for p in {id(p): p for p in model.parameters()}.values():
-        total += _tensor_bytes(p) * (2 if p.requires_grad else 1)
-    return total + optimizer_state_bytes(optimizer_name, model, momentum)
+    """Analytic weights + grads + optimizer state of one process (engine/placement.py at world
+    1), each tensor at its real element size: frozen bf16 or quantized (packed uint8, with its
+    block scales) weights count what they hold, gradients exist for trainable parameters only,
+    and the optimizer's state is `engine.optim.state_bytes` (8-bit moments ≈ 1 byte each)."""
+    return place(param_specs(model), 1, "ddp", optimizer_name, momentum).ranks[0].total
 
 
 # ------------------------------------------------------------------------------ a trial
