@@ -24,6 +24,7 @@ from llmtrain import __version__
 from llmtrain.console import say
 from llmtrain.engine.signals import shield
 from llmtrain.errors import ConfigError, LLMTrainError
+from llmtrain.launch import LAUNCH_FLAGS_ENV, Nodes, inherited_flags, launch_flags, parse_nodes
 
 
 def _plain_flags(params: list[Any]) -> list[Any]:
@@ -83,7 +84,38 @@ NprocOpt = Annotated[
         "--nproc",
         min=1,
         help="Run on N local processes (one per GPU; gloo on CPU) via torchrun's launcher; the "
-        "same as `torchrun --standalone --nproc_per_node=N -m llmtrain ...`.",
+        "same as `torchrun --standalone --nproc_per_node=N -m llmtrain ...`. With --nnodes: N "
+        "on each node.",
+        show_default=False,
+    ),
+]
+NnodesOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--nnodes",
+        min=1,
+        help="Run on M machines, the same command started on each (with its own --node-rank); "
+        "they meet at --rdzv-endpoint (torchrun's c10d rendezvous). run.output_dir must be on "
+        "a filesystem every node sees.",
+        show_default=False,
+    ),
+]
+NodeRankOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--node-rank",
+        min=0,
+        help="With --nnodes: this machine's number, 0 to M-1; node 0 hosts the rendezvous.",
+        show_default=False,
+    ),
+]
+RdzvEndpointOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--rdzv-endpoint",
+        help="With --nnodes: where the nodes meet, node 0's address and a free port (the same "
+        "on every node).",
+        metavar="HOST:PORT",
         show_default=False,
     ),
 ]
@@ -161,17 +193,36 @@ def _load(config: str, overrides: list[str] | None, *, check_model: bool | str =
     return load_config(config, overrides or (), check_model=check_model)
 
 
-def _relaunch(nproc: int | None, command: list[str], set_: list[str] | None, cfg: Any) -> bool:
-    """With `--nproc N` (N > 1): run this same command on N ranks under torchrun and exit with
-    its code. The config was validated here first, so a bad one fails once, before any rank
-    starts. Returns False when there is nothing to launch (no --nproc, or 1)."""
-    if nproc is None or nproc == 1:
+def _relaunch(
+    nproc: int | None,
+    command: list[str],
+    set_: list[str] | None,
+    cfg: Any,
+    nodes: Nodes | None = None,
+    flags: list[str] | None = None,
+) -> bool:
+    """With `--nproc N` (N > 1) or `--nnodes M` (M > 1, `nodes`): run this same command on
+    the ranks under torchrun and exit with its code. The config was validated here first, so
+    a bad one fails once, before any rank starts. `flags`: the launch flags as given, handed to
+    the ranks for the command they print to resume. Returns False when there is nothing to
+    launch (no --nproc, or 1, on one machine)."""
+    if nodes is None and (nproc is None or nproc == 1):
         return False
-    from llmtrain.launch import launch
+    import shlex
+
+    from llmtrain.launch import launch  # looked up now: tests replace it
 
     argv = ["--debug"] if _state["debug"] else []
     argv += command + [x for s in set_ or () for x in ("--set", s)]
-    code = launch(nproc, argv, device=cfg.run.device)
+    before = os.environ.get(LAUNCH_FLAGS_ENV)
+    os.environ[LAUNCH_FLAGS_ENV] = shlex.join(flags or [])  # the ranks inherit it
+    try:
+        code = launch(nproc or 1, argv, device=cfg.run.device, nodes=nodes)
+    finally:  # an in-process caller (a test) keeps its environment
+        if before is None:
+            os.environ.pop(LAUNCH_FLAGS_ENV, None)
+        else:
+            os.environ[LAUNCH_FLAGS_ENV] = before
     if code:
         raise typer.Exit(code)
     return True
@@ -222,6 +273,9 @@ def fit(
         bool, typer.Option("--dry-run", help="Resolve everything and print the plan; no training.")
     ] = False,
     nproc: NprocOpt = None,
+    nnodes: NnodesOpt = None,
+    node_rank: NodeRankOpt = None,
+    rdzv_endpoint: RdzvEndpointOpt = None,
     overwrite: Annotated[
         bool,
         typer.Option(
@@ -244,7 +298,10 @@ def fit(
 ) -> None:
     """Train a model: tokenize, chunk, probe the micro-batch, train with exact accumulation."""
 
+    flags = launch_flags(nproc, nnodes, node_rank, rdzv_endpoint)
+
     def work() -> None:
+        nodes = parse_nodes(nnodes, node_rank, rdzv_endpoint)
         cfg = _load(config, set_)
         if overwrite and resume is not None:
             raise ConfigError("--overwrite starts the run over and --resume continues it: use one")
@@ -258,7 +315,7 @@ def fit(
         command += ["--dry-run"] if dry_run else []
         command += ["--overwrite", "--yes"] if overwrite else []
         command += ["--accept-data-change"] if accept_data_change else []
-        if _relaunch(nproc, command, set_, cfg):
+        if _relaunch(nproc, command, set_, cfg, nodes, flags):
             return
         from llmtrain.commands import fit as command
         from llmtrain.engine.signals import Preempted
@@ -275,18 +332,19 @@ def fit(
             _exiting()
             say(f"llmtrain fit: {e}", every_rank=True)
             if e.checkpoint is not None:
-                say(f"resume with: {_resume_command(config, set_, nproc)}", every_rank=True)
+                again = flags or inherited_flags()  # a rank of `--nproc`: its launcher's
+                say(f"resume with: {_resume_command(config, set_, again)}", every_rank=True)
             raise typer.Exit(e.exit_code) from None
 
     _guarded("fit", work, "interrupted; the last checkpoint is intact, continue with --resume auto")
 
 
-def _resume_command(config: str, set_: list[str] | None, nproc: int | None) -> str:
+def _resume_command(config: str, set_: list[str] | None, flags: list[str]) -> str:
+    """The command that continues this run: the same config, overrides and launch flags."""
     import shlex
 
     argv = ["llmtrain", "fit", config, *(x for s in set_ or () for x in ("--set", s))]
-    argv += ["--nproc", str(nproc)] if nproc else []
-    return shlex.join([*argv, "--resume", "auto"])
+    return shlex.join([*argv, *flags, "--resume", "auto"])
 
 
 def _interactive() -> bool:
@@ -353,6 +411,9 @@ def probe_batch(
     set_: SetOpt = None,
     as_json: JsonOpt = False,
     nproc: NprocOpt = None,
+    nnodes: NnodesOpt = None,
+    node_rank: NodeRankOpt = None,
+    rdzv_endpoint: RdzvEndpointOpt = None,
     force: Annotated[
         bool,
         typer.Option(
@@ -363,9 +424,11 @@ def probe_batch(
     """Measure the largest micro-batch that fits on this device for this model and seq_len."""
 
     def work() -> None:
+        nodes = parse_nodes(nnodes, node_rank, rdzv_endpoint)
         cfg = _load(config, set_)
         flags = (["--json"] if as_json else []) + (["--force"] if force else [])
-        if _relaunch(nproc, ["probe-batch", config, *flags], set_, cfg):
+        launch = launch_flags(nproc, nnodes, node_rank, rdzv_endpoint)
+        if _relaunch(nproc, ["probe-batch", config, *flags], set_, cfg, nodes, launch):
             return
         from llmtrain.commands import probe as command
 

@@ -25,6 +25,10 @@ REPORT_FILE = "report.png"
 WANDB_DIR = "wandb"  # log.wandb's local files (offline runs: not yet synced)
 TRACKERS_FILE = "trackers.json"  # the W&B / MLflow run ids a resume continues
 DATA_RECORD_FILE = "data.resolved.json"  # the fingerprints of the data the run trains on
+# The note rank 0 leaves for the other ranks of a job to find (rundir/shared_fs.py), for a
+# moment, as `.tmp-shared-fs-<token>-<pid>`: named as a temporary so that one a killed job
+# left behind is swept like any other (util/atomic.remove_stale_temps).
+SHARED_FS_NOTE = "shared-fs"
 # What marks a directory as llmtrain's own (a run, a store, a split's store, `final/`): it
 # deletes or replaces only what carries it (util/owned.py). A checkpoint's mark is COMPLETE.
 OWNER_MARK = ".llmtrain"

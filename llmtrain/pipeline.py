@@ -10,6 +10,7 @@ sees of the plan is the caller's business (`on_plan`: llmtrain.commands.fit prin
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ from llmtrain.probe.plan import resolve_micro_batch
 from llmtrain.rundir import data_record
 from llmtrain.rundir.outputs import check_corpus_outside_run
 from llmtrain.rundir.provenance import Resume, check_resume, claim_run_dir, clear_run
+from llmtrain.rundir.shared_fs import check_shared_run_dir
 from llmtrain.util.atomic import atomic_write, remove_stale_temps
 from llmtrain.util.locks import hold_run_dir
 
@@ -127,34 +129,49 @@ def fit(
     on_plan: Callable[[Plan], None] | None = None,
 ) -> TrainResult | None:
     """Run every stage of `fit` as the run directory's one writer (util/locks.py: rank 0
-    holds it for the job), SIGTERM handled (engine/signals.py), in a run directory of its own
-    (claim_run_dir); `overwrite` first removes the outputs of an earlier run
+    holds it for the job; under torchrun every rank first joins the job and checks that it
+    sees the run directory, `join`), SIGTERM handled (engine/signals.py), in a run directory
+    of its own (claim_run_dir); `overwrite` first removes the outputs of an earlier run
     (rundir/provenance.py). `accept_data_change`: resume although the data changed
     (rundir/data_record.py). Returns the TrainResult (None for a dry run)."""
     out = Path(cfg.run.output_dir)
-    main = is_rank_zero()  # the process group does not exist yet
+    main = is_rank_zero()
     caller_threads = torch.get_num_threads()  # the run sets its own (host/threads.py)
-    if main:
-        check_corpus_outside_run(cfg)  # before the lock creates the run directory
     try:
-        with hold_run_dir(out, enabled=main, notice=say), sigterm_guard():
+        with sigterm_guard():
+            join(cfg)  # every rank sees the run directory, before any rank touches it
             if main:
-                claim_run_dir(out, write=not dry_run)
-            if main and not dry_run:
-                sweep_run_dir(out)
-            if overwrite and main and not dry_run:
-                for path in clear_run(out):
-                    say(f"--overwrite: removed {path}")
-            return run_stages(
-                cfg,
-                resume=resume,
-                dry_run=dry_run,
-                accept_data_change=accept_data_change,
-                console=console,
-                on_plan=on_plan,
-            )
+                check_corpus_outside_run(cfg)  # before the lock creates the run directory
+            with hold_run_dir(out, enabled=main, notice=say):
+                if main:
+                    claim_run_dir(out, write=not dry_run)
+                if main and not dry_run:
+                    sweep_run_dir(out)
+                if overwrite and main and not dry_run:
+                    for path in clear_run(out):
+                        say(f"--overwrite: removed {path}")
+                return run_stages(
+                    cfg,
+                    resume=resume,
+                    dry_run=dry_run,
+                    accept_data_change=accept_data_change,
+                    console=console,
+                    on_plan=on_plan,
+                )
     finally:
+        teardown()  # when a stage before run_stages failed (run_stages tears down its own)
         torch.set_num_threads(caller_threads)  # an in-process caller keeps its own setting
+
+
+def join(cfg: Config) -> DistInfo:
+    """Under torchrun: join the process group on this rank's own device (LOCAL_RANK: its GPU
+    is current before NCCL's first collective), then check that every rank sees the run
+    directory (rundir/shared_fs.py: on several machines it must be on a shared filesystem).
+    A world of one otherwise, with nothing to check."""
+    device = resolve_device(cfg.run.device, int(os.environ.get("LOCAL_RANK", "0")))
+    dist = setup(device)
+    check_shared_run_dir(cfg.run.output_dir, dist)
+    return dist
 
 
 def sweep_run_dir(out: Path) -> None:

@@ -331,7 +331,9 @@ def test_nproc_hands_the_command_to_torchrun(tmp_path, monkeypatch):
 
     calls = []
     monkeypatch.setattr(
-        llmtrain.launch, "launch", lambda n, argv, device: calls.append((n, argv, device)) or 3
+        llmtrain.launch,
+        "launch",
+        lambda n, argv, device, nodes=None: calls.append((n, argv, device)) or 3,
     )
     config = _cli_config(tmp_path)
     res = CliRunner().invoke(app, ["probe-batch", str(config), "--nproc", "4", "--json"])

@@ -23,6 +23,7 @@ from llmtrain.probe.memory import fmt_bytes
 from llmtrain.probe.plan import probe_for_config
 from llmtrain.probe.result import ProbeResult
 from llmtrain.probe.trial import PROBE_NUM_LABELS
+from llmtrain.rundir.shared_fs import check_shared_run_dir
 
 
 def render_table(result: ProbeResult) -> Table:
@@ -73,6 +74,7 @@ def _measure(cfg: Config, use_cache: bool) -> tuple[DistInfo, ProbeResult]:
     device = resolve_device(cfg.run.device, int(os.environ.get("LOCAL_RANK", "0")))
     dist = setup(device)
     try:
+        check_shared_run_dir(cfg.run.output_dir, dist)  # the tokenizer and cache live there
         # Rank 0 trains (or loads) the cached tokenizer first; the others then open it.
         if not dist.is_main:
             barrier()

@@ -7,7 +7,10 @@
 - `LLMTRAIN_FAULT_KILL=<point>`: the process dies at a named point, e.g. `ckpt_after_model`
   (half-way through a checkpoint write) or `step_end:3` (right after optimizer step 3 is
   logged and saved). `LLMTRAIN_FAULT_KILL_MODE=raise` raises `SimulatedKill` instead of
-  `os._exit(137)`, so an in-process test can "crash" a run without killing pytest.
+  `os._exit(137)`, so an in-process test can "crash" a run without killing pytest;
+  `LLMTRAIN_FAULT_KILL_MODE=await-sigterm` makes the process wait there until a SIGTERM has
+  arrived (engine/signals.py), then carry on: a test can signal from outside (a scheduler's
+  TERM through a launcher) and know at which step the run stops.
 
 The probe stage reuses `fault_oom_micro` / `maybe_fault_oom` for its own trials.
 """
@@ -15,8 +18,13 @@ The probe stage reuses `fault_oom_micro` / `maybe_fault_oom` for its own trials.
 from __future__ import annotations
 
 import os
+import time
 
 import torch
+
+from llmtrain.engine import signals
+
+AWAIT_SIGTERM_S = 600.0  # await-sigterm gives up after this long (a test that never signals)
 
 
 class SimulatedKill(BaseException):
@@ -46,6 +54,20 @@ def kill_point(name: str) -> None:
     """Die here when LLMTRAIN_FAULT_KILL names this point (a crash at the worst moment)."""
     if os.environ.get("LLMTRAIN_FAULT_KILL") != name:
         return
-    if os.environ.get("LLMTRAIN_FAULT_KILL_MODE") == "raise":
+    mode = os.environ.get("LLMTRAIN_FAULT_KILL_MODE")
+    if mode == "raise":
         raise SimulatedKill(name)
+    if mode == "await-sigterm":
+        await_sigterm(name)
+        return
     os._exit(137)
+
+
+def await_sigterm(name: str, limit_s: float = AWAIT_SIGTERM_S) -> None:
+    """Wait at `name` until SIGTERM's handler has run (it only sets a flag once the loop
+    defers to the step's end); SimulatedKill when none comes within `limit_s`."""
+    deadline = time.monotonic() + limit_s
+    while not signals.requested():
+        if time.monotonic() > deadline:
+            raise SimulatedKill(f"{name}: no SIGTERM within {limit_s:g}s")
+        time.sleep(0.02)
