@@ -9,6 +9,7 @@ accumulates without sync, and DDP's all-reduce buckets beside `.grad`.
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 from pathlib import Path
@@ -240,7 +241,7 @@ def _measure_ddp(root: Path, dist) -> dict[str, int]:
 
 def _measure_on_ranks(root: str) -> None:
     """Each rank writes what it holds under fsdp and ddp to <root>/rank<r>.json."""
-    from llmtrain.engine.distributed import setup, teardown
+    from llmtrain.engine.distributed import barrier, setup, teardown
 
     torch.set_num_threads(1)
     dist = setup(torch.device("cpu"))
@@ -248,6 +249,10 @@ def _measure_on_ranks(root: str) -> None:
         found = {"fsdp": _measure_fsdp(Path(root), dist), "ddp": _measure_ddp(Path(root), dist)}
         found["nodes"] = [dist.nodes, dist.per_node]
         (Path(root) / f"rank{dist.rank}.json").write_text(json.dumps(found))
+        # DDP's reducer (and the comm hook's futures) must be gone before the group is: left
+        # to interpreter exit, a still-joinable gloo thread aborts the process now and then
+        gc.collect()
+        barrier()
     finally:
         teardown()
 
