@@ -12,7 +12,8 @@ metrics.jsonl), document and window accuracy, trained parameters (what the check
 and their share of the base, the last checkpoint's size, and method / full when full ran;
 then each method's doc accuracy over the seeds (mean, spread = max - min).
 
-`probe`: `fit` with LoRA on a 29M-parameter GPT-2 base, `micro_batch: auto` against the same
+`probe`: `fit` with LoRA on a 29M-parameter GPT-2 base (`--qlora`: QLoRA nf4 in bf16 on a Llama
+of the same width and depth), `micro_batch: auto` against the same
 run with the micro-batch the probe chose set by hand, both under `/usr/bin/time -v`: the ratio
 of their peak RSS is what the probe costs (the target: at most 1.05x).
 
@@ -20,6 +21,7 @@ of their peak RSS is what the probe costs (the target: at most 1.05x).
   python scripts/bench_peft.py classify --shared ../shared --minilm models/all-MiniLM-L6-v2
   python scripts/bench_peft.py classify --methods lora,adalora,ia3,loha --seeds 0,1
   python scripts/bench_peft.py probe
+  python scripts/bench_peft.py probe --qlora --memory-limit 1.5GiB
 """
 
 from __future__ import annotations
@@ -269,15 +271,20 @@ def ratio_row(name: str, lo: dict, f: dict) -> str:
 
 # ------------------------------------------------------------------------------ probe
 def probe(args: argparse.Namespace) -> None:
-    """LoRA on a 29M-parameter GPT-2: micro_batch auto against the same micro set by hand."""
+    """LoRA on a 29M-parameter GPT-2 (or, with --qlora, QLoRA on a Llama of the same size, bf16):
+    micro_batch auto against the same micro set by hand."""
     work = Path(tempfile.mkdtemp(prefix="bench-peft-probe-"))
-    base = make_gpt2_base(work)
+    base = make_base(work, "llama" if args.qlora else "gpt2")
+    model: dict = {"pretrained": str(base), "peft": LORA}
+    if args.qlora:
+        model["quantize"] = {"bits": 4, "type": "nf4", "double_quant": True}
+    precision = "bf16" if args.qlora else "fp32"
     rss = {}
     micro = None
     for mode in ("auto", "manual"):
         cfg = {
             "run": {"name": mode, "output_dir": str(work / mode), "seed": 0, "device": "cpu"},
-            "model": {"pretrained": str(base), "peft": LORA},
+            "model": model,
             "tokenizer": {"path": str(base)},
             "data": {
                 "train": {"path": str(SHAKESPEARE), "split": "paragraphs"},
@@ -289,7 +296,8 @@ def probe(args: argparse.Namespace) -> None:
                 "probe": {"memory_limit": args.memory_limit, "cache": False},
             },
             "optim": {"lr": 1e-3, "warmup_steps": 0},
-            "train": {"max_steps": 2, "precision": "fp32", "eval_every": None, "save_every": None},
+            "train": {"max_steps": 2, "precision": precision, "eval_every": None,
+                      "save_every": None},
             "log": {"progress": False},
         }  # fmt: skip
         run = fit(cfg, work, mode)
@@ -297,7 +305,8 @@ def probe(args: argparse.Namespace) -> None:
         rss[mode] = (run["rss"], micro)
     (a, m), (b, _) = rss["auto"], rss["manual"]
     n = stored_params(base / "model.safetensors")
-    print(f"work dir: {work}; base: {n / 1e6:.1f}M parameters, LoRA r=16")
+    kind = "QLoRA nf4" if args.qlora else "LoRA"
+    print(f"work dir: {work}; base: {n / 1e6:.1f}M parameters, {kind} r=16")
     print(f"probe trials (m: peak MiB, x = over budget): {trials(work / 'auto')}")
     print(f"| micro_batch | peak RSS | \n|---|---|\n| auto (probed → {m}) | {a / 2**20:,.0f} MiB |")
     print(f"| {m} (set by hand) | {b / 2**20:,.0f} MiB |\n| auto / manual | {a / b:.3f}× |")
@@ -313,11 +322,13 @@ def trials(out: Path) -> str:
     )
 
 
-def make_gpt2_base(work: Path) -> Path:
-    """A GPT-2 of 8 layers × 512 (29M parameters) with a BPE trained on Tiny Shakespeare,
-    saved as a "pretrained" directory (random weights: memory, not quality, is measured)."""
+def make_base(work: Path, arch: str) -> Path:
+    """A GPT-2 of 8 layers × 512 (29M parameters), or a Llama of the same width and depth (its
+    nn.Linear layers are what bitsandbytes quantizes; GPT-2's Conv1D is not), with a BPE
+    trained on Tiny Shakespeare, saved as a "pretrained" directory (random weights: memory,
+    not quality, is measured)."""
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     sys.path.insert(0, str(ROOT))
     from llmtrain.config import Config
@@ -333,9 +344,14 @@ def make_gpt2_base(work: Path) -> Path:
     )
     tok = load_tokenizer(cfg)
     torch.manual_seed(0)
-    hf = GPT2Config(n_layer=8, n_embd=512, n_head=8, n_positions=256, vocab_size=len(tok))
-    model = GPT2LMHeadModel(hf)
-    path = work / "gpt2-29m"
+    if arch == "llama":
+        shape = {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 8}
+        hf = LlamaConfig(**shape, num_attention_heads=8, vocab_size=len(tok))
+        model = LlamaForCausalLM(hf).to(torch.bfloat16)
+    else:
+        hf = GPT2Config(n_layer=8, n_embd=512, n_head=8, n_positions=256, vocab_size=len(tok))
+        model = GPT2LMHeadModel(hf)
+    path = work / f"{arch}-base"
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
@@ -375,6 +391,7 @@ def main() -> None:
     p.add_argument("--memory-limit", default="2GiB", help="batch.probe.memory_limit")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--global-batch", type=int, default=16)
+    p.add_argument("--qlora", action="store_true", help="QLoRA (nf4, bf16) on a Llama base")
     args = ap.parse_args()
     classify(args) if args.what == "classify" else probe(args)
 
