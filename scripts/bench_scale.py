@@ -23,7 +23,9 @@ by VmRSS (the plain loop keeps its bf16 weights as mapped file pages, which RssA
 loading by RssAnon.
 
 `--cap-mib N` also finds, for each run, the longest seq_len (a multiple of 256, micro 1) that
-trains 2 steps without its VmRSS passing N MiB (the child is killed when it does).
+loads and trains 2 steps without its VmRSS passing N MiB (the child is killed when it does;
+writing final/ afterwards is not capped: it happens on the host, and for QLoRA it holds the
+dequantized base).
 
   python scripts/bench_scale.py --small                  # a quick check that it all runs
   python scripts/bench_scale.py --json-out scale.json    # the benchmark (minutes, ~8 GB RAM)
@@ -237,7 +239,9 @@ def sample(cmd: list[str], steps: int, cap: int | None = None) -> dict[str, Any]
             slot = peaks.setdefault(phase["now"], {"VmRSS": 0, "RssAnon": 0})
             for key, value in status.items():
                 slot[key] = max(slot[key], value)
-            if cap is not None and status.get("VmRSS", 0) > cap:
+            # the cap stands for the training device's memory: loading and training count,
+            # writing final/ (on the host; QLoRA dequantizes the base there) does not
+            if cap is not None and phase["now"] != "save" and status.get("VmRSS", 0) > cap:
                 over = True
                 proc.kill()
         time.sleep(0.02)
