@@ -410,3 +410,7 @@ def test_world_of_one_is_not_wrapped_and_full_state_round_trips(tmp_path):
     assert torch.equal(
         fresh_opt.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"]
     )
+    # a full state lacking a weight is refused: only a PEFT (trainable-only) state is partial
+    weights = {k: v for k, v in full_model_state(model).items() if k != "lm_head.weight"}
+    with pytest.raises(RuntimeError, match="Missing key"):
+        load_full_state(fresh, None, weights, None)

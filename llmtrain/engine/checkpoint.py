@@ -420,10 +420,11 @@ def apply_checkpoint(
     if is_fsdp(model):  # every rank reads the full state and keeps its shard
         file = path / "model.safetensors"
         weights = _read_weights(file)
-        if is_peft(model):  # the trainable tensors alone, as one process writes them
+        peft = is_peft(model)
+        if peft:  # the trainable tensors alone, as one process writes them
             check_trainable(model, weights, file)
         try:
-            load_full_state(model, optimizer, weights, ckpt.optimizer)
+            load_full_state(model, optimizer, weights, ckpt.optimizer, trainable_only=peft)
         except Exception as e:  # torch.distributed's state-dict APIs raise many types
             raise LLMTrainError(
                 f"{path}: cannot load into the sharded model ({_one_line(e)})"

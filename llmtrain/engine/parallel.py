@@ -221,20 +221,20 @@ def load_full_state(
     optimizer: torch.optim.Optimizer | None,
     model_state: dict[str, torch.Tensor],
     optimizer_state: dict | None,
+    trainable_only: bool = False,
 ) -> None:
     """Load a full (checkpoint-format) state into an FSDP model and its optimizer; every rank
     passes the same full state and keeps its own shard. Plain/DDP models: load_state_dict.
-    A state of the trainable tensors alone (a PEFT checkpoint, whose names the caller checked)
-    leaves the frozen base as built."""
+    `trainable_only`: the state holds the trainable tensors alone (a PEFT checkpoint, whose
+    names the caller checked); the frozen base stays as built. Otherwise loading is strict."""
     inner = unwrap(model)
     state = dict(model_state)
     for kept, group in tied_aliases(inner).items():
         for alias in group:
             if kept in state:
                 state.setdefault(alias, state[kept])
-    partial = set(state) <= trainable_names(inner)  # strict loading would ask for the base
     if not is_fsdp(inner):
-        inner.load_state_dict(state, strict=not partial)
+        inner.load_state_dict(state, strict=not trainable_only)
         if optimizer is not None and optimizer_state is not None:
             optimizer.load_state_dict(optimizer_state)
         return
@@ -243,7 +243,7 @@ def load_full_state(
         set_optimizer_state_dict,
     )
 
-    set_model_state_dict(inner, state, options=_full_options(strict=not partial))
+    set_model_state_dict(inner, state, options=_full_options(strict=not trainable_only))
     if optimizer is None or optimizer_state is None:
         return
     names = _param_names(inner, optimizer)
