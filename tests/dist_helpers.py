@@ -108,6 +108,24 @@ def run_function(
     return res
 
 
+def probe_with_one_rank_oom(cfg, root: Path, dist) -> None:
+    """On every rank: the probe for `cfg` with the fault hook on rank 1 only (its trials above
+    3 fail, rank 0's do not); each rank writes its answer to <root>/probe-rank<r>.json. Both
+    must leave the probe (no collective left waiting) with the same answer."""
+    import json
+
+    import torch
+    from fit_helpers import FakeTokenizer
+
+    from llmtrain.engine.model import build_model
+    from llmtrain.probe import probe_for_config
+
+    os.environ.update(LLMTRAIN_FAULT_OOM_MICRO="3", LLMTRAIN_FAULT_OOM_RANK="1")
+    model = build_model(cfg, FakeTokenizer(), None)
+    result = probe_for_config(cfg, model, torch.device("cpu"), dist=dist, use_cache=False)
+    (root / f"probe-rank{dist.rank}.json").write_text(json.dumps(result.micro_batch))
+
+
 def _main() -> None:
     """Worker side of `run_function`: import the module and call the function."""
     sys.path.insert(0, str(TESTS))

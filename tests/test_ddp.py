@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from dist_helpers import run_command, run_function
+from dist_helpers import probe_with_one_rank_oom, run_command, run_function
 from fit_helpers import FakeTokenizer, make_cfg, max_rel_diff, random_store, run_train
 from typer.testing import CliRunner
 
@@ -135,22 +135,10 @@ def _scenarios(root: str) -> None:
             state = full_model_state(model)
             if dist.is_main:
                 torch.save(state, Path(root) / f"{name}-resumed.pt")
-        _probe_with_one_rank_oom(Path(root), dist)
+        cfg = make_cfg(Path(root) / "probe", micro=2, batch={"probe": {"max_micro": 16}})
+        probe_with_one_rank_oom(cfg, Path(root), dist)
     finally:
         teardown()
-
-
-def _probe_with_one_rank_oom(root: Path, dist) -> None:
-    """The fault hook on rank 1 only: rank 1's trials above 3 fail, rank 0's do not; both
-    must leave the probe (no collective left waiting) with the same answer."""
-    from llmtrain.engine.model import build_model
-    from llmtrain.probe import probe_for_config
-
-    os.environ.update(LLMTRAIN_FAULT_OOM_MICRO="3", LLMTRAIN_FAULT_OOM_RANK="1")
-    cfg = make_cfg(root / "probe", micro=2, batch={"probe": {"max_micro": 16}})
-    model = build_model(cfg, FakeTokenizer(), None)
-    result = probe_for_config(cfg, model, torch.device("cpu"), dist=dist, use_cache=False)
-    (root / f"probe-rank{dist.rank}.json").write_text(json.dumps(result.micro_batch))
 
 
 # ----------------------------------------------------------------------- the tests' side

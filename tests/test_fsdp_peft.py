@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from dist_helpers import run_function
+from dist_helpers import probe_with_one_rank_oom, run_function
 from fit_helpers import FakeTokenizer, random_store, run_train
 from peft_helpers import adapter_weights, max_rel, peft_cfg, save_base
 from qlora_helpers import NF4, llama_cfg, save_llama
@@ -108,7 +108,8 @@ def _ranks(root: str) -> None:
         _train(_lora(r, "oom-ddp"), dist=dist)
         for key in oom:
             del os.environ[key]
-        _probe(r, dist)
+        cfg = _lora(r, "probe", train=_fsdp(), batch={"probe": {"max_micro": 16}})
+        probe_with_one_rank_oom(cfg, r, dist)
     finally:
         teardown()
 
@@ -125,18 +126,6 @@ def _check_sharded_4bit(model: torch.nn.Module) -> None:
     for layer in layers:
         assert isinstance(layer.weight, DTensor) and layer.weight.dtype == torch.float32
         assert layer.quant_state is not None
-
-
-def _probe(root: Path, dist) -> None:
-    """Rank 1's trials above 3 fail, rank 0's do not: both leave with the same answer."""
-    from llmtrain.engine.model import build_model
-    from llmtrain.probe import probe_for_config
-
-    os.environ.update(LLMTRAIN_FAULT_OOM_MICRO="3", LLMTRAIN_FAULT_OOM_RANK="1")
-    cfg = _lora(root, "probe", train=_fsdp(), batch={"probe": {"max_micro": 16}})
-    model = build_model(cfg, FakeTokenizer(), None)
-    result = probe_for_config(cfg, model, torch.device("cpu"), dist=dist, use_cache=False)
-    (root / f"probe-rank{dist.rank}.json").write_text(json.dumps(result.micro_batch))
 
 
 # ----------------------------------------------------------------------- the tests' side
