@@ -31,6 +31,7 @@ def probe_measurement(monkeypatch):
     different times, so they need the repeatable measurement."""
     monkeypatch.delenv("LLMTRAIN_FAULT_OOM_MICRO", raising=False)
     monkeypatch.delenv("LLMTRAIN_FAULT_OOM_RANK", raising=False)
+    monkeypatch.delenv("LLMTRAIN_FAULT_OOM_IN", raising=False)
     allocator.revert()
     before = torch.get_num_threads()
     torch.set_num_threads(1)

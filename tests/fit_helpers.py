@@ -5,6 +5,7 @@ They keep the exactness tests independent of the tokenizer and chunk stages.
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 import numpy as np
@@ -166,3 +167,9 @@ def max_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> floa
     diff = max(float((a[k] - b[k]).abs().max()) for k in keys)
     scale = max(float(a[k].abs().max()) for k in keys)
     return diff / scale
+
+
+def graph_tensors() -> int:
+    """Tensors alive in this process that belong to an autograd graph."""
+    gc.collect()
+    return sum(isinstance(o, torch.Tensor) and o.grad_fn is not None for o in gc.get_objects())

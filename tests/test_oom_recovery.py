@@ -5,31 +5,38 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fit_helpers import make_cfg, max_rel_diff, params, random_store, run_train
+from fit_helpers import graph_tensors, make_cfg, max_rel_diff, params, random_store, run_train
 
+from llmtrain.engine import loop
 from llmtrain.engine.checkpoint import list_checkpoints
-from llmtrain.engine.faults import maybe_fault_oom
+from llmtrain.engine.faults import fault_oom_phase, simulated_oom
 from llmtrain.engine.metrics import read_metrics
 from llmtrain.errors import LLMTrainError
 
 
 def test_fault_hook(monkeypatch):
-    maybe_fault_oom(100)  # off: nothing
+    assert simulated_oom(100) is None  # off
     monkeypatch.setenv("LLMTRAIN_FAULT_OOM_MICRO", "4")
-    maybe_fault_oom(4)
-    with pytest.raises(torch.OutOfMemoryError, match="simulated"):
-        maybe_fault_oom(5)
+    assert simulated_oom(4) is None
+    assert isinstance(simulated_oom(5), torch.OutOfMemoryError)
+    assert "simulated" in str(simulated_oom(5))
     monkeypatch.setenv("LLMTRAIN_FAULT_OOM_RANK", "1")
-    maybe_fault_oom(5, rank=0)  # another rank: untouched
-    with pytest.raises(torch.OutOfMemoryError):
-        maybe_fault_oom(5, rank=1)
+    assert simulated_oom(5, rank=0) is None  # another rank: untouched
+    assert simulated_oom(5, rank=1) is not None
+    monkeypatch.setenv("LLMTRAIN_FAULT_OOM_IN", "backwards")
+    with pytest.raises(LLMTrainError, match="LLMTRAIN_FAULT_OOM_IN='backwards': expected"):
+        fault_oom_phase()
 
 
-def test_oom_halves_micro_and_keeps_the_update(tmp_path, monkeypatch):
+@pytest.mark.parametrize("phase", ["forward", "backward"])
+def test_oom_halves_micro_and_keeps_the_update(tmp_path, monkeypatch, phase):
+    """Also when the OOM strikes inside the backward, with part of the window's gradients
+    already accumulated: the retry starts from zero gradients."""
     store = random_store(40, seed=6)
     kw = {"global_batch": 16, "steps": 3, "train": {"save_every": 2}}
     ref, _ = run_train(make_cfg(tmp_path / "ref", micro=4, **kw), store)
     monkeypatch.setenv("LLMTRAIN_FAULT_OOM_MICRO", "4")
+    monkeypatch.setenv("LLMTRAIN_FAULT_OOM_IN", phase)
     out = tmp_path / "oom"
     model, result = run_train(make_cfg(out, micro=16, **kw), store)
     assert result.micro_batch == 4
@@ -44,6 +51,27 @@ def test_oom_halves_micro_and_keeps_the_update(tmp_path, monkeypatch):
     assert [(r["micro_batch"], r["grad_accum"]) for r in train] == [(4, 4)] * 3
     ckpt = list_checkpoints(out / "checkpoints")[-1]
     assert torch.load(ckpt / "state.pt", weights_only=False)["micro_batch"] == 4
+
+
+def test_the_retry_after_an_oom_in_backward_does_not_run_beside_the_failed_graph(
+    tmp_path, monkeypatch
+):
+    """torch's autograd engine keeps a backward that raised alive until the next backward:
+    the retry at half the micro-batch would otherwise run with the failed window's activations
+    still held, and on a GPU fail again for that reason alone."""
+    alive: list[int] = []
+    real = loop.forward_backward
+
+    def spy(*args, **kwargs):
+        alive.append(graph_tensors())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "forward_backward", spy)
+    monkeypatch.setenv("LLMTRAIN_FAULT_OOM_MICRO", "4")
+    monkeypatch.setenv("LLMTRAIN_FAULT_OOM_IN", "backward")
+    run_train(make_cfg(tmp_path, micro=8, global_batch=8, steps=1), random_store(16, seed=0))
+    assert len(alive) == 2  # micro 8 failed in its backward, micro 4 trained
+    assert alive[1] == alive[0], alive
 
 
 def test_oom_at_micro_one_is_a_clean_error(tmp_path, monkeypatch):

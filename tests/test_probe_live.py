@@ -10,6 +10,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from fit_helpers import graph_tensors
 from probe_helpers import CPU, adamw, gpt2, make_setup, probe_config, run_probe
 
 from llmtrain import probe as P
@@ -233,3 +234,18 @@ def test_a_trial_over_the_budget_is_stopped_there_and_leaves_everything_as_it_wa
     assert stopped.peak_bytes < small + (full - small) // 2, (small, budget, stopped, full)
     assert_same(before, everything(model))
     assert P.run_trial(setup, meter, 1, budget).ok  # the guard is gone with the trial
+
+
+def test_a_trial_stopped_in_its_backward_leaves_nothing_of_it_alive(monkeypatch):
+    """torch's autograd engine keeps a backward that raised alive until the next backward;
+    the probe drops it, or training after the probe runs beside the stopped trial's
+    activations (docs/benchmarks.md: 1.45x the peak of the same run set by hand)."""
+    setup = make_setup(gpt2(n_layer=2), seq_len=32, loss_chunk=64)
+    meter = CpuMemory(None)
+    assert P.run_trial(setup, meter, 2, 10**15).ok
+    before = graph_tensors()
+    monkeypatch.setenv("LLMTRAIN_FAULT_OOM_MICRO", "2")
+    monkeypatch.setenv("LLMTRAIN_FAULT_OOM_IN", "backward")
+    stopped = P.run_trial(setup, meter, 4, 10**15)
+    assert not stopped.ok and "simulated out of memory" in stopped.error
+    assert graph_tensors() == before

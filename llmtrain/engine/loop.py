@@ -63,6 +63,7 @@ from llmtrain.engine.progress import LogInterval, TrainLog
 from llmtrain.engine.step import (
     StepSpec,
     Window,
+    drop_failed_backward,
     forward_backward,
     make_window,
     offloads,
@@ -311,6 +312,7 @@ def backward_window(
         except torch.OutOfMemoryError:
             pass
         # Outside the except block: its traceback would keep the failed window's tensors alive.
+        drop_failed_backward(run.device)
         run.optimizer.zero_grad(set_to_none=True)
         gc.collect()
         if run.device.type == "cuda":

@@ -38,7 +38,7 @@ from llmtrain.data.batching import (
 )
 from llmtrain.engine.adalora import orth_regularizer
 from llmtrain.engine.distributed import DistInfo, all_reduce_sum
-from llmtrain.engine.faults import maybe_fault_oom
+from llmtrain.engine.faults import oom_fault_point
 from llmtrain.engine.loss import model_loss
 from llmtrain.engine.parallel import clip_grad_norm, no_sync_context
 
@@ -162,11 +162,11 @@ def forward_backward(
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     real = len(win.batches) - win.padding
     for i, batch in enumerate(win.batches):
-        maybe_fault_oom(int(batch["input_ids"].shape[0]), dist.rank)
         weight = scale if i < real else 0.0  # a stand-in joins the collectives, adds nothing
         inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         labels = inputs.pop("labels")
-        with no_sync_context(model, last=i == len(win.batches) - 1):
+        fault = oom_fault_point(model, int(batch["input_ids"].shape[0]), dist.rank)
+        with fault, no_sync_context(model, last=i == len(win.batches) - 1):
             with offload_context(spec, device):
                 summed = model_loss(
                     model,
@@ -187,6 +187,18 @@ def forward_backward(
             loss_sum += summed.detach().double()
         del summed
     return loss_sum
+
+
+def drop_failed_backward(device: torch.device) -> None:
+    """After a backward that raised (an out-of-memory error, the probe's budget guard): free
+    what torch's autograd engine still holds of it. The failed graph — its saved activations,
+    most of the memory the step had — stays alive until the next backward runs on the thread
+    that ran it (seen on torch 2.13: tests/test_oom_recovery.py, and the probe's stopped trials
+    in docs/benchmarks.md); `gc.collect` and `empty_cache` cannot reach it. One backward of a
+    scalar leaf is that next backward, now, before the caller retries or measures."""
+    with torch.enable_grad():
+        for dev in {torch.device("cpu"), device}:
+            torch.autograd.backward(torch.zeros((), device=dev, requires_grad=True))
 
 
 def window_regularizer(model: torch.nn.Module, weight: float) -> torch.Tensor:

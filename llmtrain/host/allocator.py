@@ -13,7 +13,10 @@ wins so that a run can be switched without editing its config):
   `mallopt(M_TRIM_THRESHOLD, 2 GiB - 1)` keeps freed heap pages mapped; the next step reuses
   them without a fault. The peak resident memory is unchanged (the same tensors are alive at
   the peak); between steps the process keeps its peak resident.
-- `system`: glibc's own behaviour, untouched.
+- `system`: glibc's own behaviour, except that building the model (`loading`) pins its mmap
+  threshold at 128 KiB, and glibc has no call that makes it adaptive again: every block above
+  that is its own mapping, handed back at free (the leanest resident memory and the most page
+  faults; docs/benchmarks.md, "The CPU allocator, measured").
 
 A user who tunes glibc themselves (`GLIBC_TUNABLES` or a `MALLOC_*_` variable) keeps their
 settings: `retain` is then not applied (`resolve` reports why). Outside glibc both are no-ops.
@@ -97,7 +100,7 @@ def apply(setting: str | None = None) -> Policy:
     libc = _libc()
     tuned = user_tuned()
     if name == "system":
-        _current = Policy("system", False, "glibc default")
+        _current = Policy("system", False, "glibc's, mmap threshold 128 KiB from loading on")
     elif libc is None:
         _current = Policy("retain", False, "not glibc: left as is")
     elif tuned is not None:

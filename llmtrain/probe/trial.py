@@ -57,7 +57,13 @@ from llmtrain.engine.distributed import DistInfo
 from llmtrain.engine.model import param_specs
 from llmtrain.engine.parallel import unwrap
 from llmtrain.engine.placement import place
-from llmtrain.engine.step import StepSpec, Window, forward_backward, optimizer_step
+from llmtrain.engine.step import (
+    StepSpec,
+    Window,
+    drop_failed_backward,
+    forward_backward,
+    optimizer_step,
+)
 from llmtrain.probe.memory import MemoryBackend, OverBudget, fmt_bytes, is_oom
 from llmtrain.probe.result import Trial
 from llmtrain.util.atomic import ensure_space, temp_sibling
@@ -410,7 +416,11 @@ def run_trial(
         error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
     if error is not None:
         # Released only here, outside the except block: until it ends, the exception's
-        # traceback keeps the trial's frames — optimizer state, activations — alive.
+        # traceback keeps the trial's frames — optimizer state, activations — alive. A trial
+        # stopped in its backward also leaves its graph in autograd's engine until the next
+        # backward: without the drop, training after the probe ran beside it (1.45x the peak
+        # of the same run set by hand; docs/benchmarks.md).
+        drop_failed_backward(setup.device)
         backend.release(collect=True)
         return Trial(m, False, backend.last_peak, time.perf_counter() - t0, None, error)
     seconds = time.perf_counter() - t0
