@@ -109,7 +109,6 @@ def prepare(cfg: Config, dist: DistInfo, device: torch.device) -> tuple[Any, Any
     num_labels = cfg.model.num_labels or (len(label_names) if label_names else None)
     with allocator.loading():  # loading's transient copies are handed back as they are freed
         model = build_model(cfg, tokenizer, num_labels, label_names, device)
-    allocator.trim()
     if cfg.data.is_isolated:
         check_document_isolation(model, model_device(model))
     micro = resolve_micro(cfg, model, device, dist)

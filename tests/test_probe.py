@@ -27,7 +27,9 @@ from transformers import (
 )
 
 from llmtrain import probe as P
+from llmtrain.host import allocator
 from llmtrain.probe import search
+from llmtrain.probe.cache import cache_key
 from llmtrain.probe.memory import CpuMemory, rss_bytes
 
 pytestmark = pytest.mark.usefixtures("probe_measurement")
@@ -351,6 +353,24 @@ def test_cli_probe_batch_json_prints_one_object_with_the_contract_keys(tmp_path,
     assert out["seq_len"] == 32 and out["capacity_bytes"] == 2**40
     for t in out["trials"]:
         assert {"micro_batch", "ok", "peak_bytes", "seconds", "tokens_per_s"} <= t.keys()
+    # measured under the allocator `fit` trains with, and cached for that one only
+    (entry,) = json.loads((tmp_path / "run" / P.CACHE_FILE).read_text())["entries"].values()
+    policy = allocator.resolve(cfg.run.cpu_allocator)
+    assert entry["key"]["cpu_allocator"].split()[0] == policy, entry["key"]
+    allocator.revert()
+
+
+def test_a_probe_under_one_cpu_allocator_is_not_reused_under_another(tmp_path, monkeypatch):
+    """Under `retain` the heap keeps what each sequence freed: a measurement under `system`
+    (or a probe on its own) would let `fit` train a micro-batch the budget cannot hold."""
+    cfg = probe_config(tmp_path)
+    model = gpt2(n_layer=1, n_embd=32, vocab=300)
+    keys = []
+    for policy in (allocator.Policy("retain", True, ""), allocator.Policy("system", False, "")):
+        monkeypatch.setattr(allocator, "current", lambda policy=policy: policy)
+        keys.append(cache_key(cfg, model, CPU, 1, memory_limit=2**31))
+    assert keys[0]["cpu_allocator"] != keys[1]["cpu_allocator"]
+    assert keys[0] | {"cpu_allocator": None} == keys[1] | {"cpu_allocator": None}
 
 
 @pytest.mark.parametrize("failure", ["oom", "over_budget"])

@@ -18,6 +18,7 @@ from llmtrain.console import human_console
 from llmtrain.data.tokenizer import load_tokenizer
 from llmtrain.engine.distributed import DistInfo, barrier, resolve_device, setup, teardown
 from llmtrain.engine.model import build_model
+from llmtrain.host import allocator, threads
 from llmtrain.probe.cache import cache_path
 from llmtrain.probe.memory import fmt_bytes
 from llmtrain.probe.plan import probe_for_config
@@ -72,6 +73,10 @@ def _measure(cfg: Config, use_cache: bool) -> tuple[DistInfo, ProbeResult]:
     result when `use_cache`)."""
     # under torchrun each rank probes its own GPU; setup() binds the process to it
     device = resolve_device(cfg.run.device, int(os.environ.get("LOCAL_RANK", "0")))
+    # as `fit` does before its probe (pipeline.prepare): the CPU peaks depend on both, and the
+    # answer is for training with them (under `retain` the heap holds far more per sequence)
+    threads.apply(cfg.run.threads)
+    allocator.apply(cfg.run.cpu_allocator)
     dist = setup(device)
     try:
         check_shared_run_dir(cfg.run.output_dir, dist)  # the tokenizer and cache live there
@@ -84,7 +89,8 @@ def _measure(cfg: Config, use_cache: bool) -> tuple[DistInfo, ProbeResult]:
         num_labels = None
         if cfg.model.task == "sequence-classification":
             num_labels = cfg.model.num_labels or PROBE_NUM_LABELS
-        model = build_model(cfg, tokenizer, num_labels, device=device)
+        with allocator.loading():
+            model = build_model(cfg, tokenizer, num_labels, device=device)
         return dist, probe_for_config(cfg, model, device, dist=dist, use_cache=use_cache)
     finally:
         teardown()

@@ -22,8 +22,9 @@ A user who tunes glibc themselves (`GLIBC_TUNABLES` or a `MALLOC_*_` variable) k
 settings: `retain` is then not applied (`resolve` reports why). Outside glibc both are no-ops.
 
 The probe's CPU memory measurement (probe/memory.py) runs under the same policy as the training
-that follows, so it measures the allocator training will use: `prepare_for_probe` applies the
-default when nothing was applied yet, and under `system` pins glibc's mmap threshold (else it
+that follows, so it measures the allocator training will use: `fit` and `probe-batch` apply the
+run's policy before probing (and the probe cache keys on it); `prepare_for_probe`, for a probe
+with none applied (the Python API), pins glibc's mmap threshold as `system` does (else it
 moves between trials and the peaks scatter). Under `retain` there is no threshold to move; the
 probe's `malloc_trim(0)` before each trial returns the retained pages, so a large trial does not
 leave resident memory that a later, smaller trial would be blamed for.
@@ -152,7 +153,8 @@ def loading() -> Iterator[None]:
     threshold rises after the first large free, so later ones come from the heap and stay
     too. Measured on a 0.78B QLoRA load: 0.8 to 3.9 GiB of private memory from run to run for
     the same call, 0.65 GiB every time with the threshold pinned (docs/benchmarks.md). The
-    policy in force is restored after; a user's own malloc settings are left alone."""
+    policy in force is restored after, and the heap's free pages are returned (`trim`); a
+    user's own malloc settings are left alone."""
     libc = _libc()
     if libc is None or user_tuned() is not None:
         yield
@@ -166,6 +168,7 @@ def loading() -> Iterator[None]:
     finally:
         if retaining:
             libc.mallopt(M_MMAP_MAX, 0)
+        trim()
 
 
 def trim() -> None:

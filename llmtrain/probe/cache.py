@@ -2,8 +2,9 @@
 
 One entry per setup key (a hash of the model's HF config, parameter count, seq_len, precision,
 gradient checkpointing, optimizer, task, loss normalization, device name and capacity setting,
-world size, margin, cap, torch version). Kept in the run directory because it is visible,
-deleted with the run, and never shared by runs that might differ in ways the key does not see.
+the CPU allocator policy, world size, margin, cap, torch version). Kept in the run directory
+because it is visible, deleted with the run, and never shared by runs that might differ in ways
+the key does not see.
 `fit` with `micro_batch: auto` and `probe-batch` reuse a matching entry unless
 `batch.probe.cache` is false (or `probe-batch --force`); a measurement refreshes the entry, so
 a following `fit` reuses what was just shown.
@@ -22,6 +23,7 @@ import torch
 from llmtrain import layout
 from llmtrain.config import Config
 from llmtrain.engine.parallel import unwrap
+from llmtrain.host import allocator
 from llmtrain.probe.memory import device_name, device_total_bytes
 from llmtrain.probe.result import ProbeResult
 from llmtrain.util.atomic import atomic_write
@@ -59,6 +61,8 @@ def cache_key(
         "loss_normalization": cfg.train.loss_normalization,
         "isolate_docs": cfg.data.is_isolated,
         "device": device_name(device),
+        # on CPU the heap is part of the peak: a `system` measurement does not hold for `retain`
+        "cpu_allocator": _allocator(device),
         "capacity": (
             memory_limit if memory_limit is not None else f"total:{device_total_bytes(device)}"
         ),
@@ -67,6 +71,14 @@ def cache_key(
         "cap": min(b.probe.max_micro, math.ceil(b.global_batch / world_size)),
         "torch": torch.__version__,
     }
+
+
+def _allocator(device: torch.device) -> str | None:
+    """The CPU allocator policy the trials run under (host/allocator.py); None off the CPU."""
+    if device.type != "cpu":
+        return None
+    policy = allocator.current()
+    return policy.describe() if policy is not None else "none applied"
 
 
 def _checkpointing(model: torch.nn.Module) -> bool:
