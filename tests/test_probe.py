@@ -373,6 +373,28 @@ def test_a_probe_under_one_cpu_allocator_is_not_reused_under_another(tmp_path, m
     assert keys[0] | {"cpu_allocator": None} == keys[1] | {"cpu_allocator": None}
 
 
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"model": {"attn_implementation": "eager"}},  # attention probabilities held
+        {"model": {"compile": True}},
+        {"model": {"activation_offload": True, "gradient_checkpointing": True}},
+        {"train": {"parallel": "fsdp"}},
+    ],
+)
+def test_the_cache_key_sees_what_changes_a_sequence_s_cost(tmp_path, change):
+    """Settings that change the memory a trial measures, where the model alone does not show
+    them (a cached sdpa answer reused under eager attention would not fit)."""
+    cfg = probe_config(tmp_path)
+    data = cfg.model_dump()
+    for section, values in change.items():
+        data[section].update(values)
+    other = type(cfg).model_validate(data)
+    model = gpt2(n_layer=1, n_embd=32, vocab=300)
+    key = cache_key(cfg, model, CPU, 1, memory_limit=None)
+    assert key != cache_key(other, model, CPU, 1, memory_limit=None)
+
+
 @pytest.mark.parametrize("failure", ["oom", "over_budget"])
 def test_search_is_exact_and_short_for_every_limit(failure):
     """Every limit 1..300 with global 256 (cap 256): the answer is the true maximum, in at most

@@ -1,8 +1,9 @@
 """The probe cache: `<run.output_dir>/probe-cache.json` (docs/architecture.md, "Probing").
 
-One entry per setup key (a hash of the model's HF config, parameter count, seq_len, precision,
-gradient checkpointing, optimizer, task, loss normalization, device name and capacity setting,
-the CPU allocator policy, world size, margin, cap, torch version). Kept in the run directory
+One entry per setup key (a hash of the model's HF config, parameter count, the config's whole
+`model` section, seq_len, precision, gradient checkpointing, optimizer, task, loss
+normalization, parallel mode, device name and capacity setting, the CPU allocator policy, world
+size, margin, cap, torch version). Kept in the run directory
 because it is visible, deleted with the run, and never shared by runs that might differ in ways
 the key does not see.
 `fit` with `micro_batch: auto` and `probe-batch` reuse a matching entry unless
@@ -29,7 +30,9 @@ from llmtrain.probe.result import ProbeResult
 from llmtrain.util.atomic import atomic_write
 
 CACHE_FILE = layout.PROBE_CACHE_FILE
-CACHE_VERSION = 2  # 2: trials collate with document isolation (its mask costs memory)
+# 2: trials collate with document isolation (its mask costs memory); 3: the whole `model`
+# section, the parallel mode and the CPU allocator are in the key
+CACHE_VERSION = 3
 
 
 def cache_key(
@@ -54,6 +57,10 @@ def cache_key(
         "model_config": hf_dict,
         "parameters": sum(p.numel() for p in real.parameters()),
         "gradient_checkpointing": _checkpointing(real),
+        # everything the model section says: attention implementation, compile, adapter
+        # dropout, quantization, frozen dtype, ... each changes what a sequence costs
+        "model_section": cfg.model.model_dump(mode="json"),
+        "parallel": cfg.train.parallel,
         "seq_len": cfg.data.chunk.seq_len,
         "precision": cfg.train.precision,
         "optimizer": cfg.optim.name,
