@@ -1,7 +1,7 @@
 """Test-suite wide settings: tests marked `@pytest.mark.cuda` need a CUDA device and are
-skipped without one (`scripts/gpu_check.sh` runs them with `pytest -m cuda` on a GPU); the
-`probe_measurement` fixture for tests that measure the probe's CPU peaks; `tok_dir`, a small
-byte-level BPE saved as a tokenizer directory."""
+skipped without one (`scripts/gpu_check.sh` runs them with `pytest -m cuda` on a GPU); torch's
+thread count restored after every test; the `probe_measurement` fixture for tests that measure
+the probe's CPU peaks; `tok_dir`, a small byte-level BPE saved as a tokenizer directory."""
 
 from __future__ import annotations
 
@@ -20,6 +20,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_as_found():
+    """In-process `fit` and `probe-batch` apply `run.threads` to the whole process
+    (host/threads.py); tests that compare against a subprocess running one thread (exact
+    resume after a kill) need the suite's one thread (fit_helpers) back, so every test leaves
+    the count as it found it."""
+    before = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != before:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture
