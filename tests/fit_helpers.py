@@ -6,6 +6,7 @@ They keep the exactness tests independent of the tokenizer and chunk stages.
 from __future__ import annotations
 
 import gc
+import warnings
 from typing import Any
 
 import numpy as np
@@ -172,4 +173,6 @@ def max_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> floa
 def graph_tensors() -> int:
     """Tensors alive in this process that belong to an autograd graph."""
     gc.collect()
-    return sum(isinstance(o, torch.Tensor) and o.grad_fn is not None for o in gc.get_objects())
+    with warnings.catch_warnings():  # isinstance on torch's deprecated aliases warns
+        warnings.simplefilter("ignore", FutureWarning)
+        return sum(isinstance(o, torch.Tensor) and o.grad_fn is not None for o in gc.get_objects())
