@@ -11,8 +11,10 @@ wins so that a run can be switched without editing its config):
 
 - `retain` (default): `mallopt(M_MMAP_MAX, 0)` serves every block from the heap, and
   `mallopt(M_TRIM_THRESHOLD, 2 GiB - 1)` keeps freed heap pages mapped; the next step reuses
-  them without a fault. The peak resident memory is unchanged (the same tensors are alive at
-  the peak); between steps the process keeps its peak resident.
+  them without a fault. The cost is resident memory: freed blocks stay in the heap, which
+  fragments (measured: the heap grows to about twice the memory in use, 1.4-1.7x the resident
+  peak of `system` for 1.6-1.8x its speed; docs/benchmarks.md), and between steps the process
+  keeps its peak resident.
 - `system`: glibc's own behaviour, except that building the model (`loading`) pins its mmap
   threshold at 128 KiB, and glibc has no call that makes it adaptive again: every block above
   that is its own mapping, handed back at free (the leanest resident memory and the most page

@@ -3,9 +3,8 @@
 One entry per setup key (a hash of the model's HF config, parameter count, the config's whole
 `model` section, seq_len, precision, gradient checkpointing, optimizer, task, loss
 normalization, parallel mode, device name and capacity setting, the CPU allocator policy, world
-size, margin, cap, torch version). Kept in the run directory
-because it is visible, deleted with the run, and never shared by runs that might differ in ways
-the key does not see.
+size, margin, cap, torch version). Kept in the run directory because it is visible, deleted
+with the run, and never shared by runs that might differ in ways the key does not see.
 `fit` with `micro_batch: auto` and `probe-batch` reuse a matching entry unless
 `batch.probe.cache` is false (or `probe-batch --force`); a measurement refreshes the entry, so
 a following `fit` reuses what was just shown.
