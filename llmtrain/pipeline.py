@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from llmtrain import layout
+from llmtrain import host, layout
 from llmtrain.config import Config, dump_config
 from llmtrain.console import console as default_console
 from llmtrain.console import is_rank_zero, say
@@ -89,8 +89,7 @@ def prepare(cfg: Config, dist: DistInfo, device: torch.device) -> tuple[Any, Any
     """Tokenizer, token stores, model and micro-batch. Rank 0 trains the tokenizer and builds
     the stores while the other ranks wait, then they open what it wrote. Threads and the CPU
     allocator policy are set first: the probe measures what training will run with."""
-    host_threads = threads.apply(cfg.run.threads)
-    policy = allocator.apply(cfg.run.cpu_allocator)
+    host_threads, policy = host.apply(cfg.run)
     if not dist.is_main:
         barrier()
     tokenizer = load_tokenizer(cfg)

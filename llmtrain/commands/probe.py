@@ -13,12 +13,13 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
+from llmtrain import host
 from llmtrain.config import Config
 from llmtrain.console import human_console
 from llmtrain.data.tokenizer import load_tokenizer
 from llmtrain.engine.distributed import DistInfo, barrier, resolve_device, setup, teardown
 from llmtrain.engine.model import build_model
-from llmtrain.host import allocator, threads
+from llmtrain.host import allocator
 from llmtrain.probe.cache import cache_path
 from llmtrain.probe.memory import fmt_bytes
 from llmtrain.probe.plan import probe_for_config
@@ -75,8 +76,7 @@ def _measure(cfg: Config, use_cache: bool) -> tuple[DistInfo, ProbeResult]:
     device = resolve_device(cfg.run.device, int(os.environ.get("LOCAL_RANK", "0")))
     # as `fit` does before its probe (pipeline.prepare): the CPU peaks depend on both, and the
     # answer is for training with them (under `retain` the heap holds far more per sequence)
-    threads.apply(cfg.run.threads)
-    allocator.apply(cfg.run.cpu_allocator)
+    host.apply(cfg.run)
     dist = setup(device)
     try:
         check_shared_run_dir(cfg.run.output_dir, dist)  # the tokenizer and cache live there
