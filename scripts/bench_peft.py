@@ -309,7 +309,7 @@ def probe(args: argparse.Namespace) -> None:
     # The probe resets the kernel's high-water mark before each trial, and /usr/bin/time's
     # maximum is that mark at exit: only the last trial and training are in it. Every earlier
     # trial's peak is in the probe's record.
-    a = max(a, *(t["peak_bytes"] for t in probe_trials(work / "auto")))
+    a = max(a, *(t["peak_bytes"] or 0 for t in probe_trials(work / "auto")))
     n = stored_params(base / "model.safetensors")
     kind = "QLoRA nf4" if args.qlora else "LoRA"
     print(f"work dir: {work}; base: {n / 1e6:.1f}M parameters, {kind} r=16")
@@ -326,9 +326,12 @@ def probe_trials(out: Path) -> list[dict]:
 
 
 def trials(out: Path) -> str:
-    """The probe's trials as `m: peak MiB`, x marking a failed one."""
+    """The probe's trials as `m: peak MiB`, x marking a failed one, and `m: not run` for one
+    whose measured peaks put it over the budget."""
     return ", ".join(
-        f"{t['micro_batch']}: {t['peak_bytes'] / 2**20:,.0f}{'' if t['ok'] else ' x'}"
+        f"{t['micro_batch']}: not run"
+        if t.get("predicted")
+        else f"{t['micro_batch']}: {t['peak_bytes'] / 2**20:,.0f}{'' if t['ok'] else ' x'}"
         for t in probe_trials(out)
     )
 

@@ -82,6 +82,57 @@ def test_search_respects_the_cap_and_reports_zero_when_nothing_fits():
     assert answer == 0 and [t.micro_batch for t in trials] == [1]
 
 
+def test_a_candidate_the_peaks_put_clearly_over_the_budget_is_not_run():
+    """The QLoRA benchmark's shape (docs/benchmarks.md): 180 MiB per sequence over 580 MiB, a
+    budget of 1,843 MiB, so 7 passes (1,840) and 8 (2,020) is 10% over. After 1, 2 and the
+    guess 7, the candidate 8 is predicted, not run: a run of it is what made `auto` cost
+    more than the answer by hand. A candidate only just over the budget is run."""
+    ran: list[int] = []
+
+    def trial(m: int, per: int) -> P.Trial:
+        ran.append(m)
+        peak = 580 + per * m
+        return P.Trial(m, peak <= 1843, peak, 0.0)
+
+    answer, trials = P.search_micro_batch(lambda m: trial(m, 180), cap=16, budget=1843)
+    assert answer == 7 and ran == [1, 2, 7]
+    assert [(t.micro_batch, t.predicted, t.ok) for t in trials][-1] == (8, True, False)
+    assert trials[-1].peak_bytes is None and "not run" in trials[-1].error
+
+    ran.clear()  # per 157: 7 peaks 1,679, 8 peaks 1,836 (ok), 9 1,993: 8% over, not run
+    answer, trials = P.search_micro_batch(lambda m: trial(m, 157), cap=16, budget=1843)
+    assert answer == 8 and 9 not in ran and trials[-1].predicted
+    ran.clear()  # per 158: 8 peaks 1,844, over by 1 (< 2%): measured, not predicted
+    answer, trials = P.search_micro_batch(lambda m: trial(m, 158), cap=16, budget=1843)
+    assert answer == 7 and 8 in ran and not any(t.predicted for t in trials)
+
+
+def test_clearly_over_takes_the_smallest_measured_slope_and_needs_two_peaks():
+    ok = [P.Trial(1, True, 100, 0.0), P.Trial(2, True, 200, 0.0), P.Trial(6, True, 400, 0.0)]
+    # slopes to 6: 60 from 1, 50 from 2 -> bound at 8 is 400 + 2 * 50 = 500
+    assert search.clearly_over(ok, 8, budget=485) == 500  # 500 > 1.02 * 485
+    assert search.clearly_over(ok, 8, budget=495) is None  # 500 < 1.02 * 495
+    assert search.clearly_over(ok[:1], 8, budget=10) is None  # one peak: no slope
+    flat = [P.Trial(1, True, 100, 0.0), P.Trial(2, True, 100, 0.0)]
+    assert search.clearly_over(flat, 3, budget=50) is None  # no growth measured: run it
+
+
+def test_a_predicted_trial_is_shown_as_predicted_and_survives_the_cache():
+    from rich.console import Console
+
+    from llmtrain.commands.probe import render_table
+
+    trials = [P.Trial(1, True, 700 * 2**20, 1.0), P.Trial(2, True, 900 * 2**20, 1.0)]
+    trials.append(search._not_run(3, 1200 * 2**20, 1000 * 2**20))
+    result = P.ProbeResult(2, 8, 16, 256, "cpu: cpu", 2**31, 900 * 2**20, 0.1, trials)
+    again = P.ProbeResult.from_dict(json.loads(json.dumps(result.to_dict())))
+    assert [t.predicted for t in again.trials] == [False, False, True]
+    console = Console(record=True, width=120)
+    console.print(render_table(again))
+    rows = console.export_text().splitlines()
+    assert any("over (predicted)" in r and r.split()[1] == "3" for r in rows), rows
+
+
 # --------------------------------------------------------------------- measured, on CPU
 def test_cpu_backend_measures_a_real_allocation():
     backend = CpuMemory(None)

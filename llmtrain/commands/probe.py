@@ -35,6 +35,8 @@ def render_table(result: ProbeResult) -> Table:
         table.add_column(col, justify="right")
     for t in result.trials:
         verdict = "[green]ok[/]" if t.ok else "[red]OOM[/]"
+        if t.predicted:  # not run: the measured peaks put it over the budget
+            verdict = "[yellow]over (predicted)[/]"
         share = f"{100 * t.peak_bytes / result.capacity_bytes:.1f}%" if t.peak_bytes else "-"
         tps = f"{t.tokens_per_s:,.0f}" if t.tokens_per_s else "-"
         table.add_row(
@@ -96,6 +98,13 @@ def _measure(cfg: Config, use_cache: bool) -> tuple[DistInfo, ProbeResult]:
         teardown()
 
 
+def _count(result: ProbeResult) -> str:
+    """The trial count: "5 trials", or "4 trials and 1 predicted" when one was not run."""
+    predicted = sum(t.predicted for t in result.trials)
+    ran = f"{len(result.trials) - predicted} trials"
+    return f"{ran} and {predicted} predicted" if predicted else ran
+
+
 def _print_summary(out: Console, cfg: Config, result: ProbeResult) -> None:
     out.print(render_table(result))
     out.print(
@@ -111,7 +120,7 @@ def _print_summary(out: Console, cfg: Config, result: ProbeResult) -> None:
     source = (
         f"cached result from {cache_path(cfg)}, measured earlier; --force measures again"
         if result.cached
-        else f"{len(result.trials)} trials, {result.seconds:.1f}s; cached in {cache_path(cfg)}"
+        else f"{_count(result)}, {result.seconds:.1f}s; cached in {cache_path(cfg)}"
     )
     out.print(
         f"[bold]micro_batch {result.micro_batch}[/], grad_accum {result.grad_accum}, "

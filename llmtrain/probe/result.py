@@ -12,7 +12,9 @@ from typing import Any
 
 @dataclass
 class Trial:
-    """One trial: micro-batch, verdict, measured (adjusted) peak, and how fast it trained."""
+    """One trial: micro-batch, verdict, measured (adjusted) peak, and how fast it trained.
+    `predicted`: not run, because the measured peaks put it clearly over the budget
+    (probe/search.py, `clearly_over`); it then has no peak, and `error` says why."""
 
     micro_batch: int
     ok: bool
@@ -21,6 +23,7 @@ class Trial:
     tokens_per_s: float | None = None
     error: str | None = None
     alloc_retries: int = 0
+    predicted: bool = False
 
 
 @dataclass

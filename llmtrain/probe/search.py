@@ -2,9 +2,25 @@
 a device (docs/architecture.md, "Probing").
 
 The true maximum M* is the largest m whose trial is ok (trial.py's pass rule; what a
-brute-force scan finds with the same measurement). Guarantee, for peaks that grow with m:
-answer = M* — the answer is always an m whose own trial passed, and the search stops only
-when m + 1 failed (or m is the cap). The margin is headroom *on top*: it shrinks the budget.
+brute-force scan finds with the same measurement). Guarantee, for peaks that grow with m,
+affinely or faster: answer = M* — the answer is always an m whose own trial passed, and the
+search stops only when m + 1 failed (or m is the cap). The margin is headroom *on top*: it
+shrinks the budget.
+
+A candidate is not run when the measured peaks already put it clearly over the budget
+(`clearly_over`): its peak is at least the largest passing trial's plus the smallest slope
+measured up to it, and that lower bound exceeds the budget by `PREDICT_MARGIN`. Running it
+would only confirm the failure, and a failing trial is what makes `micro_batch: auto` cost
+more than the answer set by hand: it is stopped once over the budget, but by then it has
+passed it by up to one module's allocation (docs/benchmarks.md: the QLoRA probe, 1.04–1.10×
+the by-hand peak with the run, 1.0× without it). The bound holds when each further sequence
+costs at least what the earlier ones did (activations are linear in m; fixed costs switching
+on make it steeper). The smallest secant from *every* earlier passing trial keeps the bound
+low where memory bends the other way (the chunked loss's logits stop growing once a
+micro-batch fills a chunk: a secant from a trial past that point leaves it out), and the
+margin covers the scatter of one measured peak (under the `retain` CPU allocator, up to about
+2% of the budget between trials of one process). A wrong prediction costs one micro-batch of
+throughput, never an out-of-memory error: the answer's own trial always ran and passed.
 
 Search (`search_micro_batch`): m=1 and m=2 are measured; their difference is the activation
 memory of one sample, which with the measured intercept predicts the largest m under the
@@ -41,6 +57,9 @@ from llmtrain.probe.result import ProbeResult, Trial
 from llmtrain.probe.trial import TrialSetup, live_state, run_trial, static_bytes
 
 GALLOP_START = 1 / 16  # the first step up from a passing guess, as a fraction of it
+# How far over the budget a lower bound of a candidate's peak must be for it not to be run:
+# above the scatter of a measured peak (module docstring).
+PREDICT_MARGIN = 0.02
 
 
 def trial_bound(cap: int) -> int:
@@ -60,13 +79,44 @@ def _fit_line(ok: list[Trial]) -> tuple[float, float] | None:
     return pa - slope * a, slope
 
 
+def clearly_over(ok: list[Trial], m: int, budget: int) -> int | None:
+    """A lower bound of m's peak when it is over the budget by `PREDICT_MARGIN`, else None:
+    the peak of the largest passing trial below m plus, per further sequence, the smallest
+    secant slope from an earlier passing trial to it (module docstring). Needs two passing
+    trials with measured peaks; nothing is predicted from failures (an OOM may have no peak)."""
+    pts = sorted((t.micro_batch, t.peak_bytes) for t in ok if t.peak_bytes is not None)
+    pts = [(a, pa) for a, pa in pts if a < m]
+    if len(pts) < 2:
+        return None
+    lo, p_lo = pts[-1]
+    slope = min((p_lo - pa) / (lo - a) for a, pa in pts[:-1])
+    if slope <= 0:
+        return None
+    bound = int(p_lo + slope * (m - lo))
+    return bound if bound > (1 + PREDICT_MARGIN) * budget else None
+
+
+def _not_run(m: int, bound: int, budget: int) -> Trial:
+    return Trial(
+        m,
+        False,
+        None,
+        0.0,
+        error=f"not run: its peak is at least {fmt_bytes(bound)} by the passing trials' "
+        f"slope, over the budget {fmt_bytes(budget)}",
+        predicted=True,
+    )
+
+
 def search_micro_batch(
     trial: Callable[[int], Trial], *, cap: int, budget: int, max_trials: int | None = None
 ) -> tuple[int, list[Trial]]:
     """The largest m in [1, cap] whose trial passes; 0 if m=1 fails.
 
     `trial(m)` runs and judges one trial (ok ⇔ no OOM and peak ≤ budget); `budget` is used
-    here only to predict where the answer lies from measured peaks.
+    here only to predict where the answer lies from measured peaks, and to leave out a
+    candidate the measured peaks put clearly over it (`clearly_over`; such a Trial has
+    `predicted` set and does not count towards `max_trials`).
     """
     max_trials = max_trials or trial_bound(cap)
     trials: list[Trial] = []
@@ -75,7 +125,8 @@ def search_micro_batch(
 
     def run(m: int) -> bool:
         nonlocal lo, hi
-        t = trial(m)
+        bound = clearly_over([t for t in by_m.values() if t.ok], m, budget)
+        t = trial(m) if bound is None else _not_run(m, bound, budget)
         trials.append(t)
         by_m[m] = t
         if t.ok:
@@ -85,7 +136,8 @@ def search_micro_batch(
         return t.ok
 
     def done() -> bool:
-        return lo >= cap or hi - lo <= 1 or len(trials) >= max_trials
+        measured = sum(not t.predicted for t in trials)
+        return lo >= cap or hi - lo <= 1 or measured >= max_trials
 
     def predicted() -> int | None:
         line = _fit_line([t for t in by_m.values() if t.ok])
@@ -131,8 +183,6 @@ def search_micro_batch(
         ok = run(m)
         # a guess that failed, or did not halve the bracket, gives way to bisection once
         interpolate = not guessed or (ok and (hi - lo) <= width // 2)
-    return lo, trials
-
     return lo, trials
 
 
