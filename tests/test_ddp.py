@@ -310,17 +310,38 @@ def test_fit_nproc_2_probes_trains_and_rank_0_alone_writes(tmp_path):
     assert (run / "final" / "model.safetensors").is_file()
 
 
-def test_a_failure_on_one_rank_ends_the_job_with_its_message_and_code(tmp_path):
-    """FSDP and an OOM on rank 1 only: rank 1 stops with a message while rank 0 waits inside
-    an all-gather; torchrun's launcher stops rank 0 and `fit --nproc` exits 1 (no hang)."""
+@pytest.mark.parametrize(
+    ("case", "sets", "phase", "message"),
+    [
+        ("fsdp", ["train.parallel=fsdp"], "forward", "under train.parallel: fsdp"),
+        # micro 3 = each rank's whole share of 6: the one micro-batch is the syncing one, and
+        # its backward is where DDP all-reduces the gradients bucket by bucket
+        (
+            "ddp-syncing-backward",
+            ["batch.micro_batch=3"],
+            "backward",
+            "inside the window's last backward, while DDP was all-reducing",
+        ),
+    ],
+)
+def test_a_failure_on_one_rank_ends_the_job_with_its_message_and_code(
+    tmp_path, case, sets, phase, message
+):
+    """An OOM on rank 1 only where no recovery is possible: under FSDP (rank 0 waits inside
+    an all-gather), or under DDP inside the backward that reduces gradients (rank 0 waits
+    inside that all-reduce, and rank 1's reducer is mid-iteration: a retry would pair its
+    buckets with the wrong ones or fail in DDP's own check). Rank 1 stops with a message,
+    torchrun's launcher stops rank 0, and `fit --nproc` exits 1 (no hang, nothing saved)."""
     config = _cli_config(tmp_path)
-    env = {"LLMTRAIN_FAULT_OOM_MICRO": "1", "LLMTRAIN_FAULT_OOM_RANK": "1"}
+    env = {
+        "LLMTRAIN_FAULT_OOM_MICRO": "1",
+        "LLMTRAIN_FAULT_OOM_RANK": "1",
+        "LLMTRAIN_FAULT_OOM_IN": phase,
+    }
     cmd = [sys.executable, "-m", "llmtrain", "fit", str(config), "--nproc", "2"]
-    res = run_command([*cmd, "--set", "train.parallel=fsdp"], env=env)
+    res = run_command([*cmd, *(a for kv in sets for a in ("--set", kv))], env=env)
     assert res.returncode == 1, res.stdout + res.stderr
-    assert "rank 1: error: out of memory at step 1 on rank 1 under train.parallel: fsdp" in (
-        res.stderr
-    )
+    assert f"rank 1: error: out of memory at step 1 on rank 1 {message}" in res.stderr, res.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 

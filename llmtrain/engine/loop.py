@@ -61,6 +61,7 @@ from llmtrain.engine.precision import make_scaler
 from llmtrain.engine.prefetch import Prefetcher
 from llmtrain.engine.progress import LogInterval, TrainLog
 from llmtrain.engine.step import (
+    OOMInGradientSync,
     StepSpec,
     Window,
     drop_failed_backward,
@@ -309,29 +310,45 @@ def backward_window(
         try:
             args = (run.model, run.optimizer, run.scaler, win, run.spec)
             return win, forward_backward(*args, device=run.device, dist=run.dist)
-        except torch.OutOfMemoryError:
-            pass
+        except torch.OutOfMemoryError as e:
+            in_sync = isinstance(e, OOMInGradientSync)
         # Outside the except block: its traceback would keep the failed window's tensors alive.
         drop_failed_backward(run.device)
         run.optimizer.zero_grad(set_to_none=True)
         gc.collect()
         if run.device.type == "cuda":
             torch.cuda.empty_cache()
-        at = state.step + 1
-        if is_fsdp(run.raw_model):  # the other ranks wait inside an all-gather
-            raise LLMTrainError(
-                f"out of memory at step {at} on rank {run.dist.rank} under train.parallel: fsdp "
-                "(no recovery there); set a smaller batch.micro_batch"
-            )
-        if state.micro == 1:
-            raise LLMTrainError(
-                f"out of memory at step {at} with micro-batch 1; reduce data.chunk.seq_len or "
-                "the model, or enable model.gradient_checkpointing"
-            )
-        log.event("oom", at, micro_batch_from=state.micro, micro_batch_to=state.micro // 2)
+        unrecoverable(run, state, in_sync)
+        log.event(
+            "oom", state.step + 1, micro_batch_from=state.micro, micro_batch_to=state.micro // 2
+        )
         state.micro //= 2
         win = cut(n_total=win.n_total)
         prefetch_next(run, state)  # the one in flight was cut at the old micro-batch
+
+
+def unrecoverable(run: Run, state: LoopState, in_sync: bool) -> None:
+    """Raise the one-line error for an out-of-memory error that halving the micro-batch cannot
+    recover from; return when it can. `in_sync`: it struck inside DDP's gradient all-reduce."""
+    at, rank = state.step + 1, run.dist.rank
+    smaller = (
+        "reduce data.chunk.seq_len or the model, or enable model.gradient_checkpointing"
+        if state.micro == 1
+        else f"set batch.micro_batch: {state.micro // 2} (k doubles; the update is the same)"
+    )
+    if is_fsdp(run.raw_model):  # the other ranks wait inside an all-gather
+        raise LLMTrainError(
+            f"out of memory at step {at} on rank {rank} under train.parallel: fsdp "
+            f"(no recovery there); {smaller}"
+        )
+    if in_sync:  # engine/step.py, OOMInGradientSync
+        raise LLMTrainError(
+            f"out of memory at step {at} on rank {rank} inside the window's last backward, "
+            "while DDP was all-reducing gradients across ranks (no recovery there: the other "
+            f"ranks wait inside that all-reduce); {smaller}"
+        )
+    if state.micro == 1:
+        raise LLMTrainError(f"out of memory at step {at} with micro-batch 1; {smaller}")
 
 
 def cut_window(run: Run, indices: np.ndarray, micro: int, n_total: float | None = None) -> Window:

@@ -98,6 +98,19 @@ def wrap_model(
     return DistributedDataParallel(model, device_ids=ids)
 
 
+def _ddp(model: torch.nn.Module) -> torch.nn.parallel.DistributedDataParallel | None:
+    """The DDP wrapper of `model` (also under torch.compile(DDP(model))), or None."""
+    while hasattr(model, "_orig_mod"):
+        model = model._orig_mod
+    return model if isinstance(model, torch.nn.parallel.DistributedDataParallel) else None
+
+
+def reduces_in_backward(model: torch.nn.Module, last: bool) -> bool:
+    """Whether this micro-batch's backward all-reduces gradients across ranks as it runs: the
+    window's `last` one under DDP (bucket by bucket, overlapping the backward)."""
+    return last and _ddp(model) is not None
+
+
 @contextlib.contextmanager
 def no_sync_context(model: torch.nn.Module, last: bool) -> Iterator[None]:
     """Around one micro-batch's forward+backward: gradients are reduced over ranks only on the
@@ -105,10 +118,8 @@ def no_sync_context(model: torch.nn.Module, last: bool) -> Iterator[None]:
     if last:
         yield
         return
-    ddp = model
-    while hasattr(ddp, "_orig_mod"):  # torch.compile(DDP(model))
-        ddp = ddp._orig_mod
-    if isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
+    ddp = _ddp(model)
+    if ddp is not None:
         with ddp.no_sync():
             yield
         return

@@ -40,7 +40,7 @@ from llmtrain.engine.adalora import orth_regularizer
 from llmtrain.engine.distributed import DistInfo, all_reduce_sum
 from llmtrain.engine.faults import oom_fault_point
 from llmtrain.engine.loss import model_loss
-from llmtrain.engine.parallel import clip_grad_norm, no_sync_context
+from llmtrain.engine.parallel import clip_grad_norm, no_sync_context, reduces_in_backward
 
 
 @dataclass(frozen=True)
@@ -144,6 +144,14 @@ def offload_context(spec: StepSpec, device: torch.device) -> contextlib.Abstract
     return torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")
 
 
+class OOMInGradientSync(torch.OutOfMemoryError):
+    """An out-of-memory error inside the backward in which DDP all-reduces the gradients (the
+    window's last micro-batch). Unlike one anywhere else it cannot be retried at a smaller
+    micro-batch: the other ranks wait inside that all-reduce for buckets this rank never sent,
+    and this rank's reducer is left mid-iteration, so a retry deadlocks (measured: both ranks
+    hung until killed) or trips DDP's "finished reduction" check."""
+
+
 def forward_backward(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -156,7 +164,8 @@ def forward_backward(
 ) -> torch.Tensor:
     """Forward/backward every micro-batch of the window into zeroed grads; returns the
     window's summed loss (this rank, float64, detached). Raises torch.OutOfMemoryError (also
-    the simulated one of LLMTRAIN_FAULT_OOM_MICRO) with the gradients in an undefined state."""
+    the simulated one of LLMTRAIN_FAULT_OOM_MICRO) with the gradients in an undefined state;
+    `OOMInGradientSync` when it struck inside DDP's gradient all-reduce."""
     optimizer.zero_grad(set_to_none=True)
     scale = dist.world_size / max(win.n_total, 1.0)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -165,8 +174,9 @@ def forward_backward(
         weight = scale if i < real else 0.0  # a stand-in joins the collectives, adds nothing
         inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         labels = inputs.pop("labels")
+        last = i == len(win.batches) - 1
         fault = oom_fault_point(model, int(batch["input_ids"].shape[0]), dist.rank)
-        with fault, no_sync_context(model, last=i == len(win.batches) - 1):
+        with fault, no_sync_context(model, last=last):
             with offload_context(spec, device):
                 summed = model_loss(
                     model,
@@ -180,9 +190,14 @@ def forward_backward(
                 )
             del inputs, labels  # the graph holds what backward needs, nothing else does
             objective = summed * weight
-            if spec.orth_reg_weight and i == len(win.batches) - 1:
+            if spec.orth_reg_weight and last:
                 objective = objective + window_regularizer(model, spec.orth_reg_weight)
-            scaler.scale(objective).backward()
+            try:
+                scaler.scale(objective).backward()
+            except torch.OutOfMemoryError as e:
+                if not reduces_in_backward(model, last):
+                    raise
+                raise OOMInGradientSync(str(e)) from e
         if i < real:
             loss_sum += summed.detach().double()
         del summed
