@@ -11,6 +11,7 @@ fail in seconds with every rank's output, instead of hanging CI.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import signal
@@ -81,13 +82,33 @@ def run_command(
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        # torchrun starts each rank in a session of its own: killing the launcher's group
+        # alone left deadlocked ranks running (and using the CPU) after the test had failed
+        for pid in [proc.pid, *descendants(proc.pid)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         out, err = proc.communicate()
         pytest.fail(
             f"timed out after {timeout:.0f}s (deadlock?): {' '.join(cmd)}\n"
             f"--- stdout\n{out}\n--- stderr\n{err}"
         )
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`, from /proc (children before their own children)."""
+    parent: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                stat = (entry / "stat").read_text()
+                parent[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = [], [pid]
+    while frontier:
+        children = [c for c, pp in parent.items() if pp in frontier]
+        found += children
+        frontier = children
+    return found
 
 
 def run_function(
