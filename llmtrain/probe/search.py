@@ -4,8 +4,8 @@ a device (docs/architecture.md, "Probing").
 The true maximum M* is the largest m whose trial is ok (trial.py's pass rule; what a
 brute-force scan finds with the same measurement). Guarantee, for peaks that grow with m,
 affinely or faster: answer = M* — the answer is always an m whose own trial passed, and the
-search stops only when m + 1 failed (or m is the cap). The margin is headroom *on top*: it
-shrinks the budget.
+search stops only when m + 1 failed, or is clearly over the budget by the measured peaks
+(below), or m is the cap. The margin is headroom *on top*: it shrinks the budget.
 
 A candidate is not run when the measured peaks already put it clearly over the budget
 (`clearly_over`): its peak is at least the largest passing trial's plus the smallest slope
