@@ -82,17 +82,22 @@ def run_command(
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        # torchrun starts each rank in a session of its own: killing the launcher's group
-        # alone left deadlocked ranks running (and using the CPU) after the test had failed
-        for pid in [proc.pid, *descendants(proc.pid)]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        kill_tree(proc.pid)
         out, err = proc.communicate()
         pytest.fail(
             f"timed out after {timeout:.0f}s (deadlock?): {' '.join(cmd)}\n"
             f"--- stdout\n{out}\n--- stderr\n{err}"
         )
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL `pid` and every process below it. torchrun starts each rank in a session of
+    its own: killing the launcher's process group alone left deadlocked ranks running after
+    the test had failed."""
+    for each in [pid, *descendants(pid)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(each, signal.SIGKILL)
 
 
 def descendants(pid: int) -> list[int]:

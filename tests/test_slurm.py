@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from dist_helpers import run_command, worker_env
+from dist_helpers import kill_tree, run_command, worker_env
 from fit_helpers import max_rel_diff
 from node_helpers import STEPS, TOL, free_port, one_process, train_steps, weights, write_run_config
 
@@ -90,7 +90,7 @@ def _wait_for_step(run: Path, step: int, proc: subprocess.Popen, out: Path) -> N
     deadline = time.monotonic() + 300
     while not ((run / "metrics.jsonl").is_file() and step in train_steps(run)):
         if proc.poll() is not None or time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_tree(proc.pid)
             pytest.fail(f"no step {step} (exit {proc.poll()}):\n{out.read_text()[-6000:]}")
         time.sleep(0.1)
 
@@ -116,7 +116,7 @@ def stopped(job) -> tuple[int, str]:
         try:
             code = proc.wait(timeout=300)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_tree(proc.pid)
             pytest.fail(f"the job did not stop on TERM:\n{out.read_text()[-6000:]}")
     return code, out.read_text()
 
