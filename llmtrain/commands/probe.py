@@ -39,9 +39,8 @@ def render_table(result: ProbeResult) -> Table:
             verdict = "[yellow]over (predicted)[/]"
         share = f"{100 * t.peak_bytes / result.capacity_bytes:.1f}%" if t.peak_bytes else "-"
         tps = f"{t.tokens_per_s:,.0f}" if t.tokens_per_s else "-"
-        table.add_row(
-            str(t.micro_batch), verdict, fmt_bytes(t.peak_bytes), share, tps, f"{t.seconds:.2f}"
-        )
+        seconds = "-" if t.predicted else f"{t.seconds:.2f}"
+        table.add_row(str(t.micro_batch), verdict, fmt_bytes(t.peak_bytes), share, tps, seconds)
     return table
 
 
