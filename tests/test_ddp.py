@@ -311,21 +311,21 @@ def test_fit_nproc_2_probes_trains_and_rank_0_alone_writes(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("case", "sets", "phase", "message"),
+    ("sets", "phase", "message"),
     [
-        ("fsdp", ["train.parallel=fsdp"], "forward", "under train.parallel: fsdp"),
+        pytest.param(["train.parallel=fsdp"], "forward", "under train.parallel: fsdp", id="fsdp"),
         # micro 3 = each rank's whole share of 6: the one micro-batch is the syncing one, and
         # its backward is where DDP all-reduces the gradients bucket by bucket
-        (
-            "ddp-syncing-backward",
+        pytest.param(
             ["batch.micro_batch=3"],
             "backward",
             "inside the window's last backward, while DDP was all-reducing",
+            id="ddp-syncing-backward",
         ),
     ],
 )
 def test_a_failure_on_one_rank_ends_the_job_with_its_message_and_code(
-    tmp_path, case, sets, phase, message
+    tmp_path, sets, phase, message
 ):
     """An OOM on rank 1 only where no recovery is possible: under FSDP (rank 0 waits inside
     an all-gather), or under DDP inside the backward that reduces gradients (rank 0 waits

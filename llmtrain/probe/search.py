@@ -13,7 +13,7 @@ measured up to it, and that lower bound exceeds the budget by `PREDICT_MARGIN`. 
 would only confirm the failure, and a failing trial is what makes `micro_batch: auto` cost
 more than the answer set by hand: it is stopped once over the budget, but by then it has
 passed it by up to one module's allocation (docs/benchmarks.md: the QLoRA probe, 1.04–1.10×
-the by-hand peak with the run, 1.0× without it). The bound holds when each further sequence
+the by-hand peak with the run, 1.00–1.04× without it). The bound holds when each further sequence
 costs at least what the earlier ones did (activations are linear in m; fixed costs switching
 on make it steeper). The smallest secant from *every* earlier passing trial keeps the bound
 low where memory bends the other way (the chunked loss's logits stop growing once a
