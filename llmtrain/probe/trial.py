@@ -352,9 +352,10 @@ def budget_guard(
 ) -> Iterator[None]:
     """Stop the trial (OverBudget) at the first module call or gradient accumulation after the
     memory in use (`current()`) passes `budget`. A failing trial then costs the budget plus
-    what one module allocates, not its whole peak: a run with `micro_batch: auto` needs no
-    more memory than one with the answer set by hand, and a failing trial cannot push the
-    process past a hard limit (a container's) that the budget sits under. The pass rule is
+    what one module allocates, not its whole peak: a run with `micro_batch: auto` needs at
+    most that much more than one with the answer set by hand (the search also skips a trial
+    the measured peaks put clearly over: search.clearly_over), and a failing trial cannot push
+    the process past a hard limit (a container's) that the budget sits under. The pass rule is
     unchanged: memory over the budget at any moment means a peak over it."""
     if current is None:
         yield
